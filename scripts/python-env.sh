@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Create (or refresh) the Python virtualenv that solidflow's Dask bridge and the
+# Dask integration tests use, and print the path of its python interpreter.
+#
+#   scripts/python-env.sh            # -> /path/to/repo/.venv/bin/python
+#   SOLIDFLOW_PYTHON=$(scripts/python-env.sh) cargo test
+#
+# Idempotent: the venv is created once; pip only runs again when
+# python/requirements.txt changed since the last successful install.
+# Needs python3 (>= 3.10) with the venv module, and network access to PyPI.
+# Environment: PYTHON3 (interpreter used to create the venv, default python3),
+#              SOLIDFLOW_VENV (venv location, default <repo>/.venv).
+set -euo pipefail
+
+die() { printf 'python-env.sh: error: %s\n' "$*" >&2; exit 1; }
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+requirements="$repo_root/python/requirements.txt"
+venv="${SOLIDFLOW_VENV:-$repo_root/.venv}"
+python3_bin="${PYTHON3:-python3}"
+
+[ -f "$requirements" ] || die "missing $requirements"
+
+command -v "$python3_bin" >/dev/null 2>&1 \
+  || die "'$python3_bin' not found on PATH. Install Python 3.10+ (Debian/Ubuntu: apt-get install python3 python3-venv), or set PYTHON3=/path/to/python3."
+
+"$python3_bin" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
+  || die "$("$python3_bin" --version 2>&1) is too old: dask/distributed 2026.x need Python 3.10+. Set PYTHON3=/path/to/python3.10+."
+
+"$python3_bin" -c 'import venv, ensurepip' >/dev/null 2>&1 \
+  || die "'$python3_bin' has no working venv/ensurepip module. Debian/Ubuntu: apt-get install python3-venv (or python3.X-venv matching '$("$python3_bin" --version 2>&1)')."
+
+venv_python="$venv/bin/python"
+if [ ! -x "$venv_python" ] || ! "$venv_python" -c 'import sys' >/dev/null 2>&1; then
+  rm -rf "$venv"
+  "$python3_bin" -m venv "$venv" >&2 || die "'$python3_bin -m venv $venv' failed (see above). Debian/Ubuntu: apt-get install python3-venv."
+fi
+
+stamp="$venv/.solidflow-requirements.sha256"
+want=$(sha256sum "$requirements" | cut -d' ' -f1)
+have=$(cat "$stamp" 2>/dev/null || true)
+if [ "$want" != "$have" ] || ! "$venv_python" -c 'import distributed' >/dev/null 2>&1; then
+  "$venv_python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements" >&2 \
+    || die "pip install -r $requirements into $venv failed (see above). It needs network access to PyPI."
+  "$venv_python" -c 'import dask, distributed' \
+    || die "dask/distributed are not importable from $venv_python after installing"
+  printf '%s\n' "$want" > "$stamp"
+fi
+
+printf '%s\n' "$venv_python"
