@@ -1,0 +1,293 @@
+//! The command line every pipeline binary gets from [`Repository::main`].
+//!
+//! Exit codes: 0 success, 1 pipeline failure, 2 bad config or usage, 130 interrupted.
+
+mod console;
+mod schema_text;
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+pub use console::Console;
+
+use crate::config::{ConfigSources, RunConfig, run_config_schema};
+use crate::definition::pipeline::Pipeline;
+use crate::definition::repository::Repository;
+use crate::execution::cancel::CancelToken;
+use crate::execution::event::Level;
+use crate::execution::protocol::{StepInvocation, run_invocation};
+use crate::execution::run::{RunError, RunOptions, execute_pipeline_with, solidflow_home};
+use crate::plan::ExecutionPlan;
+use crate::storage::run_history::{RunHistory, RunStatus};
+
+/// Exit code for success.
+pub const EXIT_SUCCESS: i32 = 0;
+/// Exit code when the pipeline failed.
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit code for bad config or usage.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code when the run was interrupted.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+#[derive(Parser)]
+#[command(about = "Run and inspect the pipelines of this binary (solidflow).", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Run config file (YAML or JSON); repeat to merge several in order.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Vec<PathBuf>,
+    /// The mode to run in (default: the pipeline's first mode).
+    #[arg(long)]
+    mode: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the pipelines in this binary.
+    List,
+    /// Print the execution plan of a pipeline for a run config.
+    Plan {
+        /// The pipeline.
+        pipeline: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Execute a pipeline.
+    Execute {
+        /// The pipeline.
+        pipeline: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print events as JSON lines on stdout instead of a human log.
+        #[arg(long)]
+        json: bool,
+        /// Use this run id instead of a fresh UUID.
+        #[arg(long)]
+        run_id: Option<String>,
+    },
+    /// Print the run config a pipeline accepts, with defaults and docs.
+    ConfigSchema {
+        /// The pipeline.
+        pipeline: String,
+        /// The mode.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Print JSON instead of annotated YAML.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List recent runs from run history.
+    Runs {
+        /// How many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the events of a recorded run.
+    Logs {
+        /// The run id (a unique prefix is enough).
+        run_id: String,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one step from a step invocation on stdin (used by out-of-process executors).
+    #[command(hide = true)]
+    Step,
+}
+
+/// Runs the CLI with `args` (including the program name) and returns the exit code.
+pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_SUCCESS };
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SOLIDFLOW_LOG"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    match cli.command {
+        Command::List => {
+            for p in repository.pipelines() {
+                println!("{}\t{} solids\t{}", p.name(), p.invocations().len(), p.description());
+            }
+            EXIT_SUCCESS
+        }
+        Command::Plan { pipeline, config, json } => with_pipeline(repository, &pipeline, |p| {
+            let (sources, run_config) = load_config(p, &config)?;
+            let _ = sources;
+            let plan = ExecutionPlan::compile(p, &run_config);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan).expect("plan serializes"));
+            } else {
+                print!("{plan}");
+            }
+            Ok(EXIT_SUCCESS)
+        }),
+        Command::ConfigSchema { pipeline, mode, json } => with_pipeline(repository, &pipeline, |p| {
+            let schema = run_config_schema(p, mode.as_deref()).map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&schema).expect("schema serializes"));
+            } else {
+                print!("{}", schema_text::render(&schema));
+            }
+            Ok(EXIT_SUCCESS)
+        }),
+        Command::Execute { pipeline, config, json, run_id } => {
+            with_pipeline(repository, &pipeline, |p| execute(p, &config, json, run_id))
+        }
+        Command::Runs { limit, json } => with_history(|h| {
+            for run in h.runs(limit).map_err(|e| e.to_string())? {
+                if json {
+                    println!("{}", serde_json::to_string(&run).expect("run serializes"));
+                } else {
+                    let ended = run.ended_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into());
+                    println!("{}\t{}\t{}\t{}\t{}", run.run_id, run.pipeline, run.status, run.started_at.to_rfc3339(), ended);
+                }
+            }
+            Ok(EXIT_SUCCESS)
+        }),
+        Command::Logs { run_id, json } => with_history(|h| {
+            let run = h.run(&run_id).map_err(|e| e.to_string())?.ok_or_else(|| format!("no run `{run_id}` in run history"))?;
+            let console = Console::new(json, Level::Debug, 0);
+            for (_, event) in h.events(&run.run_id, 0).map_err(|e| e.to_string())? {
+                crate::execution::sink::EventListener::on_event(&console, &event);
+            }
+            Ok(EXIT_SUCCESS)
+        }),
+        Command::Step => step_mode(repository),
+    }
+}
+
+fn with_pipeline(repository: &Repository, name: &str, f: impl FnOnce(&Pipeline) -> Result<i32, String>) -> i32 {
+    let Some(pipeline) = repository.pipeline(name) else {
+        let names: Vec<&str> = repository.pipelines().iter().map(|p| p.name()).collect();
+        let hint = crate::config::validate::did_you_mean(name, names.iter().copied())
+            .map(|m| format!(" Did you mean `{m}`?"))
+            .unwrap_or_default();
+        eprintln!("error: no pipeline `{name}` in repository `{}`.{hint} Pipelines: {}", repository.name(), names.join(", "));
+        return EXIT_USAGE;
+    };
+    f(pipeline).unwrap_or_else(|message| {
+        eprintln!("error: {message}");
+        EXIT_USAGE
+    })
+}
+
+fn with_history(f: impl FnOnce(&RunHistory) -> Result<i32, String>) -> i32 {
+    let path = solidflow_home().join("history.db");
+    match RunHistory::open(&path) {
+        Ok(h) => f(&h).unwrap_or_else(|message| {
+            eprintln!("error: {message}");
+            EXIT_USAGE
+        }),
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+fn load_config(pipeline: &Pipeline, args: &ConfigArgs) -> Result<(ConfigSources, RunConfig), String> {
+    let sources = ConfigSources::from_files(&args.config).map_err(|e| e.to_string())?;
+    let config = RunConfig::validate(pipeline, args.mode.as_deref(), &sources).map_err(|e| e.to_string())?;
+    Ok((sources, config))
+}
+
+fn execute(pipeline: &Pipeline, args: &ConfigArgs, json: bool, run_id: Option<String>) -> Result<i32, String> {
+    let (sources, config) = load_config(pipeline, args)?;
+    let cancel = CancelToken::new();
+    install_signal_handler(cancel.clone());
+    let home = solidflow_home();
+    let history = RunHistory::open(&home.join("history.db")).map_err(|e| e.to_string())?;
+    let steps = ExecutionPlan::compile(pipeline, &config).steps.len();
+    let console = Arc::new(Console::new(json, Level::parse(&config.log_level).unwrap_or(Level::Info), steps));
+    let options = RunOptions {
+        run_id,
+        mode: args.mode.clone(),
+        home: Some(home),
+        listeners: vec![console.clone()],
+        history: Some(history),
+        cancel,
+        parent_run_id: None,
+    };
+    let result = execute_pipeline_with(pipeline, &sources, options);
+    console.finish();
+    match result {
+        Ok(r) => Ok(match r.status() {
+            RunStatus::Success => EXIT_SUCCESS,
+            RunStatus::Canceled => EXIT_INTERRUPTED,
+            _ => EXIT_FAILURE,
+        }),
+        Err(RunError::Config(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// First Ctrl-C/SIGTERM cancels the run; a second one exits at once.
+fn install_signal_handler(cancel: CancelToken) {
+    let _ = ctrlc::set_handler(move || {
+        if cancel.is_canceled() {
+            eprintln!("interrupted again: exiting now");
+            std::process::exit(EXIT_INTERRUPTED);
+        }
+        eprintln!("interrupt received: canceling the run (press Ctrl-C again to exit at once)");
+        cancel.cancel();
+    });
+}
+
+fn step_mode(repository: &Repository) -> i32 {
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("error: cannot read the step invocation from stdin: {e}");
+        return 3;
+    }
+    let invocation: StepInvocation = match serde_json::from_str(&input) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: stdin is not a step invocation ({e}); this command is run by solidflow's executors");
+            return 3;
+        }
+    };
+    let events = match protocol_stdout() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("error: cannot set up the event channel: {e}");
+            return 3;
+        }
+    };
+    run_invocation(repository, invocation, events)
+}
+
+/// Keeps the real stdout for protocol messages and points fd 1 at stderr, so whatever
+/// user code prints cannot corrupt the message stream.
+fn protocol_stdout() -> std::io::Result<Box<dyn Write + Send>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    std::io::stdout().flush()?;
+    // SAFETY: dup/dup2 on the process's own standard descriptors; the duplicate is
+    // owned by the returned File and closed exactly once.
+    unsafe {
+        let fd = libc::dup(1);
+        if fd < 0 || libc::dup2(2, 1) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Box::new(std::fs::File::from(OwnedFd::from_raw_fd(fd))))
+    }
+}

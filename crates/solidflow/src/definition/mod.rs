@@ -1,0 +1,9 @@
+//! Definitions: what users write. Solids, pipelines, modes and repositories, and the
+//! runtime type information that lets the engine move typed values around.
+
+pub mod mode;
+pub mod pipeline;
+pub mod repository;
+pub mod retry;
+pub mod solid;
+pub mod types;

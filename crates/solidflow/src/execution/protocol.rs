@@ -1,0 +1,143 @@
+//! The step protocol: how one step runs outside the parent process.
+//!
+//! The pipeline's own binary, started as `<binary> step`, reads one [`StepInvocation`]
+//! as JSON from stdin, runs that step (inputs from storage, outputs to storage), and
+//! writes [`StepMessage`]s as JSON lines to stdout: every event as it happens, then one
+//! final `result`. Anything the solid prints to stdout is redirected to stderr so it
+//! cannot corrupt the stream. Exit status: 0 when the step succeeded, 1 when it
+//! failed, 3 for a protocol mismatch or unusable invocation. See `docs/step-protocol.md`.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::event::{ErrorInfo, Event};
+use super::sink::{EventListener, EventSink};
+use super::step::StepEnvironment;
+use crate::config::{ConfigSources, RunConfig};
+use crate::definition::repository::Repository;
+use crate::plan::ExecutionPlan;
+use crate::storage::registry::StorageContext;
+
+/// The protocol version; parent and child must agree.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Everything a step process needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepInvocation {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// The run.
+    pub run_id: String,
+    /// The pipeline's name in the binary's repository.
+    pub pipeline: String,
+    /// The mode.
+    pub mode: String,
+    /// The step to run (`<alias>.compute`).
+    pub step_key: String,
+    /// The attempt number (1 for the first).
+    pub attempt: u32,
+    /// The validated run config (`RunConfig::value`), re-validated by the child.
+    pub run_config: serde_json::Value,
+    /// The solidflow home, for storages that default to it.
+    pub home: std::path::PathBuf,
+}
+
+/// One line a step process writes to stdout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StepMessage {
+    /// An event, as it happens.
+    Event {
+        /// The event.
+        event: Box<Event>,
+    },
+    /// The final outcome; always the last line.
+    Result {
+        /// Whether the step succeeded.
+        ok: bool,
+        /// The failure, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<ErrorInfo>,
+        /// Set when the solid asked for a retry; the delay in seconds, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_requested: Option<Option<f64>>,
+    },
+}
+
+struct LineWriter(Mutex<Box<dyn Write + Send>>);
+
+impl LineWriter {
+    fn send(&self, msg: &StepMessage) {
+        let mut out = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = serde_json::to_writer(&mut *out, msg);
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    }
+}
+
+impl EventListener for LineWriter {
+    fn on_event(&self, event: &Event) {
+        self.send(&StepMessage::Event { event: Box::new(event.clone()) });
+    }
+}
+
+/// Runs the step described by `invocation` from `repository`, writing messages to `out`.
+/// Returns the process exit status.
+pub fn run_invocation(repository: &Repository, invocation: StepInvocation, out: Box<dyn Write + Send>) -> i32 {
+    let writer = Arc::new(LineWriter(Mutex::new(out)));
+    let fail = |writer: &LineWriter, message: String, code: i32| {
+        let error = ErrorInfo { message, causes: vec![], kind: "error".into(), location: None };
+        writer.send(&StepMessage::Result { ok: false, error: Some(error), retry_requested: None });
+        code
+    };
+    if invocation.protocol != PROTOCOL_VERSION {
+        return fail(
+            &writer,
+            format!(
+                "step protocol mismatch: the parent speaks version {} but this binary speaks {PROTOCOL_VERSION}; run the same solidflow build on both sides",
+                invocation.protocol
+            ),
+            3,
+        );
+    }
+    let Some(pipeline) = repository.pipeline(&invocation.pipeline) else {
+        return fail(&writer, format!("this binary has no pipeline `{}`; is it the right executable?", invocation.pipeline), 3);
+    };
+    let config = match RunConfig::validate(pipeline, Some(&invocation.mode), &ConfigSources::from_value(invocation.run_config.clone())) {
+        Ok(c) => Arc::new(c),
+        Err(e) => return fail(&writer, e.to_string(), 3),
+    };
+    let plan = Arc::new(ExecutionPlan::compile(pipeline, &config));
+    let Some(index) = plan.index_of(&invocation.step_key) else {
+        return fail(&writer, format!("pipeline `{}` has no step `{}`", pipeline.name(), invocation.step_key), 3);
+    };
+    let mode = pipeline.mode(Some(&invocation.mode)).expect("mode validated");
+    let storage_def = mode.storage(&config.storage.name).expect("storage validated");
+    let storage = match (storage_def.build)(&config.storage.config, &StorageContext { home: invocation.home.clone() }) {
+        Ok(s) => s,
+        Err(e) => return fail(&writer, e.to_string(), 1),
+    };
+    let events = EventSink::new(&invocation.run_id, pipeline.name(), vec![writer.clone() as Arc<dyn EventListener>]);
+    let env = StepEnvironment {
+        run_id: invocation.run_id.clone(),
+        pipeline: Arc::new(pipeline.clone()),
+        plan,
+        config,
+        storage,
+        memory: None,
+        events,
+    };
+    match env.run_step(index, invocation.attempt) {
+        Ok(()) => {
+            writer.send(&StepMessage::Result { ok: true, error: None, retry_requested: None });
+            0
+        }
+        Err(e) => {
+            let retry_requested = e.retry_requested.map(|d| d.map(|d| d.as_secs_f64()));
+            writer.send(&StepMessage::Result { ok: false, error: Some(e.info()), retry_requested });
+            1
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Running a pipeline: validate config, compile the plan, record the run, execute, and
+//! report. This is the programmatic API behind `execute`, mirroring the seed's
+//! `execute_pipeline(pipeline, env_config)`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+
+use super::cancel::CancelToken;
+use super::event::{ErrorInfo, Event, EventKind, Level};
+use super::sink::{EventCollector, EventListener, EventSink};
+use super::step::StepEnvironment;
+use super::values::ValueStore;
+use crate::config::{ConfigErrors, ConfigSources, RunConfig};
+use crate::definition::pipeline::Pipeline;
+use crate::definition::types::Codec;
+use crate::executor::{ExecutionContext, ExecutorError};
+use crate::plan::ExecutionPlan;
+use crate::storage::registry::StorageContext;
+use crate::storage::run_history::{RunHistory, RunRecord, RunStatus};
+use crate::storage::{IntermediateKey, StorageError};
+
+/// The solidflow home: `$SOLIDFLOW_HOME`, else `~/.solidflow`. Holds run history and
+/// the default filesystem storage.
+pub fn solidflow_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("SOLIDFLOW_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(home);
+    }
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".solidflow")
+}
+
+/// Why a run could not start. Step failures are not errors: they are in the result.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The run config is invalid (every problem is listed).
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+    /// The chosen executor or storage cannot run this plan.
+    #[error("cannot run pipeline `{pipeline}`: {message}")]
+    Setup {
+        /// The pipeline.
+        pipeline: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// Options for [`execute_pipeline_with`].
+#[derive(Default)]
+pub struct RunOptions {
+    /// Use this run id instead of a fresh UUID.
+    pub run_id: Option<String>,
+    /// The mode (the pipeline's first mode if `None`).
+    pub mode: Option<String>,
+    /// The solidflow home (default [`solidflow_home`]).
+    pub home: Option<PathBuf>,
+    /// Extra event listeners (console, live subscribers).
+    pub listeners: Vec<Arc<dyn EventListener>>,
+    /// Run history to record into (none by default for the programmatic API).
+    pub history: Option<RunHistory>,
+    /// Cancellation token, e.g. set by a Ctrl-C handler.
+    pub cancel: CancelToken,
+    /// The run this one re-executes.
+    pub parent_run_id: Option<String>,
+}
+
+/// The outcome of a run: status, events, and typed access to outputs.
+pub struct ExecutionResult {
+    status: RunStatus,
+    events: Vec<Event>,
+    env: StepEnvironment,
+}
+
+/// An output could not be read from a finished run.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// No such solid or output in the pipeline.
+    #[error("pipeline has no output `{output}` on solid `{solid}`")]
+    Unknown {
+        /// The solid.
+        solid: String,
+        /// The output.
+        output: String,
+    },
+    /// The requested Rust type differs from the output's type.
+    #[error("output `{solid}.{output}` is a {actual}, not a {requested}")]
+    WrongType {
+        /// The solid.
+        solid: String,
+        /// The output.
+        output: String,
+        /// Its type.
+        actual: &'static str,
+        /// The type asked for.
+        requested: &'static str,
+    },
+    /// The value was not produced (the step failed or was skipped) or cannot be read.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl ExecutionResult {
+    /// Whether every step succeeded.
+    pub fn success(&self) -> bool {
+        self.status == RunStatus::Success
+    }
+
+    /// The final status.
+    pub fn status(&self) -> RunStatus {
+        self.status
+    }
+
+    /// The run id.
+    pub fn run_id(&self) -> &str {
+        &self.env.run_id
+    }
+
+    /// The compiled plan.
+    pub fn plan(&self) -> &ExecutionPlan {
+        &self.env.plan
+    }
+
+    /// Every event of the run, in order.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    /// The events of one step (`<alias>.compute`).
+    pub fn step_events<'a>(&'a self, step_key: &'a str) -> impl Iterator<Item = &'a Event> + 'a {
+        self.events.iter().filter(move |e| e.step_key.as_deref() == Some(step_key))
+    }
+
+    /// The `result` output of solid `solid`.
+    pub fn result<T: Clone + Send + Sync + 'static>(&self, solid: &str) -> Result<T, OutputError> {
+        self.output(solid, crate::definition::solid::DEFAULT_OUTPUT)
+    }
+
+    /// Output `output` of solid `solid`, read from memory or storage.
+    pub fn output<T: Clone + Send + Sync + 'static>(&self, solid: &str, output: &str) -> Result<T, OutputError> {
+        let unknown = || OutputError::Unknown { solid: solid.into(), output: output.into() };
+        let inv = self.env.pipeline.invocation(solid).ok_or_else(unknown)?;
+        let def = inv.definition.find_output(output).ok_or_else(unknown)?;
+        if def.ty.name != std::any::type_name::<T>() {
+            return Err(OutputError::WrongType {
+                solid: solid.into(),
+                output: output.into(),
+                actual: def.ty.name,
+                requested: std::any::type_name::<T>(),
+            });
+        }
+        let step_key = crate::plan::step_key(solid);
+        let value = match &self.env.memory {
+            Some(mem) => mem.get(&step_key, output).ok_or_else(|| StorageError::NotFound {
+                location: format!("memory://{}/intermediates/{step_key}/{output}", self.env.run_id),
+            })?,
+            None => {
+                let key = IntermediateKey::new(&self.env.run_id, &step_key, output);
+                let mut reader = self.env.storage.read(&key)?;
+                def.ty.decode(Codec::default(), &mut reader).map_err(|source| StorageError::Io {
+                    operation: "decode",
+                    location: self.env.storage.location(&key),
+                    source,
+                })?
+            }
+        };
+        Ok(value.downcast_ref::<T>().expect("type checked above").clone())
+    }
+}
+
+/// Runs `pipeline` with run config given as a JSON/YAML-shaped value, in the default
+/// mode, without run history. The seed's `execute_pipeline(pipeline, env_config)`.
+///
+/// ```
+/// use solidflow::prelude::*;
+///
+/// #[solid]
+/// fn hello_world(_ctx: &SolidContext) -> String { "Hello, World!".to_string() }
+///
+/// let pipeline = Pipeline::build("dask_pipeline", |p| { p.invoke(hello_world, ()); }).unwrap();
+/// let result = execute_pipeline(&pipeline, serde_json::json!({"storage": {"in_memory": {}}})).unwrap();
+/// assert!(result.success());
+/// assert_eq!(result.result::<String>("hello_world").unwrap(), "Hello, World!");
+/// ```
+pub fn execute_pipeline(pipeline: &Pipeline, config: serde_json::Value) -> Result<ExecutionResult, RunError> {
+    execute_pipeline_with(pipeline, &ConfigSources::from_value(config), RunOptions::default())
+}
+
+/// Runs `pipeline` with merged config sources and options. Returns `Err` only when the
+/// run cannot start (bad config, unusable executor or storage); step failures are in
+/// the result.
+pub fn execute_pipeline_with(pipeline: &Pipeline, sources: &ConfigSources, options: RunOptions) -> Result<ExecutionResult, RunError> {
+    let config = Arc::new(RunConfig::validate(pipeline, options.mode.as_deref(), sources)?);
+    let plan = Arc::new(ExecutionPlan::compile(pipeline, &config));
+    let mode = pipeline.mode(options.mode.as_deref()).expect("mode validated");
+    let setup = |message: String| RunError::Setup { pipeline: pipeline.name().into(), message };
+    let home = options.home.clone().unwrap_or_else(solidflow_home);
+    let storage_def = mode.storage(&config.storage.name).expect("storage validated");
+    let storage = (storage_def.build)(&config.storage.config, &StorageContext { home }).map_err(|e| setup(e.to_string()))?;
+    let executor_def = mode.executor(&config.execution.name).expect("executor validated");
+    let executor = (executor_def.build)(&config.execution.config).map_err(|e| setup(e.to_string()))?;
+    let run_id = options.run_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let collector = EventCollector::default();
+    let mut listeners: Vec<Arc<dyn EventListener>> = vec![Arc::new(collector.clone())];
+    if let Some(h) = &options.history {
+        listeners.push(Arc::new(h.clone()));
+    }
+    listeners.extend(options.listeners.iter().cloned());
+    let events = EventSink::new(&run_id, pipeline.name(), listeners);
+    let memory = (executor.in_process() && config.storage.name == "in_memory").then(|| Arc::new(ValueStore::new()));
+    let env = StepEnvironment {
+        run_id: run_id.clone(),
+        pipeline: Arc::new(pipeline.clone()),
+        plan: plan.clone(),
+        config: config.clone(),
+        storage,
+        memory,
+        events: events.clone(),
+    };
+    let ctx = ExecutionContext { env: env.clone(), cancel: options.cancel.clone() };
+    executor.check(&ctx).map_err(|e| setup(e.to_string()))?;
+    if let Some(h) = &options.history {
+        h.create_run(&RunRecord {
+            run_id: run_id.clone(),
+            pipeline: pipeline.name().into(),
+            mode: config.mode.clone(),
+            status: RunStatus::Started,
+            config: config.value.clone(),
+            parent_run_id: options.parent_run_id.clone(),
+            started_at: Utc::now(),
+            ended_at: None,
+        })
+        .map_err(|e| setup(e.to_string()))?;
+    }
+    let started = Instant::now();
+    events.emit(
+        None,
+        Level::Info,
+        format!("started run {run_id} of {} on {} with {} storage", pipeline.name(), config.execution.name, config.storage.name),
+        EventKind::PipelineStart {
+            executor: config.execution.name.clone(),
+            storage: config.storage.name.clone(),
+            steps: plan.steps.len(),
+        },
+    );
+    let outcome = env.storage.preflight().map_err(|e| ExecutorError::Engine(e.to_string())).and_then(|()| executor.execute(&ctx));
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let status = match outcome {
+        Ok(summary) if summary.canceled || ctx.cancel.is_canceled() => {
+            events.emit(None, Level::Error, "run canceled", EventKind::PipelineCanceled { duration_ms });
+            RunStatus::Canceled
+        }
+        Ok(summary) if summary.failed.is_empty() && summary.skipped.is_empty() => {
+            events.emit(None, Level::Info, format!("run succeeded in {duration_ms} ms"), EventKind::PipelineSuccess { duration_ms });
+            RunStatus::Success
+        }
+        Ok(summary) => {
+            events.emit(
+                None,
+                Level::Error,
+                format!("run failed: {} step(s) failed, {} skipped", summary.failed.len(), summary.skipped.len()),
+                EventKind::PipelineFailure { duration_ms, failed_steps: summary.failed, error: None },
+            );
+            RunStatus::Failure
+        }
+        Err(e) => {
+            let error = ErrorInfo { message: e.to_string(), causes: vec![], kind: "engine".into(), location: None };
+            events.emit(
+                None,
+                Level::Error,
+                format!("run failed: {e}"),
+                EventKind::PipelineFailure { duration_ms, failed_steps: vec![], error: Some(error) },
+            );
+            RunStatus::Failure
+        }
+    };
+    if let Some(h) = &options.history {
+        h.flush();
+    }
+    Ok(ExecutionResult { status, events: collector.events(), env })
+}

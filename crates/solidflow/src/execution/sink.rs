@@ -1,0 +1,104 @@
+//! The event sink: stamps events with run, host and pid, and fans them out to listeners
+//! (console, run history, the result collector, live subscribers, a child's stdout).
+
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+
+use super::event::{Event, EventKind, Level};
+
+/// Receives every event of a run. Implementations must be cheap or hand off to a thread.
+pub trait EventListener: Send + Sync {
+    /// Called once per event, in order, from the thread that emitted it.
+    fn on_event(&self, event: &Event);
+}
+
+impl<F: Fn(&Event) + Send + Sync> EventListener for F {
+    fn on_event(&self, event: &Event) {
+        self(event)
+    }
+}
+
+/// Emits events for one run to a set of listeners. Cloning is cheap.
+#[derive(Clone)]
+pub struct EventSink {
+    run_id: Arc<str>,
+    pipeline: Arc<str>,
+    host: Arc<str>,
+    pid: u32,
+    listeners: Arc<Vec<Arc<dyn EventListener>>>,
+    // Serializes fan-out so every listener sees events in one order.
+    order: Arc<Mutex<()>>,
+}
+
+impl EventSink {
+    /// A sink for `run_id` of `pipeline` that forwards to `listeners`.
+    pub fn new(run_id: &str, pipeline: &str, listeners: Vec<Arc<dyn EventListener>>) -> Self {
+        Self {
+            run_id: run_id.into(),
+            pipeline: pipeline.into(),
+            host: hostname().into(),
+            pid: std::process::id(),
+            listeners: Arc::new(listeners),
+            order: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// The run id.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Builds and emits an event.
+    pub fn emit(&self, step_key: Option<&str>, level: Level, message: impl Into<String>, kind: EventKind) {
+        self.forward(Event {
+            run_id: self.run_id.to_string(),
+            pipeline: self.pipeline.to_string(),
+            step_key: step_key.map(str::to_string),
+            timestamp: Utc::now(),
+            level,
+            message: message.into(),
+            host: self.host.to_string(),
+            pid: self.pid,
+            worker: None,
+            kind,
+        });
+    }
+
+    /// Passes on an event built elsewhere (e.g. read from a step process).
+    pub fn forward(&self, event: Event) {
+        let _guard = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        for l in self.listeners.iter() {
+            l.on_event(&event);
+        }
+    }
+}
+
+/// This machine's host name, for event records.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Collects events in memory (for [`ExecutionResult`](super::run::ExecutionResult)).
+#[derive(Default, Clone)]
+pub struct EventCollector {
+    events: Arc<Mutex<Vec<Event>>>,
+}
+
+impl EventCollector {
+    /// Everything collected so far.
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().expect("collector lock").clone()
+    }
+}
+
+impl EventListener for EventCollector {
+    fn on_event(&self, event: &Event) {
+        self.events.lock().expect("collector lock").push(event.clone());
+    }
+}

@@ -1,0 +1,186 @@
+//! Running one attempt of one step: load inputs, call the solid, store outputs.
+//!
+//! The in-process executor calls this on its worker threads; step mode (the step
+//! protocol used by multiprocess and Dask) calls it in a child process. So a step
+//! behaves the same everywhere.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Once};
+use std::time::Instant;
+
+use super::context::SolidContext;
+use super::error::SolidError;
+use super::event::{EventKind, Level};
+use super::sink::EventSink;
+use super::values::ValueStore;
+use crate::config::RunConfig;
+use crate::definition::pipeline::Pipeline;
+use crate::definition::solid::Inputs;
+use crate::definition::types::{Codec, Value};
+use crate::plan::{ExecutionPlan, ExecutionStep, StepInputSource};
+use crate::storage::{IntermediateKey, IntermediateStorage};
+
+/// Everything needed to run steps of one run.
+#[derive(Clone)]
+pub struct StepEnvironment {
+    /// The run id.
+    pub run_id: String,
+    /// The pipeline.
+    pub pipeline: Arc<Pipeline>,
+    /// The compiled plan.
+    pub plan: Arc<ExecutionPlan>,
+    /// The validated run config.
+    pub config: Arc<RunConfig>,
+    /// Where outputs go when `memory` is `None`.
+    pub storage: Arc<dyn IntermediateStorage>,
+    /// In-memory outputs, used instead of storage for in-process `in_memory` runs.
+    pub memory: Option<Arc<ValueStore>>,
+    /// The event sink.
+    pub events: EventSink,
+}
+
+impl StepEnvironment {
+    /// Runs attempt `attempt` of step `index`. Emits `STEP_START`, `STEP_INPUT`,
+    /// `STEP_OUTPUT` and, on success, `STEP_SUCCESS`; a failure is returned for the
+    /// caller to turn into `STEP_UP_FOR_RETRY` or `STEP_FAILURE`.
+    pub fn run_step(&self, index: usize, attempt: u32) -> Result<(), SolidError> {
+        let step = &self.plan.steps[index];
+        let key = step.key.as_str();
+        let started = Instant::now();
+        self.events.emit(Some(key), Level::Info, format!("started {key} (attempt {attempt})"), EventKind::StepStart { attempt });
+        let invocation = self
+            .pipeline
+            .invocation(&step.solid)
+            .ok_or_else(|| SolidError::new(format!("solid `{}` is not in pipeline `{}`", step.solid, self.pipeline.name())))?;
+        let def = &invocation.definition;
+        let inputs = self.load_inputs(step, def)?;
+        let solid_config = self.config.solids.get(&step.solid).map(|s| &s.config);
+        let empty = serde_json::Value::Object(Default::default());
+        let ctx = SolidContext::new(&self.run_id, key, &step.solid, attempt, solid_config.unwrap_or(&empty), &self.events);
+        let outputs = call_catching_panics(|| (def.compute)(&ctx, inputs))?;
+        let mut produced = outputs.into_values();
+        for out in &def.outputs {
+            let pos = produced.iter().position(|(n, _)| n == &out.name).ok_or_else(|| {
+                SolidError::new(format!("solid `{}` did not produce its output `{}`", step.solid, out.name))
+            })?;
+            let (_, value) = produced.swap_remove(pos);
+            if !out.ty.matches(&value) {
+                return Err(SolidError::new(format!("output `{}` of solid `{}` is not a {}", out.name, step.solid, out.ty.name)));
+            }
+            self.store_output(step, &out.name, out.ty, value)?;
+        }
+        let duration_ms = started.elapsed().as_millis() as u64;
+        self.events.emit(
+            Some(key),
+            Level::Info,
+            format!("{key} succeeded in {duration_ms} ms"),
+            EventKind::StepSuccess { duration_ms, attempt },
+        );
+        Ok(())
+    }
+
+    fn load_inputs(&self, step: &ExecutionStep, def: &crate::definition::solid::SolidDefinition) -> Result<Inputs, SolidError> {
+        let mut values = BTreeMap::new();
+        for (input, input_def) in step.inputs.iter().zip(&def.inputs) {
+            let (value, source) = match &input.source {
+                StepInputSource::Step { step_key, output } => {
+                    let value = match &self.memory {
+                        Some(mem) => mem.get(step_key, output).ok_or_else(|| {
+                            SolidError::new(format!("output `{output}` of `{step_key}` is not in memory"))
+                        })?,
+                        None => {
+                            let key = IntermediateKey::new(&self.run_id, step_key, output);
+                            let mut reader = self.storage.read(&key)?;
+                            let value = input_def.ty.decode(Codec::default(), &mut reader).map_err(|e| {
+                                SolidError::new(format!("cannot decode {} as {}", self.storage.location(&key), input_def.ty.name))
+                                    .caused_by(e.to_string())
+                            })?;
+                            value
+                        }
+                    };
+                    (value, format!("{step_key}.{output}"))
+                }
+                StepInputSource::Config => {
+                    let json = self
+                        .config
+                        .solids
+                        .get(&step.solid)
+                        .and_then(|s| s.inputs.get(&input.name))
+                        .cloned()
+                        .ok_or_else(|| SolidError::new(format!("input `{}` missing from run config", input.name)))?;
+                    (input_def.ty.from_json(json).map_err(SolidError::new)?, "config".to_string())
+                }
+            };
+            self.events.emit(
+                Some(&step.key),
+                Level::Debug,
+                format!("input {} from {source}", input.name),
+                EventKind::StepInput { input: input.name.clone(), type_name: input.type_name.into(), source },
+            );
+            values.insert(input.name.clone(), value);
+        }
+        Ok(Inputs::new(values))
+    }
+
+    fn store_output(&self, step: &ExecutionStep, output: &str, ty: crate::definition::types::TypeInfo, value: Value) -> Result<(), SolidError> {
+        let (location, bytes) = match &self.memory {
+            Some(mem) => {
+                mem.put(&step.key, output, value);
+                (None, None)
+            }
+            None => {
+                let key = IntermediateKey::new(&self.run_id, &step.key, output);
+                let bytes = self.storage.write(&key, &mut |w| ty.encode(&value, Codec::default(), w))?;
+                (Some(self.storage.location(&key)), Some(bytes))
+            }
+        };
+        self.events.emit(
+            Some(&step.key),
+            Level::Debug,
+            format!("output {output}"),
+            EventKind::StepOutput { output: output.into(), type_name: ty.name.into(), location, bytes },
+        );
+        Ok(())
+    }
+}
+
+thread_local! {
+    static PANIC_INFO: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
+    static IN_STEP: RefCell<bool> = const { RefCell::new(false) };
+}
+
+/// Calls `f`, turning a panic into a [`SolidError`] with the panic message and location.
+pub fn call_catching_panics<T>(f: impl FnOnce() -> Result<T, SolidError>) -> Result<T, SolidError> {
+    install_panic_hook();
+    IN_STEP.with(|s| *s.borrow_mut() = true);
+    let result = catch_unwind(AssertUnwindSafe(f));
+    IN_STEP.with(|s| *s.borrow_mut() = false);
+    result.unwrap_or_else(|_| {
+        let (message, location) = PANIC_INFO.with(|p| p.borrow_mut().take()).unwrap_or(("panic".into(), None));
+        Err(SolidError { panic_location: location.or(Some("unknown".into())), ..SolidError::new(format!("solid panicked: {message}")) })
+    })
+}
+
+fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_STEP.with(|s| *s.borrow()) {
+                // Inside a step the panic becomes a STEP_FAILURE event; don't also print it.
+                let message = info
+                    .payload()
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+                PANIC_INFO.with(|p| *p.borrow_mut() = Some((message, location)));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+}

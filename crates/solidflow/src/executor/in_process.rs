@@ -1,0 +1,150 @@
+//! `in_process`: the embedded default. Steps run on a pool of threads in this process.
+//!
+//! When only one step can run and nothing else is in flight (a chain), the step runs on
+//! the scheduling thread itself, which saves two thread hand-offs per step.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, unbounded};
+use serde_json::Value;
+
+use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError, declared_resources};
+use crate::config::schema::{ConfigType, Field};
+use crate::execution::error::SolidError;
+use crate::execution::scheduler::{Resources, Scheduler, Summary, check_resources};
+
+/// Runs steps on up to `max_concurrent` threads of the current process.
+#[derive(Debug, Clone)]
+pub struct InProcessExecutor {
+    max_concurrent: usize,
+    resources: Option<Resources>,
+}
+
+impl InProcessExecutor {
+    /// An executor running up to `max_concurrent` steps at once (0 = one per core).
+    pub fn new(max_concurrent: usize) -> Self {
+        Self { max_concurrent: effective_concurrency(max_concurrent), resources: None }
+    }
+
+    /// Declares the resources this machine has (`{GPU: 1}`); steps then wait for them.
+    pub fn with_resources(mut self, resources: Resources) -> Self {
+        self.resources = Some(resources);
+        self
+    }
+}
+
+/// `0` means one per core.
+pub(crate) fn effective_concurrency(requested: usize) -> usize {
+    if requested > 0 { requested } else { std::thread::available_parallelism().map_or(1, |n| n.get()) }
+}
+
+/// The schema shared by local executors: `max_concurrent` and `resources`.
+pub(crate) fn local_config_schema() -> ConfigType {
+    ConfigType::shape([
+        Field::optional("max_concurrent", ConfigType::Int)
+            .default(0)
+            .doc("Most steps running at once; 0 means one per core."),
+        Field::optional("resources", ConfigType::map(ConfigType::Float))
+            .doc("Resources this machine offers, e.g. {GPU: 1}; steps requiring them wait for a free unit."),
+    ])
+}
+
+/// The `in_process` executor definition.
+pub fn definition() -> ExecutorDefinition {
+    ExecutorDefinition {
+        name: "in_process",
+        description: "Run steps on threads of the current process (the embedded default).",
+        config: local_config_schema,
+        build: |config: &Value| {
+            let n = config.get("max_concurrent").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let mut executor = InProcessExecutor::new(n);
+            executor.resources = declared_resources(config);
+            Ok(Arc::new(executor))
+        },
+    }
+}
+
+type Done = (usize, Result<(), SolidError>);
+
+impl Executor for InProcessExecutor {
+    fn in_process(&self) -> bool {
+        true
+    }
+
+    fn check(&self, ctx: &ExecutionContext) -> Result<(), ExecutorError> {
+        check_resources(&ctx.env.plan, self.resources.as_ref()).map_err(ExecutorError::Config)
+    }
+
+    fn execute(&self, ctx: &ExecutionContext) -> Result<Summary, ExecutorError> {
+        let env = &ctx.env;
+        let plan = env.plan.clone();
+        let mut scheduler = Scheduler::new(&plan, env.events.clone(), self.resources.clone());
+        let threads = self.max_concurrent.min(plan.steps.len()).max(1);
+        let (job_tx, job_rx) = unbounded::<(usize, u32)>();
+        let (done_tx, done_rx) = unbounded::<Done>();
+        // Workers are detached: on cancel the run returns without waiting for steps
+        // that cannot be interrupted; the process exits right after.
+        for _ in 0..threads {
+            let (jobs, done, env) = (job_rx.clone(), done_tx.clone(), env.clone());
+            std::thread::spawn(move || {
+                for (step, attempt) in jobs {
+                    let result = env.run_step(step, attempt);
+                    if done.send((step, result)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut in_flight: Vec<usize> = Vec::new();
+        let handle = |scheduler: &mut Scheduler, (step, result): Done| match result {
+            Ok(()) => scheduler.succeeded(step),
+            Err(e) => {
+                scheduler.failed(step, e.info(), e.retry_requested);
+            }
+        };
+        loop {
+            if ctx.cancel.is_canceled() {
+                scheduler.cancel(&in_flight);
+                break;
+            }
+            while scheduler.running() < threads {
+                let Some((step, attempt)) = scheduler.next() else { break };
+                if threads == 1 || (in_flight.is_empty() && !scheduler.has_ready()) {
+                    let result = env.run_step(step, attempt);
+                    handle(&mut scheduler, (step, result));
+                } else {
+                    in_flight.push(step);
+                    job_tx.send((step, attempt)).expect("worker pool alive");
+                }
+            }
+            if scheduler.is_finished() {
+                break;
+            }
+            if in_flight.is_empty() && !scheduler.has_ready() {
+                // Only delayed retries remain: sleep until the first is due (or cancel).
+                let wait = scheduler.next_wakeup().map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()));
+                std::thread::sleep(wait.min(Duration::from_millis(100)));
+                continue;
+            }
+            let timeout = scheduler
+                .next_wakeup()
+                .map_or(Duration::from_millis(100), |t| t.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)));
+            match done_rx.recv_timeout(timeout) {
+                Ok(done) => {
+                    in_flight.retain(|&s| s != done.0);
+                    handle(&mut scheduler, done);
+                    while let Ok(done) = done_rx.try_recv() {
+                        in_flight.retain(|&s| s != done.0);
+                        handle(&mut scheduler, done);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ExecutorError::Engine("in-process worker threads stopped unexpectedly".into()));
+                }
+            }
+        }
+        Ok(scheduler.summary())
+    }
+}

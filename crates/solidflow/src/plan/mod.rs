@@ -1,0 +1,221 @@
+//! The execution plan: a pipeline plus its run config, compiled into steps.
+//!
+//! A plan is plain data, deterministic for the same pipeline and config, and printable
+//! (`plan` prints it as text or JSON). Executors only ever see plans.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::config::RunConfig;
+use crate::definition::pipeline::{InputSource, Pipeline};
+use crate::definition::retry::RetryPolicy;
+
+/// Where a step input's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum StepInputSource {
+    /// Output `output` of step `step_key`.
+    Step {
+        /// The upstream step.
+        step_key: String,
+        /// The upstream output.
+        output: String,
+    },
+    /// The run config (`solids.<alias>.inputs.<name>`).
+    Config,
+}
+
+/// One input of a step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepInput {
+    /// The input name.
+    pub name: String,
+    /// The Rust type.
+    pub type_name: &'static str,
+    /// Where the value comes from.
+    pub source: StepInputSource,
+}
+
+/// One output of a step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepOutput {
+    /// The output name.
+    pub name: String,
+    /// The Rust type.
+    pub type_name: &'static str,
+}
+
+/// One unit of execution: one solid invocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecutionStep {
+    /// `<alias>.compute`.
+    pub key: String,
+    /// The invocation's alias.
+    pub solid: String,
+    /// The solid definition's name (differs from `solid` when aliased).
+    pub solid_definition: String,
+    /// Inputs in declaration order.
+    pub inputs: Vec<StepInput>,
+    /// Outputs in declaration order.
+    pub outputs: Vec<StepOutput>,
+    /// Resources one execution needs.
+    pub required_resources: BTreeMap<String, f64>,
+    /// The solid's tags.
+    pub tags: BTreeMap<String, String>,
+    /// The effective retry policy (solid default, overridden by run config).
+    pub retry_policy: RetryPolicy,
+    /// Topological level: 0 for steps with no upstream step.
+    pub level: usize,
+    /// Indices of the steps this one depends on.
+    #[serde(skip)]
+    pub upstream: Vec<usize>,
+    /// Indices of the steps that depend on this one.
+    #[serde(skip)]
+    pub downstream: Vec<usize>,
+}
+
+/// The compiled plan of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecutionPlan {
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// Steps ordered by level, then by the order solids were added to the pipeline.
+    pub steps: Vec<ExecutionStep>,
+}
+
+/// The step key of invocation `alias`.
+pub fn step_key(alias: &str) -> String {
+    format!("{alias}.compute")
+}
+
+impl ExecutionPlan {
+    /// Compiles `pipeline` with `config` into a plan.
+    pub fn compile(pipeline: &Pipeline, config: &RunConfig) -> Self {
+        let invs = pipeline.invocations();
+        let index: HashMap<&str, usize> = invs.iter().enumerate().map(|(i, inv)| (inv.alias.as_str(), i)).collect();
+        // Levels by longest path from a root; the pipeline was checked to be acyclic.
+        let mut level = vec![usize::MAX; invs.len()];
+        fn level_of(i: usize, invs: &[crate::definition::pipeline::Invocation], index: &HashMap<&str, usize>, level: &mut [usize]) -> usize {
+            if level[i] != usize::MAX {
+                return level[i];
+            }
+            let l = invs[i]
+                .inputs
+                .values()
+                .filter_map(|s| match s {
+                    InputSource::Output { solid, .. } => Some(level_of(index[solid.as_str()], invs, index, level) + 1),
+                    InputSource::Config => None,
+                })
+                .max()
+                .unwrap_or(0);
+            level[i] = l;
+            l
+        }
+        for i in 0..invs.len() {
+            level_of(i, invs, &index, &mut level);
+        }
+        let mut order: Vec<usize> = (0..invs.len()).collect();
+        order.sort_by_key(|&i| (level[i], i));
+        let position: HashMap<usize, usize> = order.iter().enumerate().map(|(pos, &i)| (i, pos)).collect();
+        let mut steps: Vec<ExecutionStep> = order
+            .iter()
+            .map(|&i| {
+                let inv = &invs[i];
+                let def = &inv.definition;
+                let mut upstream = Vec::new();
+                let inputs = def
+                    .inputs
+                    .iter()
+                    .map(|input| {
+                        let source = match &inv.inputs[&input.name] {
+                            InputSource::Output { solid, output } => {
+                                upstream.push(position[&index[solid.as_str()]]);
+                                StepInputSource::Step { step_key: step_key(solid), output: output.clone() }
+                            }
+                            InputSource::Config => StepInputSource::Config,
+                        };
+                        StepInput { name: input.name.clone(), type_name: input.ty.name, source }
+                    })
+                    .collect();
+                upstream.sort_unstable();
+                upstream.dedup();
+                let retry_policy = config
+                    .solids
+                    .get(&inv.alias)
+                    .and_then(|s| s.retry.clone())
+                    .or_else(|| def.retry_policy.clone())
+                    .unwrap_or_default();
+                ExecutionStep {
+                    key: step_key(&inv.alias),
+                    solid: inv.alias.clone(),
+                    solid_definition: def.name.clone(),
+                    inputs,
+                    outputs: def.outputs.iter().map(|o| StepOutput { name: o.name.clone(), type_name: o.ty.name }).collect(),
+                    required_resources: def.required_resources.clone(),
+                    tags: def.tags.clone(),
+                    retry_policy,
+                    level: level[i],
+                    upstream,
+                    downstream: Vec::new(),
+                }
+            })
+            .collect();
+        for i in 0..steps.len() {
+            for u in steps[i].upstream.clone() {
+                steps[u].downstream.push(i);
+            }
+        }
+        Self { pipeline: pipeline.name().to_string(), steps }
+    }
+
+    /// Looks up a step by key.
+    pub fn step(&self, key: &str) -> Option<&ExecutionStep> {
+        self.steps.iter().find(|s| s.key == key)
+    }
+
+    /// The index of a step by key.
+    pub fn index_of(&self, key: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.key == key)
+    }
+
+    /// The number of topological levels.
+    pub fn depth(&self) -> usize {
+        self.steps.iter().map(|s| s.level + 1).max().unwrap_or(0)
+    }
+}
+
+impl fmt::Display for ExecutionPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "Execution plan for pipeline `{}` ({} steps, {} levels)", self.pipeline, self.steps.len(), self.depth())?;
+        let mut current = usize::MAX;
+        for step in &self.steps {
+            if step.level != current {
+                current = step.level;
+                writeln!(f, "level {current}:")?;
+            }
+            write!(f, "  {}", step.key)?;
+            if step.solid != step.solid_definition {
+                write!(f, " (solid {})", step.solid_definition)?;
+            }
+            if !step.required_resources.is_empty() {
+                let r: Vec<String> = step.required_resources.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(f, " [requires {}]", r.join(", "))?;
+            }
+            writeln!(f)?;
+            for input in &step.inputs {
+                match &input.source {
+                    StepInputSource::Step { step_key, output } => {
+                        writeln!(f, "      in  {}: {} <- {step_key}.{output}", input.name, input.type_name)?
+                    }
+                    StepInputSource::Config => writeln!(f, "      in  {}: {} <- run config", input.name, input.type_name)?,
+                }
+            }
+            for output in &step.outputs {
+                writeln!(f, "      out {}: {}", output.name, output.type_name)?;
+            }
+        }
+        Ok(())
+    }
+}
