@@ -370,6 +370,9 @@ impl S3Storage {
             _ if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") => {
                 " (the credentials were rejected: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
             }
+            _ if text.contains("error sending request") || text.contains("timed out") => {
+                " (the endpoint did not answer: check endpoint_url / region and that the server is reachable)"
+            }
             _ => "",
         };
         format!("{text}{hint}")
@@ -468,14 +471,25 @@ impl IntermediateStorage for S3Storage {
 
     fn read(&self, key: &IntermediateKey) -> Result<Box<dyn Read + Send>, StorageError> {
         let path = self.object_path(key);
-        let store = self.store.clone();
-        let head_path = path.clone();
-        let meta = self
+        let (store, first_path, chunk) = (self.store.clone(), path.clone(), self.part_size as u64);
+        // The first range GET also tells the object's size and ETag, so a value that fits in
+        // one range (most do) is read with a single request, which S3 serves atomically.
+        let first = self
             .engine
-            .run(async move { store.get_opts(&head_path, GetOptions { head: true, ..Default::default() }).await })
-            .map_err(|e| self.error("read", key, e))?
-            .meta;
-        Ok(Box::new(RangeReader {
+            .run(async move {
+                let ranged = GetOptions { range: Some(GetRange::Bounded(0..chunk)), ..Default::default() };
+                let result = match store.get_opts(&first_path, ranged).await {
+                    // An empty object has no byte 0 to start a range at (416): fetch it whole.
+                    Err(e) if is_invalid_range(&e) => store.get_opts(&first_path, GetOptions::default()).await?,
+                    other => other?,
+                };
+                let (meta, range) = (result.meta.clone(), result.range.clone());
+                let bytes = result.bytes().await?;
+                Ok::<_, object_store::Error>((meta, range.start + bytes.len() as u64, Vec::from(bytes)))
+            })
+            .map_err(|e| self.error("read", key, e))?;
+        let (meta, next, current) = first;
+        let mut reader = RangeReader {
             store: self.store.clone(),
             engine: self.engine.clone(),
             path,
@@ -483,13 +497,15 @@ impl IntermediateStorage for S3Storage {
             redactor: self.redactor.clone(),
             size: meta.size,
             e_tag: meta.e_tag,
-            next: 0,
-            chunk: self.part_size as u64,
+            next,
+            chunk,
             prefetch: self.concurrency,
             pending: VecDeque::new(),
-            current: Vec::new(),
+            current,
             pos: 0,
-        }))
+        };
+        reader.request_ahead();
+        Ok(Box::new(reader))
     }
 
     fn exists(&self, key: &IntermediateKey) -> Result<bool, StorageError> {
@@ -538,6 +554,12 @@ impl IntermediateStorage for S3Storage {
         keys.sort();
         Ok(keys)
     }
+}
+
+/// Whether `error` is S3's answer to a range that starts past the end (416 InvalidRange).
+fn is_invalid_range(error: &object_store::Error) -> bool {
+    let text = error.to_string();
+    text.contains("InvalidRange") || text.contains("416")
 }
 
 /// Decodes the `%XX` escapes `object_store` applies to path segments.
@@ -755,7 +777,8 @@ struct RangeReader {
     next: u64,
     chunk: u64,
     prefetch: usize,
-    pending: VecDeque<JoinHandle<object_store::Result<Vec<u8>>>>,
+    /// Requested ranges: expected length and the download.
+    pending: VecDeque<(usize, JoinHandle<object_store::Result<Vec<u8>>>)>,
     current: Vec<u8>,
     pos: usize,
 }
@@ -771,10 +794,14 @@ impl RangeReader {
                 ..Default::default()
             };
             let (store, path) = (self.store.clone(), self.path.clone());
-            self.pending.push_back(self.engine.spawn(async move {
-                let bytes = store.get_opts(&path, options).await?.bytes().await?;
-                Ok(Vec::from(bytes))
-            }));
+            let expected = (end - self.next) as usize;
+            self.pending.push_back((
+                expected,
+                self.engine.spawn(async move {
+                    let bytes = store.get_opts(&path, options).await?.bytes().await?;
+                    Ok(Vec::from(bytes))
+                }),
+            ));
             self.next = end;
         }
     }
@@ -784,13 +811,29 @@ impl Read for RangeReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.pos == self.current.len() {
             self.request_ahead();
-            let Some(handle) = self.pending.pop_front() else { return Ok(0) };
+            let Some((expected, handle)) = self.pending.pop_front() else { return Ok(0) };
             let chunk = self
                 .engine
                 .run(handle)
                 .map_err(object_store::Error::from)
                 .and_then(|r| r)
-                .map_err(|e| io::Error::other(format!("read {} failed: {}", self.location, self.redactor.scrub(&e.to_string()))))?;
+                .map_err(|e| {
+                    let why = match e {
+                        object_store::Error::Precondition { .. } => {
+                            "the object was replaced while being read (its ETag changed); read it again".to_owned()
+                        }
+                        other => self.redactor.scrub(&other.to_string()),
+                    };
+                    io::Error::other(format!("read {} failed: {why}", self.location))
+                })?;
+            if chunk.len() != expected {
+                // Servers that ignore If-Match (some S3-compatible ones) show a replaced object this way.
+                return Err(io::Error::other(format!(
+                    "read {} failed: the object changed while being read (expected {expected} bytes in a range, got {}); read it again",
+                    self.location,
+                    chunk.len()
+                )));
+            }
             self.current = chunk;
             self.pos = 0;
             // Keep the pipeline full while the consumer works on this chunk.
@@ -805,7 +848,7 @@ impl Read for RangeReader {
 
 impl Drop for RangeReader {
     fn drop(&mut self) {
-        for handle in self.pending.drain(..) {
+        for (_, handle) in self.pending.drain(..) {
             handle.abort();
         }
     }
