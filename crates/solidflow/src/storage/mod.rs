@@ -13,11 +13,13 @@ mod key;
 mod memory;
 pub mod registry;
 pub mod run_history;
+mod s3;
 
 pub use error::StorageError;
 pub use filesystem::FilesystemStorage;
 pub use key::IntermediateKey;
 pub use memory::InMemoryStorage;
+pub use s3::{S3Config, S3Credentials, S3Storage};
 
 use std::io::{Read, Write};
 

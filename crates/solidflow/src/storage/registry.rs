@@ -39,5 +39,5 @@ impl std::fmt::Debug for StorageDefinition {
 
 /// The storages every mode offers unless it says otherwise: `in_memory`, `filesystem` and `s3`.
 pub fn default_storages() -> Vec<StorageDefinition> {
-    vec![super::memory::definition(), super::filesystem::definition()]
+    vec![super::memory::definition(), super::filesystem::definition(), super::s3::definition()]
 }
