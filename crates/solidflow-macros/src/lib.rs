@@ -9,9 +9,11 @@
 //! fn split(ctx: &SolidContext, numbers: Vec<i64>) -> (Vec<i64>, Vec<i64>) { ... }
 //! ```
 //!
-//! The function becomes a unit struct of the same name that implements
-//! `solidflow::definition::solid::Solid`, so pipelines wire it with type-checked handles;
-//! the original body stays callable as `total::compute(ctx, ...)`.
+//! The function `total` becomes a function `total()` returning the unit struct
+//! `TotalSolid`, which implements `solidflow::definition::solid::Solid`, so pipelines
+//! wire it with type-checked handles (`p.invoke(total, (numbers,))`); the original body
+//! stays callable as `TotalSolid::compute(ctx, ...)`. (A function rather than a unit
+//! struct named `total`, so that an input may share its name with an upstream solid.)
 //! The first parameter is the context; every other parameter is an input (by value, which
 //! needs `Clone` when a value feeds several steps, or by reference). The return type is
 //! the output (`result`), a tuple matching `outputs(...)`, either of these wrapped in
@@ -174,10 +176,11 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
         quote! { let #n: &#t = __inputs.get::<#t>(#s)?; }
     });
     let call_args = inputs.iter().map(|(n, _, _)| n);
+    let struct_ident = format_ident!("{}Solid", camel_case(&ident.to_string()));
     let call = if fallible {
-        quote! { #ident::compute(__ctx, #(#call_args),*).map_err(::solidflow::__private::SolidError::from)? }
+        quote! { #struct_ident::compute(__ctx, #(#call_args),*).map_err(::solidflow::__private::SolidError::from)? }
     } else {
-        quote! { #ident::compute(__ctx, #(#call_args),*) }
+        quote! { #struct_ident::compute(__ctx, #(#call_args),*) }
     };
     let collect_outputs = match outputs.len() {
         0 => quote! { let _ = __ret; ::solidflow::__private::Outputs::new() },
@@ -264,21 +267,28 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
     };
     let body = &func.block;
     let mut_inputs = if inputs.iter().any(|(_, _, r)| !r) { quote! { mut } } else { quote! {} };
+    let struct_doc = format!("The solid `{name}`; created by the function `{ident}()` that `#[solid]` generates.");
     Ok(quote! {
+        #[doc = #struct_doc]
+        #[derive(Clone, Copy, Debug, Default)]
+        #vis struct #struct_ident;
+
         #(#attrs)*
-        #[allow(non_camel_case_types)]
-        #[derive(Clone, Copy, Debug)]
-        #vis struct #ident;
+        ///
+        /// (A solid: pass this function to `PipelineBuilder::invoke`.)
+        #vis fn #ident() -> #struct_ident {
+            #struct_ident
+        }
 
         #outputs_struct
 
-        impl #ident {
+        impl #struct_ident {
             /// The solid's body, callable directly (e.g. in unit tests).
-            #[allow(clippy::too_many_arguments)]
+            #[allow(clippy::too_many_arguments, clippy::ptr_arg)]
             #vis #compute_sig #body
         }
 
-        impl ::solidflow::__private::Solid for #ident {
+        impl ::solidflow::__private::Solid for #struct_ident {
             type Inputs = (#(#handle_tys,)*);
             type Outputs = #outputs_ty;
 
@@ -310,6 +320,17 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
             }
         }
     })
+}
+
+fn camel_case(snake: &str) -> String {
+    snake
+        .split('_')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let mut c = p.chars();
+            c.next().map(|f| f.to_uppercase().chain(c).collect::<String>()).unwrap_or_default()
+        })
+        .collect()
 }
 
 fn doc_text(attrs: &[syn::Attribute]) -> String {

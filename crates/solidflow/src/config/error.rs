@@ -40,7 +40,11 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.dotted_path(), self.message)?;
+        if self.path.is_empty() {
+            f.write_str(&self.message)?;
+        } else {
+            write!(f, "{}: {}", self.dotted_path(), self.message)?;
+        }
         if let Some(loc) = &self.location {
             write!(f, " (at {}:{}:{})", loc.file, loc.line, loc.column)?;
         }

@@ -115,7 +115,7 @@ enum Node {
     Float(f64),
     Str(String),
     Seq(Vec<Spanned<Node>>),
-    Map(Vec<(String, Spanned<Node>)>),
+    Map(Vec<(Spanned<KeyString>, Spanned<Node>)>),
 }
 
 fn node_to_value(
@@ -150,9 +150,15 @@ fn node_to_value(
         Node::Map(entries) => Value::Object(
             entries
                 .into_iter()
-                .map(|(k, item)| {
+                .map(|(key, item)| {
+                    let k = key.value.0;
                     path.push(k.clone());
                     let v = node_to_value(item, file, path, locations);
+                    // Point errors about a key at the key itself, not at its value.
+                    if key.referenced.line() > 0 {
+                        let loc = SourceLocation { file: file.into(), line: key.referenced.line(), column: key.referenced.column() };
+                        locations.insert(path.clone(), loc);
+                    }
                     path.pop();
                     (k, v)
                 })
@@ -211,8 +217,8 @@ impl<'de> Visitor<'de> for NodeVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
         let mut entries = Vec::new();
-        while let Some(key) = map.next_key::<KeyString>()? {
-            entries.push((key.0, map.next_value::<Spanned<Node>>()?));
+        while let Some(key) = map.next_key::<Spanned<KeyString>>()? {
+            entries.push((key, map.next_value::<Spanned<Node>>()?));
         }
         Ok(Node::Map(entries))
     }
@@ -242,7 +248,7 @@ impl<'de> Deserialize<'de> for KeyString {
                 Ok(KeyString(v.to_string()))
             }
         }
-        d.deserialize_any(V)
+        d.deserialize_string(V)
     }
 }
 

@@ -193,14 +193,13 @@ pub struct PipelineBuilder {
 
 impl PipelineBuilder {
     /// Invokes solid `S` under its own name with typed inputs; returns typed outputs.
-    pub fn invoke<S: Solid>(&mut self, _solid: S, inputs: S::Inputs) -> S::Outputs {
-        let def = S::definition();
-        let alias = def.name.clone();
-        self.invoke_as(&alias, _solid, inputs)
+    pub fn invoke<S: Solid>(&mut self, solid: impl FnOnce() -> S, inputs: S::Inputs) -> S::Outputs {
+        let alias = S::definition().name;
+        self.invoke_as(&alias, solid, inputs)
     }
 
     /// Invokes solid `S` under `alias`, so one solid can appear several times.
-    pub fn invoke_as<S: Solid>(&mut self, alias: &str, _solid: S, inputs: S::Inputs) -> S::Outputs {
+    pub fn invoke_as<S: Solid>(&mut self, alias: &str, _solid: impl FnOnce() -> S, inputs: S::Inputs) -> S::Outputs {
         let wiring = S::wire(inputs).into_iter().map(|(n, h)| (n.to_string(), h)).collect();
         self.pending.push((alias.to_string(), Arc::new(S::definition()), wiring));
         S::outputs(alias)
