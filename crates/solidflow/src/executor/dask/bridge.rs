@@ -638,7 +638,10 @@ pub struct Bridge {
 
 impl std::fmt::Debug for Bridge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bridge").field("python", &self.python).field("ready", &self.ready).finish()
+        f.debug_struct("Bridge")
+            .field("python", &self.python)
+            .field("ready", &self.ready)
+            .finish()
     }
 }
 
@@ -680,9 +683,15 @@ impl Bridge {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
-                BridgeError::PythonNotFound { python: python.clone(), source }
+                BridgeError::PythonNotFound {
+                    python: python.clone(),
+                    source,
+                }
             } else {
-                BridgeError::Spawn { python: python.clone(), source }
+                BridgeError::Spawn {
+                    python: python.clone(),
+                    source,
+                }
             }
         })?;
         let stdin = child.stdin.take().expect("stdin is piped");
@@ -749,7 +758,12 @@ impl Bridge {
                         let _ = tx.send(Ok(msg));
                         continue;
                     }
-                    let waiter = id.and_then(|id| pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id));
+                    let waiter = id.and_then(|id| {
+                        pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&id)
+                    });
                     match waiter {
                         Some(w) => {
                             if msg.is_task_event() {
@@ -767,7 +781,12 @@ impl Bridge {
                     let _ = tx.send(Err(()));
                 }
                 pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                let status = match tokio::time::timeout(Duration::from_secs(30), exit_rx.wait_for(|s| s.is_some())).await {
+                let status = match tokio::time::timeout(
+                    Duration::from_secs(30),
+                    exit_rx.wait_for(|s| s.is_some()),
+                )
+                .await
+                {
                     Ok(Ok(s)) => s.clone().unwrap_or_default(),
                     _ => "still running after closing its stdout".to_string(),
                 };
@@ -817,7 +836,9 @@ impl Bridge {
             BridgeMessage::Ready(info) => {
                 if info.protocol != PROTOCOL_VERSION {
                     bridge.kill();
-                    return Err(BridgeError::ProtocolMismatch { found: info.protocol });
+                    return Err(BridgeError::ProtocolMismatch {
+                        found: info.protocol,
+                    });
                 }
                 tracing::debug!(
                     target: "solidflow::dask::bridge",
@@ -832,7 +853,10 @@ impl Bridge {
             }
             other => {
                 bridge.kill();
-                Err(BridgeError::UnexpectedReply { op: "startup".into(), reply: Box::new(other) })
+                Err(BridgeError::UnexpectedReply {
+                    op: "startup".into(),
+                    reply: Box::new(other),
+                })
             }
         }
     }
@@ -855,16 +879,30 @@ impl Bridge {
     /// Sends a raw request (an object with `"op"`; an `"id"` is added) and waits up
     /// to `timeout` for the reply with that id. Error replies become
     /// [`BridgeError::Remote`] (or a more specific variant).
-    pub async fn request(&self, mut request: Value, timeout: Duration) -> Result<BridgeMessage, BridgeError> {
-        let op = request.get("op").and_then(Value::as_str).unwrap_or("?").to_string();
+    pub async fn request(
+        &self,
+        mut request: Value,
+        timeout: Duration,
+    ) -> Result<BridgeMessage, BridgeError> {
+        let op = request
+            .get("op")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         if let Value::Object(map) = &mut request {
             map.insert("id".into(), Value::from(id));
         }
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
         if let Err(e) = self.write_line(&request).await {
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             return Err(e);
         }
         match tokio::time::timeout(timeout, rx).await {
@@ -875,7 +913,10 @@ impl Bridge {
             Ok(Ok(msg)) => Ok(msg),
             Ok(Err(_)) => Err(self.died().await),
             Err(_) => {
-                self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
                 Err(BridgeError::ReplyTimeout { op, timeout })
             }
         }
@@ -887,9 +928,15 @@ impl Bridge {
         let mut value = serde_json::to_value(request).expect("ConnectRequest serializes");
         value["op"] = "connect".into();
         // A cluster manager may wait for its scheduler and then for workers.
-        match self.request(value, dask_timeout * 2 + REPLY_MARGIN * 2).await {
+        match self
+            .request(value, dask_timeout * 2 + REPLY_MARGIN * 2)
+            .await
+        {
             Ok(BridgeMessage::Connected(info)) => Ok(info),
-            Ok(other) => Err(BridgeError::UnexpectedReply { op: "connect".into(), reply: Box::new(other) }),
+            Ok(other) => Err(BridgeError::UnexpectedReply {
+                op: "connect".into(),
+                reply: Box::new(other),
+            }),
             Err(BridgeError::Remote { kind, message }) if kind == "scheduler_unreachable" => {
                 Err(BridgeError::SchedulerUnreachable {
                     address: request.address.clone().unwrap_or_default(),
@@ -909,18 +956,28 @@ impl Bridge {
         value["op"] = "submit".into();
         match self.request(value, self.request_timeout).await? {
             BridgeMessage::Submitted { .. } | BridgeMessage::Failed(_) => Ok(()),
-            other => Err(BridgeError::UnexpectedReply { op: "submit".into(), reply: Box::new(other) }),
+            other => Err(BridgeError::UnexpectedReply {
+                op: "submit".into(),
+                reply: Box::new(other),
+            }),
         }
     }
 
     /// Cancels tasks and kills their running processes (SIGTERM to the process
     /// group, SIGKILL after `grace`). Returns the keys whose process was killed, with
     /// the worker. Each canceled task also gets `failed` / `canceled` on the receiver.
-    pub async fn cancel(&self, keys: &[String], grace: Duration) -> Result<BTreeMap<String, String>, BridgeError> {
+    pub async fn cancel(
+        &self,
+        keys: &[String],
+        grace: Duration,
+    ) -> Result<BTreeMap<String, String>, BridgeError> {
         let value = serde_json::json!({"op": "cancel", "keys": keys, "grace": grace.as_secs_f64()});
         match self.request(value, self.request_timeout).await? {
             BridgeMessage::Canceled { killed, .. } => Ok(killed),
-            other => Err(BridgeError::UnexpectedReply { op: "cancel".into(), reply: Box::new(other) }),
+            other => Err(BridgeError::UnexpectedReply {
+                op: "cancel".into(),
+                reply: Box::new(other),
+            }),
         }
     }
 
@@ -929,33 +986,58 @@ impl Bridge {
         let value = serde_json::json!({"op": "release", "keys": keys});
         match self.request(value, self.request_timeout).await? {
             BridgeMessage::Released { .. } => Ok(()),
-            other => Err(BridgeError::UnexpectedReply { op: "release".into(), reply: Box::new(other) }),
+            other => Err(BridgeError::UnexpectedReply {
+                op: "release".into(),
+                reply: Box::new(other),
+            }),
         }
     }
 
     /// Ships an executable to every current and future worker, content-addressed.
     /// Use [`Uploaded::command0`] as `command[0]` to run it.
-    pub async fn upload_binary(&self, path: &Path, sha256: Option<&str>) -> Result<Uploaded, BridgeError> {
+    pub async fn upload_binary(
+        &self,
+        path: &Path,
+        sha256: Option<&str>,
+    ) -> Result<Uploaded, BridgeError> {
         let value = serde_json::json!({"op": "upload_binary", "path": path, "sha256": sha256});
-        match self.request(value, self.request_timeout + REPLY_MARGIN * 4).await? {
+        match self
+            .request(value, self.request_timeout + REPLY_MARGIN * 4)
+            .await?
+        {
             BridgeMessage::Uploaded(u) => Ok(u),
-            other => Err(BridgeError::UnexpectedReply { op: "upload_binary".into(), reply: Box::new(other) }),
+            other => Err(BridgeError::UnexpectedReply {
+                op: "upload_binary".into(),
+                reply: Box::new(other),
+            }),
         }
     }
 
     /// The workers connected to the scheduler now.
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, BridgeError> {
-        match self.request(serde_json::json!({"op": "workers"}), self.request_timeout).await? {
+        match self
+            .request(serde_json::json!({"op": "workers"}), self.request_timeout)
+            .await?
+        {
             BridgeMessage::Workers { workers } => Ok(workers),
-            other => Err(BridgeError::UnexpectedReply { op: "workers".into(), reply: Box::new(other) }),
+            other => Err(BridgeError::UnexpectedReply {
+                op: "workers".into(),
+                reply: Box::new(other),
+            }),
         }
     }
 
     /// Round trip to the bridge.
     pub async fn ping(&self) -> Result<(), BridgeError> {
-        match self.request(serde_json::json!({"op": "ping"}), self.request_timeout).await? {
+        match self
+            .request(serde_json::json!({"op": "ping"}), self.request_timeout)
+            .await?
+        {
             BridgeMessage::Pong => Ok(()),
-            other => Err(BridgeError::UnexpectedReply { op: "ping".into(), reply: Box::new(other) }),
+            other => Err(BridgeError::UnexpectedReply {
+                op: "ping".into(),
+                reply: Box::new(other),
+            }),
         }
     }
 
@@ -964,15 +1046,22 @@ impl Bridge {
     /// than `timeout`.
     pub async fn shutdown(self, timeout: Duration) -> Result<(), BridgeError> {
         self.expected_exit.store(true, Ordering::SeqCst);
-        let reply = self.request(serde_json::json!({"op": "shutdown"}), timeout).await;
+        let reply = self
+            .request(serde_json::json!({"op": "shutdown"}), timeout)
+            .await;
         let mut exit = self.exit.clone();
-        let exited = tokio::time::timeout(timeout, exit.wait_for(|s| s.is_some())).await.is_ok();
+        let exited = tokio::time::timeout(timeout, exit.wait_for(|s| s.is_some()))
+            .await
+            .is_ok();
         if !exited {
             self.kill();
         }
         match reply {
             Ok(BridgeMessage::Shutdown) => Ok(()),
-            Ok(other) => Err(BridgeError::UnexpectedReply { op: "shutdown".into(), reply: Box::new(other) }),
+            Ok(other) => Err(BridgeError::UnexpectedReply {
+                op: "shutdown".into(),
+                reply: Box::new(other),
+            }),
             Err(e) => Err(e),
         }
     }
@@ -1008,13 +1097,21 @@ impl Bridge {
     /// The error for a bridge that went away: waits briefly for its exit status.
     async fn died(&self) -> BridgeError {
         let mut exit = self.exit.clone();
-        let status = match tokio::time::timeout(Duration::from_secs(5), exit.wait_for(|s| s.is_some())).await {
+        let status = match tokio::time::timeout(
+            Duration::from_secs(5),
+            exit.wait_for(|s| s.is_some()),
+        )
+        .await
+        {
             Ok(Ok(s)) => s.clone().unwrap_or_default(),
             _ => "its stdout closed; still running".to_string(),
         };
         // give the stderr reader a moment to collect the traceback
         tokio::time::sleep(Duration::from_millis(50)).await;
-        BridgeError::BridgeDied { status, stderr_tail: self.stderr_tail() }
+        BridgeError::BridgeDied {
+            status,
+            stderr_tail: self.stderr_tail(),
+        }
     }
 }
 
@@ -1059,7 +1156,9 @@ mod tests {
         let python = std::env::var_os(PYTHON_ENV_VAR)
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"));
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
+            });
         assert!(
             python.exists() || python.components().count() == 1,
             "the Dask bridge tests need Python with dask/distributed: {} does not exist. \
@@ -1070,10 +1169,17 @@ mod tests {
     }
 
     fn options() -> BridgeOptions {
-        BridgeOptions { python: python(), ..BridgeOptions::default() }
+        BridgeOptions {
+            python: python(),
+            ..BridgeOptions::default()
+        }
     }
 
-    async fn next_final(rx: &mut mpsc::UnboundedReceiver<BridgeMessage>, seen: &mut Vec<BridgeMessage>, key: &str) -> BridgeMessage {
+    async fn next_final(
+        rx: &mut mpsc::UnboundedReceiver<BridgeMessage>,
+        seen: &mut Vec<BridgeMessage>,
+        key: &str,
+    ) -> BridgeMessage {
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(60), rx.recv())
                 .await
@@ -1110,11 +1216,24 @@ mod tests {
             .expect("local cluster starts");
         assert!(connected.created_cluster);
         assert_eq!(connected.workers.len(), 2);
-        let gpu = connected.workers.iter().find(|w| w.resources.contains_key("GPU")).unwrap().address.clone();
+        let gpu = connected
+            .workers
+            .iter()
+            .find(|w| w.resources.contains_key("GPU"))
+            .unwrap()
+            .address
+            .clone();
         let mut seen = Vec::new();
 
         // live lines arrive before done, a second apart
-        bridge.submit(&SubmitRequest::new("t-live", sh("echo a; sleep 1; echo b"), "t")).await.unwrap();
+        bridge
+            .submit(&SubmitRequest::new(
+                "t-live",
+                sh("echo a; sleep 1; echo b"),
+                "t",
+            ))
+            .await
+            .unwrap();
         let mut times = Vec::new();
         let done = loop {
             let msg = rx.recv().await.unwrap();
@@ -1130,9 +1249,17 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(lines.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        assert!(lines[1].0 - lines[0].0 > Duration::from_millis(700), "lines were not live");
-        let BridgeMessage::Done(done) = done else { panic!("expected done, got {done:?}") };
+        assert_eq!(
+            lines.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert!(
+            lines[1].0 - lines[0].0 > Duration::from_millis(700),
+            "lines were not live"
+        );
+        let BridgeMessage::Done(done) = done else {
+            panic!("expected done, got {done:?}")
+        };
         assert!(done.success(), "{done:?}");
 
         // GPU task on the GPU worker
@@ -1157,7 +1284,10 @@ mod tests {
         }
 
         // deps held in the bridge; failed upstream -> skipped
-        bridge.submit(&SubmitRequest::new("t-up", sh("exit 4"), "t")).await.unwrap();
+        bridge
+            .submit(&SubmitRequest::new("t-up", sh("exit 4"), "t"))
+            .await
+            .unwrap();
         let mut req = SubmitRequest::new("t-down", sh("echo no"), "t");
         req.deps = vec!["t-up".into()];
         bridge.submit(&req).await.unwrap();
@@ -1167,14 +1297,24 @@ mod tests {
         }
 
         // cancel kills the running process
-        bridge.submit(&SubmitRequest::new("t-cancel", sh("echo go; exec sleep 300"), "t")).await.unwrap();
+        bridge
+            .submit(&SubmitRequest::new(
+                "t-cancel",
+                sh("echo go; exec sleep 300"),
+                "t",
+            ))
+            .await
+            .unwrap();
         let pid = loop {
             match rx.recv().await.unwrap() {
                 BridgeMessage::Started { key, pid, .. } if key == "t-cancel" => break pid.unwrap(),
                 other => seen.push(other),
             }
         };
-        let killed = bridge.cancel(&["t-cancel".to_string()], Duration::from_secs(5)).await.unwrap();
+        let killed = bridge
+            .cancel(&["t-cancel".to_string()], Duration::from_secs(5))
+            .await
+            .unwrap();
         assert!(killed.contains_key("t-cancel"), "{killed:?}");
         match next_final(&mut rx, &mut seen, "t-cancel").await {
             BridgeMessage::Failed(f) => assert_eq!(f.reason, FailureReason::Canceled),
@@ -1183,14 +1323,22 @@ mod tests {
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while proc_is_running(&proc_dir) {
-            assert!(std::time::Instant::now() < deadline, "canceled step {pid} still running");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "canceled step {pid} still running"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
-        bridge.shutdown(Duration::from_secs(60)).await.expect("clean shutdown");
+        bridge
+            .shutdown(Duration::from_secs(60))
+            .await
+            .expect("clean shutdown");
         loop {
             match rx.recv().await {
-                Some(BridgeMessage::Exited { expected, status, .. }) => {
+                Some(BridgeMessage::Exited {
+                    expected, status, ..
+                }) => {
                     assert!(expected);
                     assert!(status.contains("exit status: 0"), "{status}");
                     break;
@@ -1204,40 +1352,72 @@ mod tests {
     fn proc_is_running(dir: &Path) -> bool {
         // a zombie (state Z) has exited
         std::fs::read_to_string(dir.join("stat"))
-            .map(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+            })
             .unwrap_or(false)
     }
 
     #[tokio::test]
     async fn missing_python_names_the_fix() {
-        let err = Bridge::spawn(BridgeOptions { python: "/nonexistent/python3".into(), ..options() })
-            .await
-            .unwrap_err();
+        let err = Bridge::spawn(BridgeOptions {
+            python: "/nonexistent/python3".into(),
+            ..options()
+        })
+        .await
+        .unwrap_err();
         assert!(matches!(err, BridgeError::PythonNotFound { .. }), "{err:?}");
         let text = err.to_string();
-        assert!(text.contains("/nonexistent/python3") && text.contains("SOLIDFLOW_PYTHON") && text.contains("python:"), "{text}");
+        assert!(
+            text.contains("/nonexistent/python3")
+                && text.contains("SOLIDFLOW_PYTHON")
+                && text.contains("python:"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
     async fn missing_distributed_names_the_fix() {
         // -S: no site-packages, so `distributed` cannot be imported.
-        let err = Bridge::spawn(BridgeOptions { python_args: vec!["-S".into()], ..options() })
-            .await
-            .unwrap_err();
-        assert!(matches!(err, BridgeError::DistributedMissing { .. }), "{err:?}");
-        assert!(err.to_string().contains("pip install dask distributed"), "{err}");
+        let err = Bridge::spawn(BridgeOptions {
+            python_args: vec!["-S".into()],
+            ..options()
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, BridgeError::DistributedMissing { .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("pip install dask distributed"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn unreachable_scheduler_names_the_address() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let address = format!("tcp://127.0.0.1:{port}");
         let (bridge, _rx) = Bridge::spawn(options()).await.unwrap();
         let err = bridge
-            .connect(&ConnectRequest { address: Some(address.clone()), timeout: Some(1.0), ..Default::default() })
+            .connect(&ConnectRequest {
+                address: Some(address.clone()),
+                timeout: Some(1.0),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
-        assert!(matches!(err, BridgeError::SchedulerUnreachable { .. }), "{err:?}");
+        assert!(
+            matches!(err, BridgeError::SchedulerUnreachable { .. }),
+            "{err:?}"
+        );
         assert!(err.to_string().contains(&address), "{err}");
         // still serving
         bridge.ping().await.unwrap();
@@ -1248,10 +1428,18 @@ mod tests {
     async fn dead_bridge_is_reported_with_stderr() {
         let (bridge, mut rx) = Bridge::spawn(options()).await.unwrap();
         let pid = bridge.info().pid;
-        let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
-        match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.unwrap() {
-            Some(BridgeMessage::Exited { expected, status, .. }) => {
+        match tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap()
+        {
+            Some(BridgeMessage::Exited {
+                expected, status, ..
+            }) => {
                 assert!(!expected);
                 assert!(status.contains("signal: 9"), "{status}");
             }
@@ -1263,11 +1451,29 @@ mod tests {
 
     #[test]
     fn messages_parse() {
-        let (id, msg) = parse_message(r#"{"type":"failed","id":7,"key":"k","reason":"worker_lost","message":"m"}"#).unwrap();
+        let (id, msg) = parse_message(
+            r#"{"type":"failed","id":7,"key":"k","reason":"worker_lost","message":"m"}"#,
+        )
+        .unwrap();
         assert_eq!(id, Some(7));
-        assert_eq!(msg, BridgeMessage::Failed(TaskFailed { key: "k".into(), reason: FailureReason::WorkerLost, message: "m".into() }));
-        let (_, msg) = parse_message(r#"{"type":"failed","key":"k","reason":"new_reason","message":"m"}"#).unwrap();
-        assert!(matches!(msg, BridgeMessage::Failed(TaskFailed { reason: FailureReason::Other, .. })));
+        assert_eq!(
+            msg,
+            BridgeMessage::Failed(TaskFailed {
+                key: "k".into(),
+                reason: FailureReason::WorkerLost,
+                message: "m".into()
+            })
+        );
+        let (_, msg) =
+            parse_message(r#"{"type":"failed","key":"k","reason":"new_reason","message":"m"}"#)
+                .unwrap();
+        assert!(matches!(
+            msg,
+            BridgeMessage::Failed(TaskFailed {
+                reason: FailureReason::Other,
+                ..
+            })
+        ));
         let req = serde_json::to_value(SubmitRequest::new("k", vec!["x".into()], "t")).unwrap();
         assert_eq!(req["dep_mode"], "bridge");
         assert_eq!(req["resources"], serde_json::json!({}));
