@@ -66,6 +66,9 @@ fn validate_shape(fields: &[Field], map: &Map<String, Value>, path: &[String], e
         }
         if let Some(default) = &field.default {
             out.insert(field.name.clone(), default.clone());
+        } else if let (true, ConfigType::Shape { fields: inner }) = (field.required, &field.ty) {
+            // A missing required block: report the innermost missing keys, which say more.
+            validate_shape(inner, &Map::new(), &child(path, &field.name), errors);
         } else if field.required {
             let mut err = ConfigError::new(
                 &child(path, &field.name),
