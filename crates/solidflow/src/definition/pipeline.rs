@@ -19,6 +19,23 @@
 //! assert_eq!(pipeline.invocations().len(), 2);
 //! ```
 //!
+//! Wiring an output into an input of another type does not compile:
+//!
+//! ```compile_fail
+//! use solidflow::prelude::*;
+//!
+//! #[solid]
+//! fn name(_ctx: &SolidContext) -> String { "x".into() }
+//!
+//! #[solid]
+//! fn total(_ctx: &SolidContext, numbers: Vec<i64>) -> i64 { numbers.iter().sum() }
+//!
+//! Pipeline::build("broken", |p| {
+//!     let n = p.invoke(name, ());
+//!     p.invoke(total, (n,)); // expected Handle<Vec<i64>>, found Handle<String>
+//! });
+//! ```
+//!
 //! Solids assembled at run time use [`PipelineBuilder::add`], which checks the same
 //! rules when the pipeline is built.
 

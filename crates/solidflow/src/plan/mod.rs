@@ -219,3 +219,46 @@ impl fmt::Display for ExecutionPlan {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigSources;
+    use crate::definition::solid::{Outputs, SolidDefinition};
+    use crate::definition::types::TypeInfo;
+
+    fn diamond() -> Pipeline {
+        let src = || SolidDefinition::new("src", |_, _| Ok(Outputs::result(1i64))).output("result", TypeInfo::of::<i64>());
+        let one = |name: &str| {
+            SolidDefinition::new(name, |_, _| Ok(Outputs::result(1i64)))
+                .input("x", TypeInfo::of::<i64>())
+                .output("result", TypeInfo::of::<i64>())
+        };
+        let join = SolidDefinition::new("join", |_, _| Ok(Outputs::new()))
+            .input("a", TypeInfo::of::<i64>())
+            .input("b", TypeInfo::of::<i64>());
+        Pipeline::build("diamond", |p| {
+            // Added out of order on purpose: the plan sorts by level, then insertion.
+            let (ra, rb, rs1, rs2) = (p.result("left"), p.result("right"), p.result("src"), p.result("src"));
+            p.add("join", join, vec![("a".into(), ra), ("b".into(), rb)]);
+            p.add("right", one("right"), vec![("x".into(), rs1)]);
+            p.add("left", one("left"), vec![("x".into(), rs2)]);
+            p.add("src", src(), vec![]);
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn compiles_levels_deterministically() {
+        let pipeline = diamond();
+        let config = RunConfig::validate(&pipeline, None, &ConfigSources::empty()).unwrap();
+        let plan = ExecutionPlan::compile(&pipeline, &config);
+        let keys: Vec<(&str, usize)> = plan.steps.iter().map(|s| (s.key.as_str(), s.level)).collect();
+        assert_eq!(keys, [("src.compute", 0), ("right.compute", 1), ("left.compute", 1), ("join.compute", 2)]);
+        assert_eq!(plan.steps[3].upstream, vec![1, 2]);
+        assert_eq!(plan.steps[0].downstream, vec![1, 2]);
+        let again = ExecutionPlan::compile(&pipeline, &config);
+        assert_eq!(serde_json::to_string(&plan).unwrap(), serde_json::to_string(&again).unwrap());
+        assert!(plan.to_string().contains("in  a: i64 <- left.compute.result"));
+    }
+}
