@@ -52,7 +52,9 @@ impl StepEnvironment {
         self.events.emit(Some(key), Level::Info, format!("started {key} (attempt {attempt})"), EventKind::StepStart { attempt });
         let invocation = self
             .pipeline
-            .invocation(&step.solid)
+            .invocations()
+            .get(step.invocation)
+            .filter(|inv| inv.alias == step.solid)
             .ok_or_else(|| SolidError::new(format!("solid `{}` is not in pipeline `{}`", step.solid, self.pipeline.name())))?;
         let def = &invocation.definition;
         let inputs = self.load_inputs(step, def)?;

@@ -68,6 +68,9 @@ pub struct ExecutionStep {
     pub retry_policy: RetryPolicy,
     /// Topological level: 0 for steps with no upstream step.
     pub level: usize,
+    /// Index of the invocation in [`Pipeline::invocations`], for O(1) lookup.
+    #[serde(skip)]
+    pub invocation: usize,
     /// Indices of the steps this one depends on.
     #[serde(skip)]
     pub upstream: Vec<usize>,
@@ -157,6 +160,7 @@ impl ExecutionPlan {
                     tags: def.tags.clone(),
                     retry_policy,
                     level: level[i],
+                    invocation: i,
                     upstream,
                     downstream: Vec::new(),
                 }
