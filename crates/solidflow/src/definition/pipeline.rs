@@ -202,10 +202,13 @@ pub enum DefinitionError {
     Duplicate(String),
 }
 
+/// An invocation as added, before [`Pipeline::build`] checks it: alias, solid, wiring.
+type PendingInvocation = (String, Arc<SolidDefinition>, Vec<(String, RawHandle)>);
+
 /// Collects invocations; [`Pipeline::build`] checks them.
 pub struct PipelineBuilder {
     invocations: Vec<Invocation>,
-    pending: Vec<(String, Arc<SolidDefinition>, Vec<(String, RawHandle)>)>,
+    pending: Vec<PendingInvocation>,
 }
 
 impl PipelineBuilder {
@@ -248,6 +251,8 @@ impl Pipeline {
     /// Builds a pipeline: `body` invokes solids on the builder, then the wiring is checked
     /// (names, types, unwired inputs, cycles). The pipeline runs in the default mode
     /// unless [`with_modes`](Self::with_modes) says otherwise.
+    // Definition errors happen once, at start-up; their size does not matter.
+    #[allow(clippy::result_large_err)]
     pub fn build(name: &str, body: impl FnOnce(&mut PipelineBuilder)) -> Result<Self, DefinitionError> {
         let mut builder = PipelineBuilder { invocations: Vec::new(), pending: Vec::new() };
         body(&mut builder);
@@ -330,6 +335,7 @@ impl Pipeline {
         }
     }
 
+    #[allow(clippy::result_large_err)]
     fn check(&self) -> Result<(), DefinitionError> {
         let pipeline = || self.name.clone();
         for inv in &self.invocations {

@@ -30,6 +30,7 @@ impl Repository {
     }
 
     /// Adds a pipeline, refusing a duplicate name.
+    #[allow(clippy::result_large_err)]
     pub fn try_with_pipeline(mut self, pipeline: Pipeline) -> Result<Self, DefinitionError> {
         if self.pipeline(pipeline.name()).is_some() {
             return Err(DefinitionError::Duplicate(format!(

@@ -118,6 +118,7 @@ impl<'p> Scheduler<'p> {
 
     /// The next step to start and its attempt number, or `None` if nothing can start
     /// now (nothing ready, delays pending, or resources busy).
+    #[allow(clippy::should_implement_trait)] // not an iterator: `None` means "not now", not "done"
     pub fn next(&mut self) -> Option<(usize, u32)> {
         let now = Instant::now();
         let mut i = 0;

@@ -95,11 +95,10 @@ impl StepEnvironment {
                         None => {
                             let key = IntermediateKey::new(&self.run_id, step_key, output);
                             let mut reader = self.storage.read(&key)?;
-                            let value = input_def.ty.decode(Codec::default(), &mut reader).map_err(|e| {
+                            input_def.ty.decode(Codec::default(), &mut reader).map_err(|e| {
                                 SolidError::new(format!("cannot decode {} as {}", self.storage.location(&key), input_def.ty.name))
                                     .caused_by(e.to_string())
-                            })?;
-                            value
+                            })?
                         }
                     };
                     (value, format!("{step_key}.{output}"))
