@@ -28,20 +28,41 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     (best, out.unwrap())
 }
 
-fn report<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(label: &str, value: &T, reps: usize) {
+fn report<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(
+    label: &str,
+    value: &T,
+    reps: usize,
+) {
     type Enc<T> = fn(&T) -> Vec<u8>;
     type Dec<T> = fn(&[u8]) -> T;
     let codecs: [(&str, Enc<T>, Dec<T>); 3] = [
-        ("json", |v| serde_json::to_vec(v).unwrap(), |b| serde_json::from_slice(b).unwrap()),
-        ("messagepack", |v| rmp_serde::to_vec_named(v).unwrap(), |b| rmp_serde::from_slice(b).unwrap()),
-        ("postcard", |v| postcard::to_stdvec(v).unwrap(), |b| postcard::from_bytes(b).unwrap()),
+        (
+            "json",
+            |v| serde_json::to_vec(v).unwrap(),
+            |b| serde_json::from_slice(b).unwrap(),
+        ),
+        (
+            "messagepack",
+            |v| rmp_serde::to_vec_named(v).unwrap(),
+            |b| rmp_serde::from_slice(b).unwrap(),
+        ),
+        (
+            "postcard",
+            |v| postcard::to_stdvec(v).unwrap(),
+            |b| postcard::from_bytes(b).unwrap(),
+        ),
     ];
     for (name, enc, dec) in codecs {
         let (te, bytes) = time(reps, || enc(value));
         let (td, back) = time(reps, || dec(&bytes));
         assert_eq!(&back, value);
         let per = |d: Duration| d.as_secs_f64() * 1e6;
-        println!("| {label} | {name} | {} | {:.1} µs | {:.1} µs |", bytes.len(), per(te), per(td));
+        println!(
+            "| {label} | {name} | {} | {:.1} µs | {:.1} µs |",
+            bytes.len(),
+            per(te),
+            per(td)
+        );
     }
 }
 
@@ -50,6 +71,11 @@ fn main() {
     println!("|---|---|---|---|---|");
     let big: Vec<f64> = (0..12_500_000).map(|i| i as f64 * 0.5).collect(); // 100 MB
     report("Vec<f64> 100 MB", &big, 3);
-    let small = Small { id: 42, name: "order-42".into(), tags: vec!["emea".into(), "priority".into()], score: 0.75 };
+    let small = Small {
+        id: 42,
+        name: "order-42".into(),
+        tags: vec!["emea".into(), "priority".into()],
+        score: 0.75,
+    };
     report("small struct", &small, 10_000);
 }

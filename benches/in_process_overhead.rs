@@ -19,13 +19,16 @@ use solidflow::execution::run::execute_pipeline;
 use solidflow::plan::ExecutionPlan;
 
 fn source() -> SolidDefinition {
-    SolidDefinition::new("source", |_, _| Ok(Outputs::result(0i64))).output("result", TypeInfo::of::<i64>())
+    SolidDefinition::new("source", |_, _| Ok(Outputs::result(0i64)))
+        .output("result", TypeInfo::of::<i64>())
 }
 
 fn increment() -> SolidDefinition {
-    SolidDefinition::new("increment", |_, mut inputs| Ok(Outputs::result(inputs.take::<i64>("x")? + 1)))
-        .input("x", TypeInfo::of::<i64>())
-        .output("result", TypeInfo::of::<i64>())
+    SolidDefinition::new("increment", |_, mut inputs| {
+        Ok(Outputs::result(inputs.take::<i64>("x")? + 1))
+    })
+    .input("x", TypeInfo::of::<i64>())
+    .output("result", TypeInfo::of::<i64>())
 }
 
 fn chain(n: usize) -> Pipeline {
@@ -69,12 +72,18 @@ fn main() {
     for (name, pipeline) in [("chain", chain(n)), ("fan-out", fan_out(n))] {
         for (label, config) in [
             ("in_process (cores)", json!({"storage": {"in_memory": {}}})),
-            ("in_process max_concurrent=1", json!({"storage": {"in_memory": {}}, "execution": {"in_process": {"config": {"max_concurrent": 1}}}})),
+            (
+                "in_process max_concurrent=1",
+                json!({"storage": {"in_memory": {}}, "execution": {"in_process": {"config": {"max_concurrent": 1}}}}),
+            ),
         ] {
             let sources = ConfigSources::from_value(config.clone());
-            let (validate, run_config) = best_of(3, || RunConfig::validate(&pipeline, None, &sources).unwrap());
+            let (validate, run_config) = best_of(3, || {
+                RunConfig::validate(&pipeline, None, &sources).unwrap()
+            });
             let (plan, _) = best_of(3, || ExecutionPlan::compile(&pipeline, &run_config));
-            let (total, result) = best_of(5, || execute_pipeline(&pipeline, config.clone()).unwrap());
+            let (total, result) =
+                best_of(5, || execute_pipeline(&pipeline, config.clone()).unwrap());
             assert!(result.success());
             let steps = result.plan().steps.len();
             let execute = total.saturating_sub(validate + plan);

@@ -62,10 +62,15 @@ pub struct ReportConfig {
 fn extract_orders(ctx: &SolidContext) -> Result<Vec<Order>, SolidError> {
     let cfg: ExtractConfig = ctx.config()?;
     let regions = ["emea", "amer", "apac"];
-    let mut state = cfg.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = cfg
+        .seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let orders: Vec<Order> = (0..cfg.orders)
         .map(|id| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             Order {
                 id,
                 customer: format!("customer-{}", (state >> 33) % 50),
@@ -80,11 +85,19 @@ fn extract_orders(ctx: &SolidContext) -> Result<Vec<Order>, SolidError> {
 
 /// Splits orders into valid and rejected ones.
 #[solid(config = ValidateConfig, outputs(valid: Vec<Order>, rejected: Vec<Order>))]
-fn validate(ctx: &SolidContext, orders: Vec<Order>) -> Result<(Vec<Order>, Vec<Order>), SolidError> {
+fn validate(
+    ctx: &SolidContext,
+    orders: Vec<Order>,
+) -> Result<(Vec<Order>, Vec<Order>), SolidError> {
     let cfg: ValidateConfig = ctx.config()?;
-    let (valid, rejected): (Vec<Order>, Vec<Order>) = orders.into_iter().partition(|o| o.amount <= cfg.max_amount);
+    let (valid, rejected): (Vec<Order>, Vec<Order>) =
+        orders.into_iter().partition(|o| o.amount <= cfg.max_amount);
     if !rejected.is_empty() {
-        ctx.log().warning(format!("rejected {} orders above {}", rejected.len(), cfg.max_amount));
+        ctx.log().warning(format!(
+            "rejected {} orders above {}",
+            rejected.len(),
+            cfg.max_amount
+        ));
     }
     Ok((valid, rejected))
 }

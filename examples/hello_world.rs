@@ -33,6 +33,9 @@ fn main() {
         repository.main();
     }
     // No arguments: behave like the seed's script and just run the pipeline.
-    let code = solidflow::cli::run(&repository, ["hello_world", "execute", "dask_pipeline"].map(Into::into));
+    let code = solidflow::cli::run(
+        &repository,
+        ["hello_world", "execute", "dask_pipeline"].map(Into::into),
+    );
     std::process::exit(code);
 }

@@ -28,7 +28,10 @@ fn total(ctx: &SolidContext, numbers: &Vec<i64>) -> i64 {
 
 #[solid]
 fn fail(_ctx: &SolidContext, numbers: &Vec<i64>) -> Result<i64, SolidError> {
-    Err(SolidError::new(format!("refusing {} numbers", numbers.len())).caused_by("the database is read-only"))
+    Err(
+        SolidError::new(format!("refusing {} numbers", numbers.len()))
+            .caused_by("the database is read-only"),
+    )
 }
 
 #[solid]
@@ -53,9 +56,18 @@ fn outputs_are_typed_and_aliases_reuse_a_solid() {
     assert!(result.success());
     assert_eq!(result.result::<i64>("sum_evens").unwrap(), 6);
     assert_eq!(result.result::<i64>("sum_odds").unwrap(), 4);
-    assert_eq!(result.output::<Vec<i64>>("split", "evens").unwrap(), vec![2, 4]);
-    assert!(result.result::<String>("sum_odds").is_err(), "wrong type must be refused");
-    let logs: Vec<_> = result.step_events("sum_evens.compute").filter(|e| e.kind == EventKind::LogMessage).collect();
+    assert_eq!(
+        result.output::<Vec<i64>>("split", "evens").unwrap(),
+        vec![2, 4]
+    );
+    assert!(
+        result.result::<String>("sum_odds").is_err(),
+        "wrong type must be refused"
+    );
+    let logs: Vec<_> = result
+        .step_events("sum_evens.compute")
+        .filter(|e| e.kind == EventKind::LogMessage)
+        .collect();
     assert_eq!(logs[0].message, "summing 2 numbers");
 }
 
@@ -71,7 +83,10 @@ fn filesystem_storage_round_trips_outputs() {
     let result = execute_pipeline(&pipeline, config).unwrap();
     assert!(result.success());
     assert_eq!(result.result::<i64>("total").unwrap(), 10);
-    let stored = dir.path().join(result.run_id()).join("intermediates/numbers.compute/result");
+    let stored = dir
+        .path()
+        .join(result.run_id())
+        .join("intermediates/numbers.compute/result");
     assert!(stored.is_file(), "{} missing", stored.display());
 }
 
@@ -96,7 +111,10 @@ fn failure_skips_downstream_while_other_branches_finish() {
         })
         .expect("STEP_FAILURE for fail");
     assert_eq!(failure.message, "refusing 4 numbers");
-    assert_eq!(failure.causes, vec!["the database is read-only".to_string()]);
+    assert_eq!(
+        failure.causes,
+        vec!["the database is read-only".to_string()]
+    );
     let panic = result
         .step_events("explode.compute")
         .find_map(|e| match &e.kind {
@@ -105,10 +123,27 @@ fn failure_skips_downstream_while_other_branches_finish() {
         })
         .expect("STEP_FAILURE for explode");
     assert_eq!(panic.kind, "panic");
-    assert!(panic.message.contains("boom with 4 numbers"), "{}", panic.message);
-    assert!(panic.location.as_deref().unwrap().contains("core_api.rs"), "{:?}", panic.location);
-    assert_eq!(result.result::<i64>("after_failure").unwrap(), 6, "independent branch must finish");
-    assert!(result.events().iter().any(|e| matches!(e.kind, EventKind::PipelineFailure { .. })));
+    assert!(
+        panic.message.contains("boom with 4 numbers"),
+        "{}",
+        panic.message
+    );
+    assert!(
+        panic.location.as_deref().unwrap().contains("core_api.rs"),
+        "{:?}",
+        panic.location
+    );
+    assert_eq!(
+        result.result::<i64>("after_failure").unwrap(),
+        6,
+        "independent branch must finish"
+    );
+    assert!(
+        result
+            .events()
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::PipelineFailure { .. }))
+    );
 }
 
 #[test]
@@ -125,7 +160,9 @@ fn skipped_steps_name_the_failed_upstream() {
         .events()
         .iter()
         .filter_map(|e| match &e.kind {
-            EventKind::StepSkipped { upstream } => Some((e.step_key.clone().unwrap(), upstream.clone())),
+            EventKind::StepSkipped { upstream } => {
+                Some((e.step_key.clone().unwrap(), upstream.clone()))
+            }
             _ => None,
         })
         .collect();
@@ -133,7 +170,10 @@ fn skipped_steps_name_the_failed_upstream() {
         skipped,
         vec![
             ("wrap.compute".to_string(), vec!["fail.compute".to_string()]),
-            ("total.compute".to_string(), vec!["wrap.compute".to_string()]),
+            (
+                "total.compute".to_string(),
+                vec!["wrap.compute".to_string()]
+            ),
         ]
     );
 }
@@ -151,7 +191,9 @@ fn meet(_ctx: &SolidContext) -> Result<u32, SolidError> {
     let barrier = RENDEZVOUS.get().unwrap().clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(barrier.wait().is_leader()));
-    rx.recv_timeout(Duration::from_secs(20)).map(|_| 1).map_err(|_| SolidError::new("the other step never started: no parallelism"))
+    rx.recv_timeout(Duration::from_secs(20))
+        .map(|_| 1)
+        .map_err(|_| SolidError::new("the other step never started: no parallelism"))
 }
 
 #[test]
@@ -172,7 +214,11 @@ static ATTEMPTS: AtomicUsize = AtomicUsize::new(0);
 #[solid(retry(max_retries = 3, delay = 0.01))]
 fn flaky(ctx: &SolidContext) -> Result<u32, SolidError> {
     ATTEMPTS.fetch_add(1, Ordering::SeqCst);
-    if ctx.attempt() < 3 { Err(SolidError::new("not yet")) } else { Ok(ctx.attempt()) }
+    if ctx.attempt() < 3 {
+        Err(SolidError::new("not yet"))
+    } else {
+        Ok(ctx.attempt())
+    }
 }
 
 #[test]
@@ -184,8 +230,20 @@ fn retries_follow_the_policy() {
     let result = execute_pipeline(&pipeline, memory()).unwrap();
     assert!(result.success());
     assert_eq!(result.result::<u32>("flaky").unwrap(), 3);
-    let kinds: Vec<&str> = result.step_events("flaky.compute").map(|e| e.event_type()).filter(|t| t.contains("RETRY") || t.contains("RESTART")).collect();
-    assert_eq!(kinds, ["STEP_UP_FOR_RETRY", "STEP_RESTARTED", "STEP_UP_FOR_RETRY", "STEP_RESTARTED"]);
+    let kinds: Vec<&str> = result
+        .step_events("flaky.compute")
+        .map(|e| e.event_type())
+        .filter(|t| t.contains("RETRY") || t.contains("RESTART"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "STEP_UP_FOR_RETRY",
+            "STEP_RESTARTED",
+            "STEP_UP_FOR_RETRY",
+            "STEP_RESTARTED"
+        ]
+    );
 }
 
 #[test]
@@ -199,17 +257,30 @@ fn wiring_errors_name_pipeline_solid_and_input() {
     assert!(dup.to_string().contains("pipeline `dup`") && dup.to_string().contains("`numbers`"));
 
     let mismatch = Pipeline::build("types", |p| {
-        p.add("source", SolidDefinition::new("source", |_, _| Ok(Outputs::result("x".to_string()))).output("result", TypeInfo::of::<String>()), vec![]);
-        let def = SolidDefinition::new("sink", |_, _| Ok(Outputs::new())).input("n", TypeInfo::of::<i64>());
+        p.add(
+            "source",
+            SolidDefinition::new("source", |_, _| Ok(Outputs::result("x".to_string())))
+                .output("result", TypeInfo::of::<String>()),
+            vec![],
+        );
+        let def = SolidDefinition::new("sink", |_, _| Ok(Outputs::new()))
+            .input("n", TypeInfo::of::<i64>());
         let src = p.result("source");
         p.add("sink", def, vec![("n".into(), src)]);
     })
     .unwrap_err();
     let text = mismatch.to_string();
-    assert!(text.contains("input `n` of solid `sink`") && text.contains("i64") && text.contains("String"), "{text}");
+    assert!(
+        text.contains("input `n` of solid `sink`")
+            && text.contains("i64")
+            && text.contains("String"),
+        "{text}"
+    );
 
     let cycle = Pipeline::build("cycle", |p| {
-        let a = SolidDefinition::new("a", |_, _| Ok(Outputs::result(1i64))).input("x", TypeInfo::of::<i64>()).output("result", TypeInfo::of::<i64>());
+        let a = SolidDefinition::new("a", |_, _| Ok(Outputs::result(1i64)))
+            .input("x", TypeInfo::of::<i64>())
+            .output("result", TypeInfo::of::<i64>());
         let b = a.clone();
         let (ra, rb) = (p.result("b"), p.result("a"));
         p.add("a", a, vec![("x".into(), ra)]);
@@ -219,17 +290,35 @@ fn wiring_errors_name_pipeline_solid_and_input() {
     assert!(matches!(cycle, DefinitionError::Cycle { .. }), "{cycle}");
 
     let unwired = Pipeline::build("unwired", |p| {
-        p.add("sink", SolidDefinition::new("sink", |_, _| Ok(Outputs::new())).input("n", TypeInfo::of::<i64>()), vec![]);
+        p.add(
+            "sink",
+            SolidDefinition::new("sink", |_, _| Ok(Outputs::new()))
+                .input("n", TypeInfo::of::<i64>()),
+            vec![],
+        );
     })
     .unwrap_err();
-    assert!(unwired.to_string().contains("input `n` of solid `sink` is not wired"), "{unwired}");
+    assert!(
+        unwired
+            .to_string()
+            .contains("input `n` of solid `sink` is not wired"),
+        "{unwired}"
+    );
 
     let unknown = Pipeline::build("unknown", |p| {
         let src = p.result("nowhere");
-        p.add("sink", SolidDefinition::new("sink", |_, _| Ok(Outputs::new())).input("n", TypeInfo::of::<i64>()), vec![("n".into(), src)]);
+        p.add(
+            "sink",
+            SolidDefinition::new("sink", |_, _| Ok(Outputs::new()))
+                .input("n", TypeInfo::of::<i64>()),
+            vec![("n".into(), src)],
+        );
     })
     .unwrap_err();
-    assert!(unknown.to_string().contains("unknown solid `nowhere`"), "{unknown}");
+    assert!(
+        unknown.to_string().contains("unknown solid `nowhere`"),
+        "{unknown}"
+    );
 }
 
 #[test]
@@ -239,15 +328,25 @@ fn config_inputs_are_validated_against_their_type() {
         p.invoke(total, (n,));
     })
     .unwrap();
-    let ok = execute_pipeline(&pipeline, json!({"solids": {"total": {"inputs": {"numbers": [5, 6]}}}})).unwrap();
+    let ok = execute_pipeline(
+        &pipeline,
+        json!({"solids": {"total": {"inputs": {"numbers": [5, 6]}}}}),
+    )
+    .unwrap();
     assert_eq!(ok.result::<i64>("total").unwrap(), 11);
-    let Err(solidflow::execution::run::RunError::Config(errors)) =
-        execute_pipeline(&pipeline, json!({"solids": {"total": {"inputs": {"numbers": "five"}}}}))
-    else {
+    let Err(solidflow::execution::run::RunError::Config(errors)) = execute_pipeline(
+        &pipeline,
+        json!({"solids": {"total": {"inputs": {"numbers": "five"}}}}),
+    ) else {
         panic!("expected a config error")
     };
-    assert_eq!(errors.errors[0].path, ["solids", "total", "inputs", "numbers"]);
-    let Err(solidflow::execution::run::RunError::Config(missing)) = execute_pipeline(&pipeline, json!({})) else {
+    assert_eq!(
+        errors.errors[0].path,
+        ["solids", "total", "inputs", "numbers"]
+    );
+    let Err(solidflow::execution::run::RunError::Config(missing)) =
+        execute_pipeline(&pipeline, json!({}))
+    else {
         panic!("expected a config error")
     };
     assert!(missing.to_string().contains("solids.total"), "{missing}");
@@ -258,7 +357,12 @@ fn resource_requirements_beyond_the_declaration_are_rejected_before_running() {
     let gpu = SolidDefinition::new("train", |_, _| Ok(Outputs::new())).requires("GPU", 2.0);
     let pipeline = Pipeline::build("gpu", |p| p.add("train", gpu, vec![])).unwrap();
     let config = json!({"execution": {"in_process": {"config": {"resources": {"GPU": 1}}}}});
-    let err = execute_pipeline(&pipeline, config).err().expect("must be rejected");
+    let err = execute_pipeline(&pipeline, config)
+        .err()
+        .expect("must be rejected");
     let text = err.to_string();
-    assert!(text.contains("train.compute") && text.contains("GPU=2"), "{text}");
+    assert!(
+        text.contains("train.compute") && text.contains("GPU=2"),
+        "{text}"
+    );
 }

@@ -8,16 +8,25 @@ use std::process::{Command, Output};
 /// The path of a built example binary (`cargo test` builds examples before tests).
 pub fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..");
     let bin = profile_dir.join("examples").join(name);
-    assert!(bin.is_file(), "example binary {} not found; run the tests with `cargo test` so examples are built", bin.display());
+    assert!(
+        bin.is_file(),
+        "example binary {} not found; run the tests with `cargo test` so examples are built",
+        bin.display()
+    );
     bin
 }
 
 /// A command for example `name` with its own solidflow home.
 pub fn example(name: &str, home: &Path) -> Command {
     let mut cmd = Command::new(example_bin(name));
-    cmd.env("SOLIDFLOW_HOME", home).env("NO_COLOR", "1").current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd.env("SOLIDFLOW_HOME", home)
+        .env("NO_COLOR", "1")
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
     cmd
 }
 
@@ -31,5 +40,9 @@ pub fn run(cmd: &mut Command) -> (Output, String, String) {
 
 /// Parses `--json` output: one event per line.
 pub fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
-    stdout.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}"))).collect()
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
 }

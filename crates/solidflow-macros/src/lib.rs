@@ -31,7 +31,9 @@ use syn::{Expr, FnArg, Ident, ItemFn, LitStr, Pat, ReturnType, Token, Type, pars
 pub fn solid(attr: TokenStream, item: TokenStream) -> TokenStream {
     let args = parse_macro_input!(attr as SolidArgs);
     let func = parse_macro_input!(item as ItemFn);
-    expand(args, func).unwrap_or_else(|e| e.to_compile_error()).into()
+    expand(args, func)
+        .unwrap_or_else(|e| e.to_compile_error())
+        .into()
 }
 
 #[derive(Default)]
@@ -49,7 +51,11 @@ struct KeyValue(String, Expr);
 
 impl Parse for KeyValue {
     fn parse(input: ParseStream) -> syn::Result<Self> {
-        let key = if input.peek(LitStr) { input.parse::<LitStr>()?.value() } else { input.parse::<Ident>()?.to_string() };
+        let key = if input.peek(LitStr) {
+            input.parse::<LitStr>()?.value()
+        } else {
+            input.parse::<Ident>()?.to_string()
+        };
         input.parse::<Token![=]>()?;
         Ok(Self(key, input.parse()?))
     }
@@ -92,10 +98,11 @@ impl Parse for SolidArgs {
                 "resources" | "required_resources" | "tags" | "retry" => {
                     let content;
                     syn::parenthesized!(content in input);
-                    let items: Vec<(String, Expr)> = Punctuated::<KeyValue, Token![,]>::parse_terminated(&content)?
-                        .into_iter()
-                        .map(|KeyValue(k, v)| (k, v))
-                        .collect();
+                    let items: Vec<(String, Expr)> =
+                        Punctuated::<KeyValue, Token![,]>::parse_terminated(&content)?
+                            .into_iter()
+                            .map(|KeyValue(k, v)| (k, v))
+                            .collect();
                     match key.to_string().as_str() {
                         "tags" => args.tags = items,
                         "retry" => args.retry = Some(items),
@@ -105,7 +112,9 @@ impl Parse for SolidArgs {
                 other => {
                     return Err(syn::Error::new(
                         key.span(),
-                        format!("unknown #[solid] option `{other}`; expected name, description, config, outputs(..), resources(..), tags(..) or retry(..)"),
+                        format!(
+                            "unknown #[solid] option `{other}`; expected name, description, config, outputs(..), resources(..), tags(..) or retry(..)"
+                        ),
                     ));
                 }
             }
@@ -123,7 +132,9 @@ fn is_result(ty: &Type) -> Option<&Type> {
     if last.ident != "Result" {
         return None;
     }
-    let syn::PathArguments::AngleBracketed(args) = &last.arguments else { return None };
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
     match args.args.first()? {
         syn::GenericArgument::Type(t) => Some(t),
         _ => None,
@@ -133,17 +144,35 @@ fn is_result(ty: &Type) -> Option<&Type> {
 fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
     let vis = &func.vis;
     let ident = &func.sig.ident;
-    let name = args.name.as_ref().map(LitStr::value).unwrap_or_else(|| ident.to_string());
-    let description = args.description.as_ref().map(LitStr::value).unwrap_or_else(|| doc_text(&func.attrs));
+    let name = args
+        .name
+        .as_ref()
+        .map(LitStr::value)
+        .unwrap_or_else(|| ident.to_string());
+    let description = args
+        .description
+        .as_ref()
+        .map(LitStr::value)
+        .unwrap_or_else(|| doc_text(&func.attrs));
     let mut params = func.sig.inputs.iter();
     if params.next().is_none() {
-        return Err(syn::Error::new_spanned(&func.sig, "a solid takes the context first: `fn name(ctx: &SolidContext, ...)`"));
+        return Err(syn::Error::new_spanned(
+            &func.sig,
+            "a solid takes the context first: `fn name(ctx: &SolidContext, ...)`",
+        ));
     }
     // Inputs: (name, value type, by reference?)
     let mut inputs = Vec::new();
     for p in params {
-        let FnArg::Typed(pt) = p else { return Err(syn::Error::new_spanned(p, "solids cannot take self")) };
-        let Pat::Ident(pi) = &*pt.pat else { return Err(syn::Error::new_spanned(&pt.pat, "solid inputs must be plain names")) };
+        let FnArg::Typed(pt) = p else {
+            return Err(syn::Error::new_spanned(p, "solids cannot take self"));
+        };
+        let Pat::Ident(pi) = &*pt.pat else {
+            return Err(syn::Error::new_spanned(
+                &pt.pat,
+                "solid inputs must be plain names",
+            ));
+        };
         let (ty, by_ref) = match &*pt.ty {
             Type::Reference(r) => ((*r.elem).clone(), true),
             t => (t.clone(), false),
@@ -184,13 +213,17 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
     };
     let collect_outputs = match outputs.len() {
         0 => quote! { let _ = __ret; ::solidflow::__private::Outputs::new() },
-        1 if args.outputs.is_none() => quote! { ::solidflow::__private::Outputs::new().with("result", __ret) },
+        1 if args.outputs.is_none() => {
+            quote! { ::solidflow::__private::Outputs::new().with("result", __ret) }
+        }
         1 => {
             let n = outputs[0].0.to_string();
             quote! { ::solidflow::__private::Outputs::new().with(#n, __ret) }
         }
         _ => {
-            let vars: Vec<Ident> = (0..outputs.len()).map(|i| format_ident!("__o{i}")).collect();
+            let vars: Vec<Ident> = (0..outputs.len())
+                .map(|i| format_ident!("__o{i}"))
+                .collect();
             let names = outputs.iter().map(|(n, _)| n.to_string());
             quote! {
                 let (#(#vars),*) = __ret;
@@ -206,8 +239,14 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
         let s = n.to_string();
         quote! { .input(#s, ::solidflow::__private::TypeInfo::of::<#t>()) }
     });
-    let config = args.config.as_ref().map(|c| quote! { .config_schema(::solidflow::__private::config_type_of::<#c>()) });
-    let resources = args.resources.iter().map(|(k, v)| quote! { .requires(#k, (#v) as f64) });
+    let config = args
+        .config
+        .as_ref()
+        .map(|c| quote! { .config_schema(::solidflow::__private::config_type_of::<#c>()) });
+    let resources = args
+        .resources
+        .iter()
+        .map(|(k, v)| quote! { .requires(#k, (#v) as f64) });
     let tags = args.tags.iter().map(|(k, v)| quote! { .tag(#k, #v) });
     let retry = match &args.retry {
         None => None,
@@ -220,15 +259,24 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
                     "backoff" => quote! { __p.backoff = (#v) as f64; },
                     "jitter" => quote! { __p.jitter = (#v) as f64; },
                     other => {
-                        return Err(syn::Error::new_spanned(v, format!("unknown retry option `{other}`; expected max_retries, delay, backoff, jitter")));
+                        return Err(syn::Error::new_spanned(
+                            v,
+                            format!(
+                                "unknown retry option `{other}`; expected max_retries, delay, backoff, jitter"
+                            ),
+                        ));
                     }
                 };
                 setters.push(setter);
             }
-            Some(quote! { .retry({ let mut __p = ::solidflow::__private::RetryPolicy::default(); #(#setters)* __p }) })
+            Some(
+                quote! { .retry({ let mut __p = ::solidflow::__private::RetryPolicy::default(); #(#setters)* __p }) },
+            )
         }
     };
-    let handle_tys = input_tys.iter().map(|t| quote! { ::solidflow::__private::Handle<#t> });
+    let handle_tys = input_tys
+        .iter()
+        .map(|t| quote! { ::solidflow::__private::Handle<#t> });
     let wire_items = (0..inputs.len()).map(|i| {
         let idx = syn::Index::from(i);
         let n = &input_names[i];
@@ -239,10 +287,16 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
         0 => (quote! { () }, quote! { () }, quote! {}),
         1 if args.outputs.is_none() => {
             let t = &outputs[0].1;
-            (quote! { ::solidflow::__private::Handle<#t> }, quote! { ::solidflow::__private::Handle::output(__alias, "result") }, quote! {})
+            (
+                quote! { ::solidflow::__private::Handle<#t> },
+                quote! { ::solidflow::__private::Handle::output(__alias, "result") },
+                quote! {},
+            )
         }
         _ => {
-            let fields = outputs.iter().map(|(n, t)| quote! { pub #n: ::solidflow::__private::Handle<#t> });
+            let fields = outputs
+                .iter()
+                .map(|(n, t)| quote! { pub #n: ::solidflow::__private::Handle<#t> });
             let inits = outputs.iter().map(|(n, _)| {
                 let s = n.to_string();
                 quote! { #n: ::solidflow::__private::Handle::output(__alias, #s) }
@@ -266,8 +320,14 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
         sig
     };
     let body = &func.block;
-    let mut_inputs = if inputs.iter().any(|(_, _, r)| !r) { quote! { mut } } else { quote! {} };
-    let struct_doc = format!("The solid `{name}`; created by the function `{ident}()` that `#[solid]` generates.");
+    let mut_inputs = if inputs.iter().any(|(_, _, r)| !r) {
+        quote! { mut }
+    } else {
+        quote! {}
+    };
+    let struct_doc = format!(
+        "The solid `{name}`; created by the function `{ident}()` that `#[solid]` generates."
+    );
     Ok(quote! {
         #[doc = #struct_doc]
         #[derive(Clone, Copy, Debug, Default)]
@@ -328,7 +388,9 @@ fn camel_case(snake: &str) -> String {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let mut c = p.chars();
-            c.next().map(|f| f.to_uppercase().chain(c).collect::<String>()).unwrap_or_default()
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect::<String>())
+                .unwrap_or_default()
         })
         .collect()
 }
@@ -339,7 +401,10 @@ fn doc_text(attrs: &[syn::Attribute]) -> String {
         .filter(|a| a.path().is_ident("doc"))
         .filter_map(|a| match &a.meta {
             syn::Meta::NameValue(nv) => match &nv.value {
-                Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) => Some(s.value().trim().to_string()),
+                Expr::Lit(syn::ExprLit {
+                    lit: syn::Lit::Str(s),
+                    ..
+                }) => Some(s.value().trim().to_string()),
                 _ => None,
             },
             _ => None,

@@ -30,7 +30,9 @@ pub mod prelude {
     pub use crate::execution::context::SolidContext;
     pub use crate::execution::error::SolidError;
     pub use crate::execution::event::{Event, EventKind, Level};
-    pub use crate::execution::run::{ExecutionResult, RunOptions, execute_pipeline, execute_pipeline_with};
+    pub use crate::execution::run::{
+        ExecutionResult, RunOptions, execute_pipeline, execute_pipeline_with,
+    };
     pub use crate::executor::{dask_executor, default_executors};
     pub use crate::solid;
 }
@@ -40,9 +42,9 @@ pub mod prelude {
 pub mod __private {
     pub use crate::config::json_schema::config_type_of;
     pub use crate::definition::pipeline::{Handle, RawHandle};
+    pub use crate::definition::retry::RetryPolicy;
     pub use crate::definition::solid::{Inputs, Outputs, Solid, SolidDefinition};
     pub use crate::definition::types::TypeInfo;
-    pub use crate::definition::retry::RetryPolicy;
     pub use crate::execution::context::SolidContext;
     pub use crate::execution::error::SolidError;
 }

@@ -23,14 +23,22 @@ impl Console {
     /// human log goes to stderr, with a progress line when stderr is a terminal.
     pub fn new(json: bool, min_level: Level, steps: usize) -> Self {
         let progress = (!json && std::io::stderr().is_terminal() && steps > 1).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+            let bar =
+                ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}")
-                    .expect("valid template"),
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
+                )
+                .expect("valid template"),
             );
             bar
         });
-        Self { json, min_level, progress, out: Mutex::new(()) }
+        Self {
+            json,
+            min_level,
+            progress,
+            out: Mutex::new(()),
+        }
     }
 
     /// Removes the progress line (call when the run ends).
@@ -41,7 +49,11 @@ impl Console {
     }
 
     fn render(&self, e: &Event) -> String {
-        let time = e.timestamp.with_timezone(&chrono::Local).format("%H:%M:%S%.3f").to_string();
+        let time = e
+            .timestamp
+            .with_timezone(&chrono::Local)
+            .format("%H:%M:%S%.3f")
+            .to_string();
         let level = match e.level {
             Level::Debug => format!("{}", "DEBUG".if_supports_color(Stderr, |t| t.dimmed())),
             Level::Info => format!("{}", "INFO ".if_supports_color(Stderr, |t| t.blue())),
@@ -53,7 +65,9 @@ impl Console {
             EventKind::StepSuccess { .. } | EventKind::PipelineSuccess { .. } => {
                 format!("{}", kind.if_supports_color(Stderr, |t| t.green()))
             }
-            EventKind::StepFailure { .. } | EventKind::PipelineFailure { .. } | EventKind::PipelineCanceled { .. } => {
+            EventKind::StepFailure { .. }
+            | EventKind::PipelineFailure { .. }
+            | EventKind::PipelineCanceled { .. } => {
                 format!("{}", kind.if_supports_color(Stderr, |t| t.red()))
             }
             EventKind::StepSkipped { .. } | EventKind::StepUpForRetry { .. } => {
@@ -61,12 +75,24 @@ impl Console {
             }
             _ => format!("{}", kind.if_supports_color(Stderr, |t| t.bold())),
         };
-        let step = e.step_key.as_deref().map(|s| format!(" {}", s.if_supports_color(Stderr, |t| t.cyan()))).unwrap_or_default();
-        let worker = e.worker.as_deref().map(|w| format!(" [{w}]")).unwrap_or_default();
+        let step = e
+            .step_key
+            .as_deref()
+            .map(|s| format!(" {}", s.if_supports_color(Stderr, |t| t.cyan())))
+            .unwrap_or_default();
+        let worker = e
+            .worker
+            .as_deref()
+            .map(|w| format!(" [{w}]"))
+            .unwrap_or_default();
         let mut line = format!("{time} {level} {kind}{step}{worker} - {}", e.message);
         let error = match &e.kind {
-            EventKind::StepFailure { error, .. } | EventKind::StepUpForRetry { error, .. } => Some(error),
-            EventKind::PipelineFailure { error: Some(error), .. } => Some(error),
+            EventKind::StepFailure { error, .. } | EventKind::StepUpForRetry { error, .. } => {
+                Some(error)
+            }
+            EventKind::PipelineFailure {
+                error: Some(error), ..
+            } => Some(error),
             _ => None,
         };
         if let Some(error) = error {
@@ -92,7 +118,12 @@ impl EventListener for Console {
             return;
         }
         if let Some(bar) = &self.progress
-            && matches!(e.kind, EventKind::StepSuccess { .. } | EventKind::StepFailure { .. } | EventKind::StepSkipped { .. })
+            && matches!(
+                e.kind,
+                EventKind::StepSuccess { .. }
+                    | EventKind::StepFailure { .. }
+                    | EventKind::StepSkipped { .. }
+            )
         {
             bar.inc(1);
         }

@@ -4,7 +4,9 @@ use crate::config::schema::{ConfigType, Field};
 
 /// The schema as YAML-like text: every key with its type, default and description.
 pub fn render(schema: &ConfigType) -> String {
-    let mut out = String::from("# Run config accepted by this pipeline. `# one of:` blocks take exactly one key.\n");
+    let mut out = String::from(
+        "# Run config accepted by this pipeline. `# one of:` blocks take exactly one key.\n",
+    );
     render_type(schema, 0, &mut out);
     out
 }
@@ -31,14 +33,24 @@ fn render_field(f: &Field, indent: usize, out: &mut String) {
     }
     let required = if f.required { " (required)" } else { "" };
     match &f.ty {
-        ConfigType::Shape { fields } if fields.is_empty() => out.push_str(&format!("{pad}{}: {{}}{required}\n", f.name)),
+        ConfigType::Shape { fields } if fields.is_empty() => {
+            out.push_str(&format!("{pad}{}: {{}}{required}\n", f.name))
+        }
         ConfigType::Shape { .. } | ConfigType::Selector { .. } => {
             out.push_str(&format!("{pad}{}:{required}\n", f.name));
             render_type(&f.ty, indent + 1, out);
         }
         ty => {
-            let default = f.default.as_ref().map(|d| format!(" = {d}")).unwrap_or_default();
-            out.push_str(&format!("{pad}{}: <{}>{default}{required}\n", f.name, ty.describe()));
+            let default = f
+                .default
+                .as_ref()
+                .map(|d| format!(" = {d}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{pad}{}: <{}>{default}{required}\n",
+                f.name,
+                ty.describe()
+            ));
         }
     }
 }

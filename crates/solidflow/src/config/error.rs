@@ -29,12 +29,21 @@ pub struct ConfigError {
 impl ConfigError {
     /// An error at `path`.
     pub fn new(path: &[String], message: impl Into<String>) -> Self {
-        Self { path: path.to_vec(), message: message.into(), hint: None, location: None }
+        Self {
+            path: path.to_vec(),
+            message: message.into(),
+            hint: None,
+            location: None,
+        }
     }
 
     /// The dotted path, or `<root>` for the top level.
     pub fn dotted_path(&self) -> String {
-        if self.path.is_empty() { "<root>".into() } else { self.path.join(".") }
+        if self.path.is_empty() {
+            "<root>".into()
+        } else {
+            self.path.join(".")
+        }
     }
 }
 
@@ -65,7 +74,11 @@ pub struct ConfigErrors {
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.errors.len();
-        writeln!(f, "run config is invalid ({n} error{}):", if n == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "run config is invalid ({n} error{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
         for e in &self.errors {
             writeln!(f, "  - {e}")?;
         }

@@ -10,7 +10,11 @@ use super::schema::{ConfigType, Field};
 pub fn config_type_of<T: schemars::JsonSchema>() -> ConfigType {
     let schema = schemars::schema_for!(T);
     let root = schema.as_value();
-    let defs = root.get("$defs").and_then(Value::as_object).cloned().unwrap_or_default();
+    let defs = root
+        .get("$defs")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     convert(root, &defs, 0)
 }
 
@@ -18,19 +22,34 @@ fn convert(schema: &Value, defs: &Map<String, Value>, depth: usize) -> ConfigTyp
     if depth > 32 {
         return ConfigType::Any; // recursive types: stop checking deep down
     }
-    let Some(obj) = schema.as_object() else { return ConfigType::Any };
+    let Some(obj) = schema.as_object() else {
+        return ConfigType::Any;
+    };
     if let Some(r) = obj.get("$ref").and_then(Value::as_str) {
         let name = r.rsplit('/').next().unwrap_or(r);
-        return defs.get(name).map(|d| convert(d, defs, depth + 1)).unwrap_or(ConfigType::Any);
+        return defs
+            .get(name)
+            .map(|d| convert(d, defs, depth + 1))
+            .unwrap_or(ConfigType::Any);
     }
     for key in ["anyOf", "oneOf"] {
         if let Some(options) = obj.get(key).and_then(Value::as_array) {
-            let non_null: Vec<&Value> = options.iter().filter(|o| o.get("type") != Some(&Value::from("null"))).collect();
-            return if non_null.len() == 1 { convert(non_null[0], defs, depth + 1) } else { ConfigType::Any };
+            let non_null: Vec<&Value> = options
+                .iter()
+                .filter(|o| o.get("type") != Some(&Value::from("null")))
+                .collect();
+            return if non_null.len() == 1 {
+                convert(non_null[0], defs, depth + 1)
+            } else {
+                ConfigType::Any
+            };
         }
     }
     if let Some(values) = obj.get("enum").and_then(Value::as_array) {
-        let strings: Vec<String> = values.iter().filter_map(|v| v.as_str().map(String::from)).collect();
+        let strings: Vec<String> = values
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
         if strings.len() == values.len() {
             return ConfigType::one_of(strings);
         }
@@ -39,8 +58,16 @@ fn convert(schema: &Value, defs: &Map<String, Value>, depth: usize) -> ConfigTyp
     let ty = match obj.get("type") {
         Some(Value::String(t)) => t.as_str(),
         Some(Value::Array(types)) => {
-            let non_null: Vec<&str> = types.iter().filter_map(Value::as_str).filter(|t| *t != "null").collect();
-            if non_null.len() == 1 { non_null[0] } else { return ConfigType::Any }
+            let non_null: Vec<&str> = types
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|t| *t != "null")
+                .collect();
+            if non_null.len() == 1 {
+                non_null[0]
+            } else {
+                return ConfigType::Any;
+            }
         }
         _ => return ConfigType::Any,
     };
@@ -49,14 +76,24 @@ fn convert(schema: &Value, defs: &Map<String, Value>, depth: usize) -> ConfigTyp
         "integer" => ConfigType::Int,
         "number" => ConfigType::Float,
         "string" => ConfigType::String,
-        "array" => ConfigType::list(obj.get("items").map(|i| convert(i, defs, depth + 1)).unwrap_or(ConfigType::Any)),
+        "array" => ConfigType::list(
+            obj.get("items")
+                .map(|i| convert(i, defs, depth + 1))
+                .unwrap_or(ConfigType::Any),
+        ),
         "object" => {
             let Some(props) = obj.get("properties").and_then(Value::as_object) else {
-                let value = obj.get("additionalProperties").map(|v| convert(v, defs, depth + 1)).unwrap_or(ConfigType::Any);
+                let value = obj
+                    .get("additionalProperties")
+                    .map(|v| convert(v, defs, depth + 1))
+                    .unwrap_or(ConfigType::Any);
                 return ConfigType::map(value);
             };
-            let required: Vec<&str> =
-                obj.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            let required: Vec<&str> = obj
+                .get("required")
+                .and_then(Value::as_array)
+                .map(|r| r.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
             ConfigType::shape(props.iter().map(|(name, prop)| {
                 let mut field = if required.contains(&name.as_str()) {
                     Field::required(name, convert(prop, defs, depth + 1))
@@ -112,7 +149,12 @@ mod tests {
         let v = validate(&ty, &json!({"path": "/x"}), &[], &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(v["limit"], 10);
-        validate(&ty, &json!({"limit": "many", "mode": "slow"}), &[], &mut errors);
+        validate(
+            &ty,
+            &json!({"limit": "many", "mode": "slow"}),
+            &[],
+            &mut errors,
+        );
         let text = format!("{errors:?}");
         assert_eq!(errors.len(), 3, "{text}");
         assert!(text.contains("Where to read from"));

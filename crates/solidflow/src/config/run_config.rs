@@ -50,8 +50,13 @@ pub struct RunConfig {
 }
 
 /// The schema of the run config for `pipeline` in mode `mode`.
-pub fn run_config_schema(pipeline: &Pipeline, mode: Option<&str>) -> Result<ConfigType, ConfigError> {
-    let mode = pipeline.mode(mode).ok_or_else(|| unknown_mode(pipeline, mode.unwrap_or_default()))?;
+pub fn run_config_schema(
+    pipeline: &Pipeline,
+    mode: Option<&str>,
+) -> Result<ConfigType, ConfigError> {
+    let mode = pipeline
+        .mode(mode)
+        .ok_or_else(|| unknown_mode(pipeline, mode.unwrap_or_default()))?;
     let solids = pipeline.invocations().iter().map(|inv| {
         let mut fields = Vec::new();
         if let Some(schema) = &inv.definition.config {
@@ -64,30 +69,59 @@ pub fn run_config_schema(pipeline: &Pipeline, mode: Option<&str>) -> Result<Conf
             .inputs
             .iter()
             .filter(|i| inv.inputs.get(&i.name) == Some(&InputSource::Config))
-            .map(|i| Field::required(&i.name, ConfigType::Any).doc(format!("Value of type {}.", i.ty.name)))
+            .map(|i| {
+                Field::required(&i.name, ConfigType::Any)
+                    .doc(format!("Value of type {}.", i.ty.name))
+            })
             .collect();
         if !config_inputs.is_empty() {
-            fields.push(Field::required("inputs", ConfigType::shape(config_inputs)).doc("Inputs not wired to an upstream output."));
+            fields.push(
+                Field::required("inputs", ConfigType::shape(config_inputs))
+                    .doc("Inputs not wired to an upstream output."),
+            );
         }
-        fields.push(Field::optional("retry", RetryPolicy::config_schema()).doc("Overrides the solid's retry policy."));
+        fields.push(
+            Field::optional("retry", RetryPolicy::config_schema())
+                .doc("Overrides the solid's retry policy."),
+        );
         let ty = ConfigType::shape(fields);
         let required = ty.has_required_fields();
         let mut f = Field::optional(&inv.alias, ty);
         f.required = required;
-        f.doc(if inv.definition.description.is_empty() { String::new() } else { inv.definition.description.clone() })
+        f.doc(if inv.definition.description.is_empty() {
+            String::new()
+        } else {
+            inv.definition.description.clone()
+        })
     });
     let solids_ty = ConfigType::shape(solids);
     let solids_required = solids_ty.has_required_fields();
     let selector = |defs: Vec<(&str, &str, ConfigType)>, default: &str| {
         let default_value = serde_json::json!({ default: {} });
-        let choices = defs.into_iter().map(|(name, doc, config)| Field::optional(name, ConfigType::config_block(config)).doc(doc));
+        let choices = defs.into_iter().map(|(name, doc, config)| {
+            Field::optional(name, ConfigType::config_block(config)).doc(doc)
+        });
         Field::optional("", ConfigType::selector(choices)).default(default_value)
     };
-    let storage_defs = mode.storages.iter().map(|s| (s.name, s.description, (s.config)())).collect();
-    let executor_defs = mode.executors.iter().map(|e| (e.name, e.description, (e.config)())).collect();
-    let mut storage = selector(storage_defs, mode.storages.first().map_or("in_memory", |s| s.name));
+    let storage_defs = mode
+        .storages
+        .iter()
+        .map(|s| (s.name, s.description, (s.config)()))
+        .collect();
+    let executor_defs = mode
+        .executors
+        .iter()
+        .map(|e| (e.name, e.description, (e.config)()))
+        .collect();
+    let mut storage = selector(
+        storage_defs,
+        mode.storages.first().map_or("in_memory", |s| s.name),
+    );
     storage.name = "storage".into();
-    let mut execution = selector(executor_defs, mode.executors.first().map_or("in_process", |e| e.name));
+    let mut execution = selector(
+        executor_defs,
+        mode.executors.first().map_or("in_process", |e| e.name),
+    );
     execution.name = "execution".into();
     let loggers = ConfigType::shape([Field::optional(
         "console",
@@ -98,46 +132,75 @@ pub fn run_config_schema(pipeline: &Pipeline, mode: Option<&str>) -> Result<Conf
         .default("INFO")
         .doc("Lowest level printed to the console.")])),
     )]);
-    let mut solids_field = Field::optional("solids", solids_ty).doc("Per-solid config, inputs and retry policy.");
+    let mut solids_field =
+        Field::optional("solids", solids_ty).doc("Per-solid config, inputs and retry policy.");
     solids_field.required = solids_required;
     Ok(ConfigType::shape([
         solids_field,
         storage.doc("Where intermediates are stored."),
         execution.doc("How steps are executed."),
         Field::optional("loggers", loggers).doc("Console logging."),
-        Field::optional("resources", ConfigType::map(ConfigType::Any)).doc("Resource config, by resource name (reserved)."),
+        Field::optional("resources", ConfigType::map(ConfigType::Any))
+            .doc("Resource config, by resource name (reserved)."),
     ]))
 }
 
 fn unknown_mode(pipeline: &Pipeline, mode: &str) -> ConfigError {
     let names: Vec<&str> = pipeline.modes().iter().map(|m| m.name.as_str()).collect();
-    ConfigError::new(&[], format!("pipeline `{}` has no mode `{mode}`; modes: {}", pipeline.name(), names.join(", ")))
+    ConfigError::new(
+        &[],
+        format!(
+            "pipeline `{}` has no mode `{mode}`; modes: {}",
+            pipeline.name(),
+            names.join(", ")
+        ),
+    )
 }
 
 impl RunConfig {
     /// Validates merged config for `pipeline` in `mode` (the default mode for `None`),
     /// reporting every problem at once, each with its path and source location.
-    pub fn validate(pipeline: &Pipeline, mode: Option<&str>, sources: &ConfigSources) -> Result<Self, ConfigErrors> {
+    pub fn validate(
+        pipeline: &Pipeline,
+        mode: Option<&str>,
+        sources: &ConfigSources,
+    ) -> Result<Self, ConfigErrors> {
         let schema = run_config_schema(pipeline, mode)?;
-        let mode_name = pipeline.mode(mode).map(|m| m.name.clone()).unwrap_or_default();
+        let mode_name = pipeline
+            .mode(mode)
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let mut errors = Vec::new();
-        let root = if sources.value.is_null() { Value::Object(Map::new()) } else { sources.value.clone() };
+        let root = if sources.value.is_null() {
+            Value::Object(Map::new())
+        } else {
+            sources.value.clone()
+        };
         let value = validate(&schema, &root, &[], &mut errors);
         let mut solids = BTreeMap::new();
         for inv in pipeline.invocations() {
             let block = value.get("solids").and_then(|s| s.get(&inv.alias));
             let path = vec!["solids".to_string(), inv.alias.clone()];
             let mut cfg = SolidRunConfig {
-                config: block.and_then(|b| b.get("config")).cloned().unwrap_or(Value::Object(Map::new())),
+                config: block
+                    .and_then(|b| b.get("config"))
+                    .cloned()
+                    .unwrap_or(Value::Object(Map::new())),
                 ..Default::default()
             };
-            if let Some(inputs) = block.and_then(|b| b.get("inputs")).and_then(Value::as_object) {
+            if let Some(inputs) = block
+                .and_then(|b| b.get("inputs"))
+                .and_then(Value::as_object)
+            {
                 for (name, v) in inputs {
                     if let Some(def) = inv.definition.find_input(name)
                         && let Err(e) = def.ty.from_json(v.clone())
                     {
                         let p = child(&child(&path, "inputs"), name);
-                        errors.push(ConfigError::new(&p, format!("not a valid {}: {e}", def.ty.name)));
+                        errors.push(ConfigError::new(
+                            &p,
+                            format!("not a valid {}: {e}", def.ty.name),
+                        ));
                     }
                     cfg.inputs.insert(name.clone(), v.clone());
                 }
@@ -153,14 +216,30 @@ impl RunConfig {
             return Err(ConfigErrors { errors });
         }
         let selected = |key: &str| {
-            let (name, block) = value[key].as_object().and_then(|m| m.iter().next()).expect("validated selector");
-            Selected { name: name.clone(), config: block.get("config").cloned().unwrap_or(Value::Object(Map::new())) }
+            let (name, block) = value[key]
+                .as_object()
+                .and_then(|m| m.iter().next())
+                .expect("validated selector");
+            Selected {
+                name: name.clone(),
+                config: block
+                    .get("config")
+                    .cloned()
+                    .unwrap_or(Value::Object(Map::new())),
+            }
         };
         let log_level = value
             .pointer("/loggers/console/config/log_level")
             .and_then(Value::as_str)
             .unwrap_or("INFO")
             .to_string();
-        Ok(Self { mode: mode_name, storage: selected("storage"), execution: selected("execution"), solids, log_level, value })
+        Ok(Self {
+            mode: mode_name,
+            storage: selected("storage"),
+            execution: selected("execution"),
+            solids,
+            log_level,
+            value,
+        })
     }
 }

@@ -68,12 +68,24 @@ pub struct Field {
 impl Field {
     /// A key that must be given.
     pub fn required(name: impl Into<String>, ty: ConfigType) -> Self {
-        Self { name: name.into(), ty, required: true, default: None, description: String::new() }
+        Self {
+            name: name.into(),
+            ty,
+            required: true,
+            default: None,
+            description: String::new(),
+        }
     }
 
     /// A key that may be left out.
     pub fn optional(name: impl Into<String>, ty: ConfigType) -> Self {
-        Self { name: name.into(), ty, required: false, default: None, description: String::new() }
+        Self {
+            name: name.into(),
+            ty,
+            required: false,
+            default: None,
+            description: String::new(),
+        }
     }
 
     /// Sets the value used when the key is absent (makes it optional).
@@ -93,27 +105,37 @@ impl Field {
 impl ConfigType {
     /// A shape with the given fields.
     pub fn shape(fields: impl IntoIterator<Item = Field>) -> Self {
-        Self::Shape { fields: fields.into_iter().collect() }
+        Self::Shape {
+            fields: fields.into_iter().collect(),
+        }
     }
 
     /// A selector over the given choices.
     pub fn selector(fields: impl IntoIterator<Item = Field>) -> Self {
-        Self::Selector { fields: fields.into_iter().collect() }
+        Self::Selector {
+            fields: fields.into_iter().collect(),
+        }
     }
 
     /// A list of `item`.
     pub fn list(item: ConfigType) -> Self {
-        Self::List { item: Box::new(item) }
+        Self::List {
+            item: Box::new(item),
+        }
     }
 
     /// A free-form map to `value`.
     pub fn map(value: ConfigType) -> Self {
-        Self::Map { value: Box::new(value) }
+        Self::Map {
+            value: Box::new(value),
+        }
     }
 
     /// An enum of strings.
     pub fn one_of<S: Into<String>>(values: impl IntoIterator<Item = S>) -> Self {
-        Self::Enum { values: values.into_iter().map(Into::into).collect() }
+        Self::Enum {
+            values: values.into_iter().map(Into::into).collect(),
+        }
     }
 
     /// The empty shape `{}`, for blocks without options.
@@ -125,7 +147,13 @@ impl ConfigType {
     /// `config` is optional when none of its fields is required.
     pub fn config_block(config: ConfigType) -> Self {
         let required = config.has_required_fields();
-        let field = Field { name: "config".into(), ty: config, required, default: None, description: String::new() };
+        let field = Field {
+            name: "config".into(),
+            ty: config,
+            required,
+            default: None,
+            description: String::new(),
+        };
         Self::shape([field])
     }
 
@@ -153,7 +181,11 @@ impl ConfigType {
             Self::Shape { .. } => "a map".into(),
             Self::Selector { fields } => format!(
                 "a map with exactly one of: {}",
-                fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+                fields
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }

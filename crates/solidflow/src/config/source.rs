@@ -22,12 +22,18 @@ pub struct ConfigSources {
 impl ConfigSources {
     /// No config at all (every block takes its default).
     pub fn empty() -> Self {
-        Self { value: Value::Object(Map::new()), locations: HashMap::new() }
+        Self {
+            value: Value::Object(Map::new()),
+            locations: HashMap::new(),
+        }
     }
 
     /// Config given as a value in code (the programmatic API); errors carry no file.
     pub fn from_value(value: Value) -> Self {
-        Self { value, locations: HashMap::new() }
+        Self {
+            value,
+            locations: HashMap::new(),
+        }
     }
 
     /// Reads and merges files in order; later files override earlier ones key by key.
@@ -41,10 +47,17 @@ impl ConfigSources {
                     Ok(()) => {}
                     Err(e) => errors.push(e),
                 },
-                Err(e) => errors.push(ConfigError::new(&[], format!("cannot read config file {}: {e}", path.display()))),
+                Err(e) => errors.push(ConfigError::new(
+                    &[],
+                    format!("cannot read config file {}: {e}", path.display()),
+                )),
             }
         }
-        if errors.is_empty() { Ok(sources) } else { Err(ConfigErrors { errors }) }
+        if errors.is_empty() {
+            Ok(sources)
+        } else {
+            Err(ConfigErrors { errors })
+        }
     }
 
     /// Parses one YAML or JSON document (JSON is YAML) and merges it over what is here.
@@ -53,16 +66,29 @@ impl ConfigSources {
             return Ok(());
         }
         let node: Spanned<Node> = serde_saphyr::from_str(text).map_err(|e| {
-            let mut err = ConfigError::new(&[], format!("{file} is not valid YAML/JSON: {}", first_line(&e.to_string())));
+            let mut err = ConfigError::new(
+                &[],
+                format!(
+                    "{file} is not valid YAML/JSON: {}",
+                    first_line(&e.to_string())
+                ),
+            );
             if let Some(loc) = e.location() {
-                err.location = Some(SourceLocation { file: file.into(), line: loc.line(), column: loc.column() });
+                err.location = Some(SourceLocation {
+                    file: file.into(),
+                    line: loc.line(),
+                    column: loc.column(),
+                });
             }
             err
         })?;
         let mut incoming = HashMap::new();
         let value = node_to_value(node, file, &mut Vec::new(), &mut incoming);
         if !value.is_object() && !value.is_null() {
-            return Err(ConfigError::new(&[], format!("{file}: the top level of run config must be a map")));
+            return Err(ConfigError::new(
+                &[],
+                format!("{file}: the top level of run config must be a map"),
+            ));
         }
         deep_merge(&mut self.value, value);
         self.locations.extend(incoming);
@@ -71,7 +97,9 @@ impl ConfigSources {
 
     /// The location of `path`, or of its nearest ancestor that has one.
     pub fn locate(&self, path: &[String]) -> Option<&SourceLocation> {
-        (0..=path.len()).rev().find_map(|n| self.locations.get(&path[..n]))
+        (0..=path.len())
+            .rev()
+            .find_map(|n| self.locations.get(&path[..n]))
     }
 
     /// Fills in the location of every error from the sources.
@@ -126,14 +154,23 @@ fn node_to_value(
 ) -> Value {
     let loc = node.referenced;
     if loc.line() > 0 {
-        locations.insert(path.clone(), SourceLocation { file: file.into(), line: loc.line(), column: loc.column() });
+        locations.insert(
+            path.clone(),
+            SourceLocation {
+                file: file.into(),
+                line: loc.line(),
+                column: loc.column(),
+            },
+        );
     }
     match node.value {
         Node::Null => Value::Null,
         Node::Bool(b) => Value::Bool(b),
         Node::Int(i) => Value::from(i),
         Node::UInt(u) => Value::from(u),
-        Node::Float(f) => serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null),
+        Node::Float(f) => serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null),
         Node::Str(s) => Value::String(s),
         Node::Seq(items) => Value::Array(
             items
@@ -156,7 +193,11 @@ fn node_to_value(
                     let v = node_to_value(item, file, path, locations);
                     // Point errors about a key at the key itself, not at its value.
                     if key.referenced.line() > 0 {
-                        let loc = SourceLocation { file: file.into(), line: key.referenced.line(), column: key.referenced.column() };
+                        let loc = SourceLocation {
+                            file: file.into(),
+                            line: key.referenced.line(),
+                            column: key.referenced.column(),
+                        };
                         locations.insert(path.clone(), loc);
                     }
                     path.pop();
@@ -260,9 +301,17 @@ mod tests {
     #[test]
     fn merges_documents_in_order_and_remembers_lines() {
         let mut s = ConfigSources::empty();
-        s.merge_text("base.yaml", "storage:\n  filesystem: {}\nsolids:\n  a:\n    config:\n      n: 1\n      m: 2\n").unwrap();
-        s.merge_text("prod.yaml", "solids:\n  a:\n    config:\n      n: 5\n").unwrap();
-        assert_eq!(s.value, json!({"storage": {"filesystem": {}}, "solids": {"a": {"config": {"n": 5, "m": 2}}}}));
+        s.merge_text(
+            "base.yaml",
+            "storage:\n  filesystem: {}\nsolids:\n  a:\n    config:\n      n: 1\n      m: 2\n",
+        )
+        .unwrap();
+        s.merge_text("prod.yaml", "solids:\n  a:\n    config:\n      n: 5\n")
+            .unwrap();
+        assert_eq!(
+            s.value,
+            json!({"storage": {"filesystem": {}}, "solids": {"a": {"config": {"n": 5, "m": 2}}}})
+        );
         let path: Vec<String> = ["solids", "a", "config", "n"].map(String::from).to_vec();
         let loc = s.locate(&path).unwrap();
         assert_eq!((loc.file.as_str(), loc.line), ("prod.yaml", 4));
@@ -273,8 +322,15 @@ mod tests {
     #[test]
     fn json_is_accepted_and_syntax_errors_have_a_location() {
         let mut s = ConfigSources::empty();
-        s.merge_text("c.json", r#"{"execution": {"dask": {"config": {"address": "tcp://h:8786"}}}}"#).unwrap();
-        assert_eq!(s.value["execution"]["dask"]["config"]["address"], "tcp://h:8786");
+        s.merge_text(
+            "c.json",
+            r#"{"execution": {"dask": {"config": {"address": "tcp://h:8786"}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            s.value["execution"]["dask"]["config"]["address"],
+            "tcp://h:8786"
+        );
         let err = s.merge_text("bad.yaml", "a: [1, 2\nb: 3\n").unwrap_err();
         assert!(err.message.contains("bad.yaml"), "{err}");
         assert!(err.location.is_some());

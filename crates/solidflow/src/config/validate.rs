@@ -7,7 +7,12 @@ use super::schema::{ConfigType, Field};
 
 /// Checks `value` against `ty`, pushing one error per problem into `errors`, and
 /// returns the value with defaults filled in.
-pub fn validate(ty: &ConfigType, value: &Value, path: &[String], errors: &mut Vec<ConfigError>) -> Value {
+pub fn validate(
+    ty: &ConfigType,
+    value: &Value,
+    path: &[String],
+    errors: &mut Vec<ConfigError>,
+) -> Value {
     match (ty, value) {
         (ConfigType::Any, v) => v.clone(),
         (ConfigType::Bool, Value::Bool(_)) => value.clone(),
@@ -16,8 +21,10 @@ pub fn validate(ty: &ConfigType, value: &Value, path: &[String], errors: &mut Ve
         (ConfigType::String, Value::String(_)) => value.clone(),
         (ConfigType::Enum { values }, Value::String(s)) if values.contains(s) => value.clone(),
         (ConfigType::Enum { values }, Value::String(s)) => {
-            let mut err = ConfigError::new(path, format!("`{s}` is not one of {}", values.join(", ")));
-            err.hint = did_you_mean(s, values.iter().map(String::as_str)).map(|m| format!("did you mean `{m}`?"));
+            let mut err =
+                ConfigError::new(path, format!("`{s}` is not one of {}", values.join(", ")));
+            err.hint = did_you_mean(s, values.iter().map(String::as_str))
+                .map(|m| format!("did you mean `{m}`?"));
             errors.push(err);
             value.clone()
         }
@@ -29,14 +36,20 @@ pub fn validate(ty: &ConfigType, value: &Value, path: &[String], errors: &mut Ve
                 .collect(),
         ),
         (ConfigType::Map { value: vt }, Value::Object(map)) => Value::Object(
-            map.iter().map(|(k, v)| (k.clone(), validate(vt, v, &child(path, k), errors))).collect(),
+            map.iter()
+                .map(|(k, v)| (k.clone(), validate(vt, v, &child(path, k), errors)))
+                .collect(),
         ),
         // `{}` written as `~` or nothing at all in YAML means "no options".
         (ConfigType::Shape { fields }, Value::Null) if !fields.iter().any(|f| f.required) => {
             validate_shape(fields, &Map::new(), path, errors)
         }
-        (ConfigType::Shape { fields }, Value::Object(map)) => validate_shape(fields, map, path, errors),
-        (ConfigType::Selector { fields }, Value::Object(map)) => validate_selector(fields, map, path, errors),
+        (ConfigType::Shape { fields }, Value::Object(map)) => {
+            validate_shape(fields, map, path, errors)
+        }
+        (ConfigType::Selector { fields }, Value::Object(map)) => {
+            validate_selector(fields, map, path, errors)
+        }
         (ConfigType::Selector { fields }, Value::String(s)) => {
             // Shorthand: `execution: dask` means `execution: {dask: {}}`.
             let mut map = Map::new();
@@ -44,18 +57,29 @@ pub fn validate(ty: &ConfigType, value: &Value, path: &[String], errors: &mut Ve
             validate_selector(fields, &map, path, errors)
         }
         (ty, v) => {
-            errors.push(ConfigError::new(path, format!("expected {}, found {}", ty.describe(), describe_value(v))));
+            errors.push(ConfigError::new(
+                path,
+                format!("expected {}, found {}", ty.describe(), describe_value(v)),
+            ));
             v.clone()
         }
     }
 }
 
-fn validate_shape(fields: &[Field], map: &Map<String, Value>, path: &[String], errors: &mut Vec<ConfigError>) -> Value {
+fn validate_shape(
+    fields: &[Field],
+    map: &Map<String, Value>,
+    path: &[String],
+    errors: &mut Vec<ConfigError>,
+) -> Value {
     let mut out = Map::new();
     for (key, v) in map {
         match fields.iter().find(|f| &f.name == key) {
             Some(field) => {
-                out.insert(key.clone(), validate(&field.ty, v, &child(path, key), errors));
+                out.insert(
+                    key.clone(),
+                    validate(&field.ty, v, &child(path, key), errors),
+                );
             }
             None => errors.push(unknown_key(key, fields, path)),
         }
@@ -72,7 +96,11 @@ fn validate_shape(fields: &[Field], map: &Map<String, Value>, path: &[String], e
         } else if field.required {
             let mut err = ConfigError::new(
                 &child(path, &field.name),
-                format!("missing required key `{}` ({})", field.name, field.ty.describe()),
+                format!(
+                    "missing required key `{}` ({})",
+                    field.name,
+                    field.ty.describe()
+                ),
             );
             if !field.description.is_empty() {
                 err.hint = Some(field.description.clone());
@@ -91,17 +119,28 @@ fn validate_shape(fields: &[Field], map: &Map<String, Value>, path: &[String], e
     Value::Object(out)
 }
 
-fn validate_selector(fields: &[Field], map: &Map<String, Value>, path: &[String], errors: &mut Vec<ConfigError>) -> Value {
+fn validate_selector(
+    fields: &[Field],
+    map: &Map<String, Value>,
+    path: &[String],
+    errors: &mut Vec<ConfigError>,
+) -> Value {
     let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
     if map.len() != 1 {
         let found = if map.is_empty() {
             "none".to_string()
         } else {
-            map.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+            map.keys()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         errors.push(ConfigError::new(
             path,
-            format!("expected exactly one of {} but found {found}", names.join(", ")),
+            format!(
+                "expected exactly one of {} but found {found}",
+                names.join(", ")
+            ),
         ));
         return Value::Object(map.clone());
     }
@@ -109,7 +148,10 @@ fn validate_selector(fields: &[Field], map: &Map<String, Value>, path: &[String]
     match fields.iter().find(|f| &f.name == key) {
         Some(field) => {
             let mut out = Map::new();
-            out.insert(key.clone(), validate(&field.ty, v, &child(path, key), errors));
+            out.insert(
+                key.clone(),
+                validate(&field.ty, v, &child(path, key), errors),
+            );
             Value::Object(out)
         }
         None => {
@@ -131,7 +173,10 @@ fn unknown_key(key: &str, fields: &[Field], path: &[String]) -> ConfigError {
 }
 
 /// The closest of `candidates` to `word`, if it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))
@@ -175,7 +220,12 @@ mod tests {
     #[test]
     fn fills_defaults_and_accepts_valid_values() {
         let mut errors = vec![];
-        let v = validate(&schema(), &json!({"address": "tcp://x:1"}), &[], &mut errors);
+        let v = validate(
+            &schema(),
+            &json!({"address": "tcp://x:1"}),
+            &[],
+            &mut errors,
+        );
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(v, json!({"address": "tcp://x:1", "timeout": 30}));
     }
@@ -183,13 +233,27 @@ mod tests {
     #[test]
     fn reports_every_error_with_path_and_hint() {
         let mut errors = vec![];
-        validate(&schema(), &json!({"adress": 1, "timeout": "soon", "resources": {"GPU": "x"}}), &[], &mut errors);
+        validate(
+            &schema(),
+            &json!({"adress": 1, "timeout": "soon", "resources": {"GPU": "x"}}),
+            &[],
+            &mut errors,
+        );
         let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         assert_eq!(errors.len(), 4, "{text:#?}");
-        assert!(text.iter().any(|t| t.contains("adress") && t.contains("did you mean `address`")));
-        assert!(text.iter().any(|t| t.contains("timeout") && t.contains("expected a number")));
+        assert!(
+            text.iter()
+                .any(|t| t.contains("adress") && t.contains("did you mean `address`"))
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("timeout") && t.contains("expected a number"))
+        );
         assert!(text.iter().any(|t| t.contains("resources.GPU")));
-        assert!(text.iter().any(|t| t.contains("missing required key `address`")));
+        assert!(
+            text.iter()
+                .any(|t| t.contains("missing required key `address`"))
+        );
     }
 
     #[test]
@@ -199,7 +263,12 @@ mod tests {
             Field::optional("dask", ConfigType::empty()),
         ]);
         let mut errors = vec![];
-        validate(&sel, &json!({"in_process": {}, "dask": {}}), &[], &mut errors);
+        validate(
+            &sel,
+            &json!({"in_process": {}, "dask": {}}),
+            &[],
+            &mut errors,
+        );
         assert_eq!(errors.len(), 1);
         assert!(errors[0].message.contains("exactly one"));
         errors.clear();

@@ -26,7 +26,11 @@ impl Default for Mode {
 impl Mode {
     /// A mode with [`default_executors`] and [`default_storages`].
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), executors: default_executors(), storages: default_storages() }
+        Self {
+            name: name.into(),
+            executors: default_executors(),
+            storages: default_storages(),
+        }
     }
 
     /// Replaces the executors.

@@ -74,14 +74,23 @@ pub struct Handle<T> {
 
 impl<T> Clone for Handle<T> {
     fn clone(&self) -> Self {
-        Self { raw: self.raw.clone(), _type: PhantomData }
+        Self {
+            raw: self.raw.clone(),
+            _type: PhantomData,
+        }
     }
 }
 
 impl<T> Handle<T> {
     /// A handle to output `output` of invocation `solid` (used by generated code).
     pub fn output(solid: &str, output: &str) -> Self {
-        Self { raw: RawHandle(InputSource::Output { solid: solid.into(), output: output.into() }), _type: PhantomData }
+        Self {
+            raw: RawHandle(InputSource::Output {
+                solid: solid.into(),
+                output: output.into(),
+            }),
+            _type: PhantomData,
+        }
     }
 
     /// The untyped reference.
@@ -114,7 +123,9 @@ pub struct Pipeline {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DefinitionError {
     /// Two invocations share a name.
-    #[error("pipeline `{pipeline}`: solid name `{alias}` is used twice; give one of them an alias with `invoke_as`")]
+    #[error(
+        "pipeline `{pipeline}`: solid name `{alias}` is used twice; give one of them an alias with `invoke_as`"
+    )]
     DuplicateAlias {
         /// The pipeline.
         pipeline: String,
@@ -122,7 +133,9 @@ pub enum DefinitionError {
         alias: String,
     },
     /// An input refers to a solid that does not exist.
-    #[error("pipeline `{pipeline}`: input `{input}` of solid `{solid}` refers to unknown solid `{upstream}`")]
+    #[error(
+        "pipeline `{pipeline}`: input `{input}` of solid `{solid}` refers to unknown solid `{upstream}`"
+    )]
     UnknownSolid {
         /// The pipeline.
         pipeline: String,
@@ -134,7 +147,9 @@ pub enum DefinitionError {
         upstream: String,
     },
     /// An input refers to an output that does not exist.
-    #[error("pipeline `{pipeline}`: input `{input}` of solid `{solid}` refers to output `{output}` of `{upstream}`, which has outputs: {available}")]
+    #[error(
+        "pipeline `{pipeline}`: input `{input}` of solid `{solid}` refers to output `{output}` of `{upstream}`, which has outputs: {available}"
+    )]
     UnknownOutput {
         /// The pipeline.
         pipeline: String,
@@ -150,7 +165,9 @@ pub enum DefinitionError {
         available: String,
     },
     /// A wired input has a different type from the output feeding it.
-    #[error("pipeline `{pipeline}`: input `{input}` of solid `{solid}` expects {expected} but `{upstream}.{output}` produces {found}")]
+    #[error(
+        "pipeline `{pipeline}`: input `{input}` of solid `{solid}` expects {expected} but `{upstream}.{output}` produces {found}"
+    )]
     TypeMismatch {
         /// The pipeline.
         pipeline: String,
@@ -168,7 +185,9 @@ pub enum DefinitionError {
         found: String,
     },
     /// An input is neither wired nor declared as coming from config.
-    #[error("pipeline `{pipeline}`: input `{input}` of solid `{solid}` is not wired; connect it to an output or mark it as provided by run config")]
+    #[error(
+        "pipeline `{pipeline}`: input `{input}` of solid `{solid}` is not wired; connect it to an output or mark it as provided by run config"
+    )]
     UnwiredInput {
         /// The pipeline.
         pipeline: String,
@@ -178,7 +197,9 @@ pub enum DefinitionError {
         input: String,
     },
     /// The same input was given twice, or an input that does not exist was given.
-    #[error("pipeline `{pipeline}`: solid `{solid}` has no input `{input}`; its inputs are: {available}")]
+    #[error(
+        "pipeline `{pipeline}`: solid `{solid}` has no input `{input}`; its inputs are: {available}"
+    )]
     UnknownInput {
         /// The pipeline.
         pipeline: String,
@@ -219,26 +240,47 @@ impl PipelineBuilder {
     }
 
     /// Invokes solid `S` under `alias`, so one solid can appear several times.
-    pub fn invoke_as<S: Solid>(&mut self, alias: &str, _solid: impl FnOnce() -> S, inputs: S::Inputs) -> S::Outputs {
-        let wiring = S::wire(inputs).into_iter().map(|(n, h)| (n.to_string(), h)).collect();
-        self.pending.push((alias.to_string(), Arc::new(S::definition()), wiring));
+    pub fn invoke_as<S: Solid>(
+        &mut self,
+        alias: &str,
+        _solid: impl FnOnce() -> S,
+        inputs: S::Inputs,
+    ) -> S::Outputs {
+        let wiring = S::wire(inputs)
+            .into_iter()
+            .map(|(n, h)| (n.to_string(), h))
+            .collect();
+        self.pending
+            .push((alias.to_string(), Arc::new(S::definition()), wiring));
         S::outputs(alias)
     }
 
     /// Adds an erased solid under `alias`, with inputs as `(input name, source)`;
     /// returns nothing because outputs are referred to by [`RawHandle`]s built by name.
-    pub fn add(&mut self, alias: &str, definition: SolidDefinition, inputs: Vec<(String, RawHandle)>) {
-        self.pending.push((alias.to_string(), Arc::new(definition), inputs));
+    pub fn add(
+        &mut self,
+        alias: &str,
+        definition: SolidDefinition,
+        inputs: Vec<(String, RawHandle)>,
+    ) {
+        self.pending
+            .push((alias.to_string(), Arc::new(definition), inputs));
     }
 
     /// An input value that will be given in run config at `solids.<alias>.inputs.<name>`.
     pub fn config_input<T>(&self) -> Handle<T> {
-        Handle { raw: RawHandle(InputSource::Config), _type: PhantomData }
+        Handle {
+            raw: RawHandle(InputSource::Config),
+            _type: PhantomData,
+        }
     }
 
     /// An untyped reference to output `output` of `alias`, for [`add`](Self::add).
     pub fn output(&self, alias: &str, output: &str) -> RawHandle {
-        RawHandle(InputSource::Output { solid: alias.into(), output: output.into() })
+        RawHandle(InputSource::Output {
+            solid: alias.into(),
+            output: output.into(),
+        })
     }
 
     /// An untyped reference to the default output of `alias`.
@@ -253,14 +295,23 @@ impl Pipeline {
     /// unless [`with_modes`](Self::with_modes) says otherwise.
     // Definition errors happen once, at start-up; their size does not matter.
     #[allow(clippy::result_large_err)]
-    pub fn build(name: &str, body: impl FnOnce(&mut PipelineBuilder)) -> Result<Self, DefinitionError> {
-        let mut builder = PipelineBuilder { invocations: Vec::new(), pending: Vec::new() };
+    pub fn build(
+        name: &str,
+        body: impl FnOnce(&mut PipelineBuilder),
+    ) -> Result<Self, DefinitionError> {
+        let mut builder = PipelineBuilder {
+            invocations: Vec::new(),
+            pending: Vec::new(),
+        };
         body(&mut builder);
         let mut invocations = builder.invocations;
         let mut seen = HashMap::new();
         for (alias, def, wiring) in builder.pending {
             if seen.insert(alias.clone(), def.clone()).is_some() {
-                return Err(DefinitionError::DuplicateAlias { pipeline: name.into(), alias });
+                return Err(DefinitionError::DuplicateAlias {
+                    pipeline: name.into(),
+                    alias,
+                });
             }
             let mut inputs = BTreeMap::new();
             for (input, RawHandle(source)) in wiring {
@@ -269,14 +320,28 @@ impl Pipeline {
                         pipeline: name.into(),
                         solid: alias.clone(),
                         input,
-                        available: def.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", "),
+                        available: def
+                            .inputs
+                            .iter()
+                            .map(|i| i.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                     });
                 }
                 inputs.insert(input, source);
             }
-            invocations.push(Invocation { alias, definition: def, inputs });
+            invocations.push(Invocation {
+                alias,
+                definition: def,
+                inputs,
+            });
         }
-        let pipeline = Self { name: name.into(), description: String::new(), invocations, modes: vec![Mode::default()] };
+        let pipeline = Self {
+            name: name.into(),
+            description: String::new(),
+            invocations,
+            modes: vec![Mode::default()],
+        };
         pipeline.check()?;
         Ok(pipeline)
     }
@@ -347,20 +412,32 @@ impl Pipeline {
                         input: input.name.clone(),
                     });
                 };
-                let InputSource::Output { solid, output } = source else { continue };
-                let upstream = self.invocation(solid).ok_or_else(|| DefinitionError::UnknownSolid {
-                    pipeline: pipeline(),
-                    solid: inv.alias.clone(),
-                    input: input.name.clone(),
-                    upstream: solid.clone(),
-                })?;
-                let out = upstream.definition.find_output(output).ok_or_else(|| DefinitionError::UnknownOutput {
-                    pipeline: pipeline(),
-                    solid: inv.alias.clone(),
-                    input: input.name.clone(),
-                    upstream: solid.clone(),
-                    output: output.clone(),
-                    available: upstream.definition.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", "),
+                let InputSource::Output { solid, output } = source else {
+                    continue;
+                };
+                let upstream =
+                    self.invocation(solid)
+                        .ok_or_else(|| DefinitionError::UnknownSolid {
+                            pipeline: pipeline(),
+                            solid: inv.alias.clone(),
+                            input: input.name.clone(),
+                            upstream: solid.clone(),
+                        })?;
+                let out = upstream.definition.find_output(output).ok_or_else(|| {
+                    DefinitionError::UnknownOutput {
+                        pipeline: pipeline(),
+                        solid: inv.alias.clone(),
+                        input: input.name.clone(),
+                        upstream: solid.clone(),
+                        output: output.clone(),
+                        available: upstream
+                            .definition
+                            .outputs
+                            .iter()
+                            .map(|o| o.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    }
                 })?;
                 if out.ty != input.ty {
                     return Err(DefinitionError::TypeMismatch {
@@ -376,8 +453,15 @@ impl Pipeline {
             }
         }
         let mut graph = petgraph::graph::DiGraph::<usize, ()>::new();
-        let nodes: Vec<_> = (0..self.invocations.len()).map(|i| graph.add_node(i)).collect();
-        let index: HashMap<&str, usize> = self.invocations.iter().enumerate().map(|(i, inv)| (inv.alias.as_str(), i)).collect();
+        let nodes: Vec<_> = (0..self.invocations.len())
+            .map(|i| graph.add_node(i))
+            .collect();
+        let index: HashMap<&str, usize> = self
+            .invocations
+            .iter()
+            .enumerate()
+            .map(|(i, inv)| (inv.alias.as_str(), i))
+            .collect();
         for (i, inv) in self.invocations.iter().enumerate() {
             for source in inv.inputs.values() {
                 if let InputSource::Output { solid, .. } = source {

@@ -20,13 +20,17 @@ pub struct Repository {
 impl Repository {
     /// An empty repository.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), pipelines: Vec::new() }
+        Self {
+            name: name.into(),
+            pipelines: Vec::new(),
+        }
     }
 
     /// Adds a pipeline. Panics on a duplicate name, which is a programming error; use
     /// [`try_with_pipeline`](Self::try_with_pipeline) to handle it.
     pub fn with_pipeline(self, pipeline: Pipeline) -> Self {
-        self.try_with_pipeline(pipeline).unwrap_or_else(|e| panic!("{e}"))
+        self.try_with_pipeline(pipeline)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Adds a pipeline, refusing a duplicate name.

@@ -33,14 +33,22 @@ fn one() -> f64 {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_retries: 0, delay: 0.0, backoff: 1.0, jitter: 0.0 }
+        Self {
+            max_retries: 0,
+            delay: 0.0,
+            backoff: 1.0,
+            jitter: 0.0,
+        }
     }
 }
 
 impl RetryPolicy {
     /// Retry up to `max_retries` times with no delay.
     pub fn new(max_retries: u32) -> Self {
-        Self { max_retries, ..Self::default() }
+        Self {
+            max_retries,
+            ..Self::default()
+        }
     }
 
     /// Waits `seconds` before the first retry.
@@ -76,7 +84,8 @@ impl RetryPolicy {
             Field::optional("max_retries", ConfigType::Int).doc("Retries after the first attempt."),
             Field::optional("delay", ConfigType::Float).doc("Seconds before the first retry."),
             Field::optional("backoff", ConfigType::Float).doc("Delay multiplier after each retry."),
-            Field::optional("jitter", ConfigType::Float).doc("Random spread of each delay, 0 to 1."),
+            Field::optional("jitter", ConfigType::Float)
+                .doc("Random spread of each delay, 0 to 1."),
         ])
     }
 
@@ -114,7 +123,9 @@ mod tests {
 
     #[test]
     fn config_overrides_keys_it_names() {
-        let p = RetryPolicy::new(1).delay(5.0).overridden_by(&serde_json::json!({"max_retries": 4}));
+        let p = RetryPolicy::new(1)
+            .delay(5.0)
+            .overridden_by(&serde_json::json!({"max_retries": 4}));
         assert_eq!((p.max_retries, p.delay), (4, 5.0));
     }
 }

@@ -50,17 +50,29 @@ impl Inputs {
 
     /// Borrows input `name` as a `T`.
     pub fn get<T: 'static>(&self, name: &str) -> Result<&T, SolidError> {
-        let value = self.values.get(name).ok_or_else(|| SolidError::new(format!("input `{name}` was not provided")))?;
+        let value = self
+            .values
+            .get(name)
+            .ok_or_else(|| SolidError::new(format!("input `{name}` was not provided")))?;
         value.downcast_ref::<T>().ok_or_else(|| {
-            SolidError::new(format!("input `{name}` is not a {}", std::any::type_name::<T>()))
+            SolidError::new(format!(
+                "input `{name}` is not a {}",
+                std::any::type_name::<T>()
+            ))
         })
     }
 
     /// Takes input `name` as an owned `T`, cloning only if another step shares the value.
     pub fn take<T: Clone + Send + Sync + 'static>(&mut self, name: &str) -> Result<T, SolidError> {
-        let value = self.values.remove(name).ok_or_else(|| SolidError::new(format!("input `{name}` was not provided")))?;
+        let value = self
+            .values
+            .remove(name)
+            .ok_or_else(|| SolidError::new(format!("input `{name}` was not provided")))?;
         let typed = value.downcast::<T>().map_err(|_| {
-            SolidError::new(format!("input `{name}` is not a {}", std::any::type_name::<T>()))
+            SolidError::new(format!(
+                "input `{name}` is not a {}",
+                std::any::type_name::<T>()
+            ))
         })?;
         Ok(Arc::try_unwrap(typed).unwrap_or_else(|shared| (*shared).clone()))
     }
@@ -96,7 +108,8 @@ impl Outputs {
 }
 
 /// The compute function of a solid, after type erasure.
-pub type ComputeFn = Arc<dyn Fn(&SolidContext<'_>, Inputs) -> Result<Outputs, SolidError> + Send + Sync>;
+pub type ComputeFn =
+    Arc<dyn Fn(&SolidContext<'_>, Inputs) -> Result<Outputs, SolidError> + Send + Sync>;
 
 /// Everything about a solid: signature, config, tags, resources, retry policy and body.
 #[derive(Clone)]
@@ -136,7 +149,10 @@ impl SolidDefinition {
     /// Use the builder methods to add inputs, outputs, config and metadata.
     pub fn new(
         name: impl Into<String>,
-        compute: impl Fn(&SolidContext<'_>, Inputs) -> Result<Outputs, SolidError> + Send + Sync + 'static,
+        compute: impl Fn(&SolidContext<'_>, Inputs) -> Result<Outputs, SolidError>
+        + Send
+        + Sync
+        + 'static,
     ) -> Self {
         Self {
             name: name.into(),
@@ -159,13 +175,20 @@ impl SolidDefinition {
 
     /// Adds an input of type `ty`.
     pub fn input(mut self, name: impl Into<String>, ty: TypeInfo) -> Self {
-        self.inputs.push(InputDefinition { name: name.into(), ty, description: String::new() });
+        self.inputs.push(InputDefinition {
+            name: name.into(),
+            ty,
+            description: String::new(),
+        });
         self
     }
 
     /// Adds an output of type `ty`.
     pub fn output(mut self, name: impl Into<String>, ty: TypeInfo) -> Self {
-        self.outputs.push(OutputDefinition { name: name.into(), ty });
+        self.outputs.push(OutputDefinition {
+            name: name.into(),
+            ty,
+        });
         self
     }
 

@@ -70,8 +70,15 @@ impl TypeInfo {
             id: TypeId::of::<T>,
             encode: encode::<T>,
             decode: decode::<T>,
-            from_json: |v| serde_json::from_value::<T>(v).map(|t| Arc::new(t) as Value).map_err(|e| e.to_string()),
-            to_json: |v| v.downcast_ref::<T>().and_then(|t| serde_json::to_value(t).ok()),
+            from_json: |v| {
+                serde_json::from_value::<T>(v)
+                    .map(|t| Arc::new(t) as Value)
+                    .map_err(|e| e.to_string())
+            },
+            to_json: |v| {
+                v.downcast_ref::<T>()
+                    .and_then(|t| serde_json::to_value(t).ok())
+            },
         }
     }
 
@@ -103,10 +110,15 @@ impl TypeInfo {
 
 fn encode<T: SolidType>(value: &Value, codec: Codec, out: &mut dyn Write) -> std::io::Result<()> {
     let value = value.downcast_ref::<T>().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("value is not a {}", std::any::type_name::<T>()))
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("value is not a {}", std::any::type_name::<T>()),
+        )
     })?;
     match codec {
-        Codec::MessagePack => rmp_serde::encode::write_named(&mut WriteRef(out), value).map_err(std::io::Error::other),
+        Codec::MessagePack => {
+            rmp_serde::encode::write_named(&mut WriteRef(out), value).map_err(std::io::Error::other)
+        }
         Codec::Json => serde_json::to_writer(WriteRef(out), value).map_err(std::io::Error::other),
     }
 }
@@ -161,8 +173,14 @@ mod tests {
     #[test]
     fn round_trips_through_every_codec() {
         let info = TypeInfo::of::<Row>();
-        let row = Row { name: "a".into(), extra: [("x".to_string(), 1.5)].into() };
-        let value: Value = Arc::new(Row { name: row.name.clone(), extra: row.extra.clone() });
+        let row = Row {
+            name: "a".into(),
+            extra: [("x".to_string(), 1.5)].into(),
+        };
+        let value: Value = Arc::new(Row {
+            name: row.name.clone(),
+            extra: row.extra.clone(),
+        });
         for codec in [Codec::MessagePack, Codec::Json] {
             let mut buf = Vec::new();
             info.encode(&value, codec, &mut buf).unwrap();

@@ -19,8 +19,22 @@ pub struct SolidContext<'a> {
 
 impl<'a> SolidContext<'a> {
     /// A context for running a solid's compute directly (tests, custom runners).
-    pub fn new(run_id: &'a str, step_key: &'a str, solid: &'a str, attempt: u32, config: &'a serde_json::Value, events: &'a EventSink) -> Self {
-        Self { run_id, step_key, solid, attempt, config, events }
+    pub fn new(
+        run_id: &'a str,
+        step_key: &'a str,
+        solid: &'a str,
+        attempt: u32,
+        config: &'a serde_json::Value,
+        events: &'a EventSink,
+    ) -> Self {
+        Self {
+            run_id,
+            step_key,
+            solid,
+            attempt,
+            config,
+            events,
+        }
     }
 
     /// The run id.
@@ -50,8 +64,12 @@ impl<'a> SolidContext<'a> {
 
     /// The solid's config as its typed struct.
     pub fn config<T: DeserializeOwned>(&self) -> Result<T, SolidError> {
-        T::deserialize(self.config)
-            .map_err(|e| SolidError::new(format!("config of solid `{}` does not match its type: {e}", self.solid)))
+        T::deserialize(self.config).map_err(|e| {
+            SolidError::new(format!(
+                "config of solid `{}` does not match its type: {e}",
+                self.solid
+            ))
+        })
     }
 
     /// A logger whose lines become `LOG_MESSAGE` events of this step.
@@ -62,8 +80,17 @@ impl<'a> SolidContext<'a> {
     /// Reports an artifact this step produced (a table, a file, a model) as a
     /// `MATERIALIZATION` event; `metadata` is free-form JSON.
     pub fn materialize(&self, name: &str, description: &str, metadata: serde_json::Value) {
-        let kind = EventKind::Materialization { name: name.into(), description: description.into(), metadata };
-        self.events.emit(Some(self.step_key), Level::Info, format!("materialized {name}"), kind);
+        let kind = EventKind::Materialization {
+            name: name.into(),
+            description: description.into(),
+            metadata,
+        };
+        self.events.emit(
+            Some(self.step_key),
+            Level::Info,
+            format!("materialized {name}"),
+            kind,
+        );
     }
 }
 
@@ -75,7 +102,12 @@ pub struct Log<'c> {
 impl Log<'_> {
     /// Logs at `level`.
     pub fn at(&self, level: Level, message: impl Into<String>) {
-        self.ctx.events.emit(Some(self.ctx.step_key), level, message, EventKind::LogMessage);
+        self.ctx.events.emit(
+            Some(self.ctx.step_key),
+            level,
+            message,
+            EventKind::LogMessage,
+        );
     }
 
     /// Logs a debug line.

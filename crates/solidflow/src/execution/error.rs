@@ -24,13 +24,21 @@ pub struct SolidError {
 impl SolidError {
     /// A failure with a message.
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into(), causes: Vec::new(), retry_requested: None, panic_location: None }
+        Self {
+            message: message.into(),
+            causes: Vec::new(),
+            retry_requested: None,
+            panic_location: None,
+        }
     }
 
     /// A failure that asks to be retried (after `delay`, if given). Retries still stop
     /// at the policy's `max_retries`, or after 1 retry when the solid has no policy.
     pub fn retry(message: impl Into<String>, delay: Option<Duration>) -> Self {
-        Self { retry_requested: Some(delay), ..Self::new(message) }
+        Self {
+            retry_requested: Some(delay),
+            ..Self::new(message)
+        }
     }
 
     /// Adds a cause.
@@ -44,7 +52,12 @@ impl SolidError {
         ErrorInfo {
             message: self.message.clone(),
             causes: self.causes.clone(),
-            kind: if self.panic_location.is_some() { "panic" } else { "error" }.into(),
+            kind: if self.panic_location.is_some() {
+                "panic"
+            } else {
+                "error"
+            }
+            .into(),
             location: self.panic_location.clone(),
         }
     }
@@ -68,7 +81,12 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for SolidError {
             causes.push(s.to_string());
             source = s.source();
         }
-        Self { message: e.to_string(), causes, retry_requested: None, panic_location: None }
+        Self {
+            message: e.to_string(),
+            causes,
+            retry_requested: None,
+            panic_location: None,
+        }
     }
 }
 

@@ -51,7 +51,11 @@ pub struct ErrorInfo {
 
 /// What happened. Serialized as `event_type` plus `data`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event_type", content = "data", rename_all = "SCREAMING_SNAKE_CASE")]
+#[serde(
+    tag = "event_type",
+    content = "data",
+    rename_all = "SCREAMING_SNAKE_CASE"
+)]
 pub enum EventKind {
     /// The run started.
     PipelineStart {
@@ -234,7 +238,9 @@ impl Event {
     pub fn is_pipeline_end(&self) -> bool {
         matches!(
             self.kind,
-            EventKind::PipelineSuccess { .. } | EventKind::PipelineFailure { .. } | EventKind::PipelineCanceled { .. }
+            EventKind::PipelineSuccess { .. }
+                | EventKind::PipelineFailure { .. }
+                | EventKind::PipelineCanceled { .. }
         )
     }
 }
@@ -255,14 +261,24 @@ mod tests {
             host: "h".into(),
             pid: 1,
             worker: None,
-            kind: EventKind::StepSuccess { duration_ms: 3, attempt: 1 },
+            kind: EventKind::StepSuccess {
+                duration_ms: 3,
+                attempt: 1,
+            },
         };
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["event_type"], "STEP_SUCCESS");
         assert_eq!(json["data"]["duration_ms"], 3);
         let back: Event = serde_json::from_value(json).unwrap();
         assert_eq!(back, e);
-        let log: Event = serde_json::from_value(serde_json::to_value(Event { kind: EventKind::LogMessage, ..e }).unwrap()).unwrap();
+        let log: Event = serde_json::from_value(
+            serde_json::to_value(Event {
+                kind: EventKind::LogMessage,
+                ..e
+            })
+            .unwrap(),
+        )
+        .unwrap();
         assert_eq!(log.kind, EventKind::LogMessage);
     }
 }

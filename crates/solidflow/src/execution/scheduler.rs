@@ -65,7 +65,9 @@ pub struct Scheduler<'p> {
 /// Checks that every step's requirements fit in `capacity`, naming each step that can
 /// never run. With `capacity` `None` nothing is enforced.
 pub fn check_resources(plan: &ExecutionPlan, capacity: Option<&Resources>) -> Result<(), String> {
-    let Some(capacity) = capacity else { return Ok(()) };
+    let Some(capacity) = capacity else {
+        return Ok(());
+    };
     let problems: Vec<String> = plan
         .steps
         .iter()
@@ -142,16 +144,27 @@ impl<'p> Scheduler<'p> {
         let attempt = self.attempts[step];
         if attempt > 1 {
             let key = &self.plan.steps[step].key;
-            self.events.emit(Some(key), Level::Info, format!("restarting {key} (attempt {attempt})"), EventKind::StepRestarted { attempt });
+            self.events.emit(
+                Some(key),
+                Level::Info,
+                format!("restarting {key} (attempt {attempt})"),
+                EventKind::StepRestarted { attempt },
+            );
         }
         Some((step, attempt))
     }
 
     fn fits(&self, step: usize) -> bool {
-        let Some(capacity) = &self.capacity else { return true };
-        self.plan.steps[step].required_resources.iter().all(|(name, need)| {
-            self.in_use.get(name).copied().unwrap_or(0.0) + need <= capacity.get(name).copied().unwrap_or(0.0) + 1e-9
-        })
+        let Some(capacity) = &self.capacity else {
+            return true;
+        };
+        self.plan.steps[step]
+            .required_resources
+            .iter()
+            .all(|(name, need)| {
+                self.in_use.get(name).copied().unwrap_or(0.0) + need
+                    <= capacity.get(name).copied().unwrap_or(0.0) + 1e-9
+            })
     }
 
     fn release(&mut self, step: usize) {
@@ -179,19 +192,39 @@ impl<'p> Scheduler<'p> {
     /// Records a failed attempt. Retries if the step's policy (or the solid's explicit
     /// request) allows, emitting `STEP_UP_FOR_RETRY`; otherwise emits `STEP_FAILURE`
     /// and skips everything downstream.
-    pub fn failed(&mut self, step: usize, error: ErrorInfo, retry_requested: Option<Option<Duration>>) -> AfterFailure {
+    pub fn failed(
+        &mut self,
+        step: usize,
+        error: ErrorInfo,
+        retry_requested: Option<Option<Duration>>,
+    ) -> AfterFailure {
         self.release(step);
         let s = &self.plan.steps[step];
         let attempt = self.attempts[step];
         let policy = &s.retry_policy;
-        let max_retries = if retry_requested.is_some() { policy.max_retries.max(1) } else { policy.max_retries };
+        let max_retries = if retry_requested.is_some() {
+            policy.max_retries.max(1)
+        } else {
+            policy.max_retries
+        };
         if attempt <= max_retries && error.kind != "interrupted" {
-            let delay = retry_requested.flatten().unwrap_or_else(|| policy.delay_before(attempt + 1, fastrand::f64()));
+            let delay = retry_requested
+                .flatten()
+                .unwrap_or_else(|| policy.delay_before(attempt + 1, fastrand::f64()));
             self.events.emit(
                 Some(&s.key),
                 Level::Warning,
-                format!("{} failed on attempt {attempt}, retrying in {:.1}s: {}", s.key, delay.as_secs_f64(), error.message),
-                EventKind::StepUpForRetry { error, attempt, delay_secs: delay.as_secs_f64() },
+                format!(
+                    "{} failed on attempt {attempt}, retrying in {:.1}s: {}",
+                    s.key,
+                    delay.as_secs_f64(),
+                    error.message
+                ),
+                EventKind::StepUpForRetry {
+                    error,
+                    attempt,
+                    delay_secs: delay.as_secs_f64(),
+                },
             );
             self.state[step] = State::Delayed;
             self.delayed.push((Instant::now() + delay, step));
@@ -227,7 +260,11 @@ impl<'p> Scheduler<'p> {
                 self.events.emit(
                     Some(&ds.key),
                     Level::Warning,
-                    format!("skipped {} because {} did not succeed", ds.key, upstream.join(", ")),
+                    format!(
+                        "skipped {} because {} did not succeed",
+                        ds.key,
+                        upstream.join(", ")
+                    ),
                     EventKind::StepSkipped { upstream },
                 );
                 self.summary.skipped.push(ds.key.clone());
@@ -241,7 +278,12 @@ impl<'p> Scheduler<'p> {
         self.summary.canceled = true;
         for &step in running {
             if self.state[step] == State::Running {
-                let error = ErrorInfo { message: "interrupted: the run was canceled".into(), causes: vec![], kind: "interrupted".into(), location: None };
+                let error = ErrorInfo {
+                    message: "interrupted: the run was canceled".into(),
+                    causes: vec![],
+                    kind: "interrupted".into(),
+                    location: None,
+                };
                 self.failed(step, error, None);
             }
         }

@@ -50,7 +50,13 @@ impl EventSink {
     }
 
     /// Builds and emits an event.
-    pub fn emit(&self, step_key: Option<&str>, level: Level, message: impl Into<String>, kind: EventKind) {
+    pub fn emit(
+        &self,
+        step_key: Option<&str>,
+        level: Level,
+        message: impl Into<String>,
+        kind: EventKind,
+    ) {
         self.forward(Event {
             run_id: self.run_id.to_string(),
             pipeline: self.pipeline.to_string(),
@@ -99,6 +105,9 @@ impl EventCollector {
 
 impl EventListener for EventCollector {
     fn on_event(&self, event: &Event) {
-        self.events.lock().expect("collector lock").push(event.clone());
+        self.events
+            .lock()
+            .expect("collector lock")
+            .push(event.clone());
     }
 }

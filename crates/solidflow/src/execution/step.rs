@@ -49,27 +49,54 @@ impl StepEnvironment {
         let step = &self.plan.steps[index];
         let key = step.key.as_str();
         let started = Instant::now();
-        self.events.emit(Some(key), Level::Info, format!("started {key} (attempt {attempt})"), EventKind::StepStart { attempt });
+        self.events.emit(
+            Some(key),
+            Level::Info,
+            format!("started {key} (attempt {attempt})"),
+            EventKind::StepStart { attempt },
+        );
         let invocation = self
             .pipeline
             .invocations()
             .get(step.invocation)
             .filter(|inv| inv.alias == step.solid)
-            .ok_or_else(|| SolidError::new(format!("solid `{}` is not in pipeline `{}`", step.solid, self.pipeline.name())))?;
+            .ok_or_else(|| {
+                SolidError::new(format!(
+                    "solid `{}` is not in pipeline `{}`",
+                    step.solid,
+                    self.pipeline.name()
+                ))
+            })?;
         let def = &invocation.definition;
         let inputs = self.load_inputs(step, def)?;
         let solid_config = self.config.solids.get(&step.solid).map(|s| &s.config);
         let empty = serde_json::Value::Object(Default::default());
-        let ctx = SolidContext::new(&self.run_id, key, &step.solid, attempt, solid_config.unwrap_or(&empty), &self.events);
+        let ctx = SolidContext::new(
+            &self.run_id,
+            key,
+            &step.solid,
+            attempt,
+            solid_config.unwrap_or(&empty),
+            &self.events,
+        );
         let outputs = call_catching_panics(|| (def.compute)(&ctx, inputs))?;
         let mut produced = outputs.into_values();
         for out in &def.outputs {
-            let pos = produced.iter().position(|(n, _)| n == &out.name).ok_or_else(|| {
-                SolidError::new(format!("solid `{}` did not produce its output `{}`", step.solid, out.name))
-            })?;
+            let pos = produced
+                .iter()
+                .position(|(n, _)| n == &out.name)
+                .ok_or_else(|| {
+                    SolidError::new(format!(
+                        "solid `{}` did not produce its output `{}`",
+                        step.solid, out.name
+                    ))
+                })?;
             let (_, value) = produced.swap_remove(pos);
             if !out.ty.matches(&value) {
-                return Err(SolidError::new(format!("output `{}` of solid `{}` is not a {}", out.name, step.solid, out.ty.name)));
+                return Err(SolidError::new(format!(
+                    "output `{}` of solid `{}` is not a {}",
+                    out.name, step.solid, out.ty.name
+                )));
             }
             self.store_output(step, &out.name, out.ty, value)?;
         }
@@ -78,27 +105,43 @@ impl StepEnvironment {
             Some(key),
             Level::Info,
             format!("{key} succeeded in {duration_ms} ms"),
-            EventKind::StepSuccess { duration_ms, attempt },
+            EventKind::StepSuccess {
+                duration_ms,
+                attempt,
+            },
         );
         Ok(())
     }
 
-    fn load_inputs(&self, step: &ExecutionStep, def: &crate::definition::solid::SolidDefinition) -> Result<Inputs, SolidError> {
+    fn load_inputs(
+        &self,
+        step: &ExecutionStep,
+        def: &crate::definition::solid::SolidDefinition,
+    ) -> Result<Inputs, SolidError> {
         let mut values = BTreeMap::new();
         for (input, input_def) in step.inputs.iter().zip(&def.inputs) {
             let (value, source) = match &input.source {
                 StepInputSource::Step { step_key, output } => {
                     let value = match &self.memory {
                         Some(mem) => mem.get(step_key, output).ok_or_else(|| {
-                            SolidError::new(format!("output `{output}` of `{step_key}` is not in memory"))
+                            SolidError::new(format!(
+                                "output `{output}` of `{step_key}` is not in memory"
+                            ))
                         })?,
                         None => {
                             let key = IntermediateKey::new(&self.run_id, step_key, output);
                             let mut reader = self.storage.read(&key)?;
-                            input_def.ty.decode(Codec::default(), &mut reader).map_err(|e| {
-                                SolidError::new(format!("cannot decode {} as {}", self.storage.location(&key), input_def.ty.name))
+                            input_def
+                                .ty
+                                .decode(Codec::default(), &mut reader)
+                                .map_err(|e| {
+                                    SolidError::new(format!(
+                                        "cannot decode {} as {}",
+                                        self.storage.location(&key),
+                                        input_def.ty.name
+                                    ))
                                     .caused_by(e.to_string())
-                            })?
+                                })?
                         }
                     };
                     (value, format!("{step_key}.{output}"))
@@ -110,22 +153,40 @@ impl StepEnvironment {
                         .get(&step.solid)
                         .and_then(|s| s.inputs.get(&input.name))
                         .cloned()
-                        .ok_or_else(|| SolidError::new(format!("input `{}` missing from run config", input.name)))?;
-                    (input_def.ty.from_json(json).map_err(SolidError::new)?, "config".to_string())
+                        .ok_or_else(|| {
+                            SolidError::new(format!(
+                                "input `{}` missing from run config",
+                                input.name
+                            ))
+                        })?;
+                    (
+                        input_def.ty.from_json(json).map_err(SolidError::new)?,
+                        "config".to_string(),
+                    )
                 }
             };
             self.events.emit(
                 Some(&step.key),
                 Level::Debug,
                 format!("input {} from {source}", input.name),
-                EventKind::StepInput { input: input.name.clone(), type_name: input.type_name.into(), source },
+                EventKind::StepInput {
+                    input: input.name.clone(),
+                    type_name: input.type_name.into(),
+                    source,
+                },
             );
             values.insert(input.name.clone(), value);
         }
         Ok(Inputs::new(values))
     }
 
-    fn store_output(&self, step: &ExecutionStep, output: &str, ty: crate::definition::types::TypeInfo, value: Value) -> Result<(), SolidError> {
+    fn store_output(
+        &self,
+        step: &ExecutionStep,
+        output: &str,
+        ty: crate::definition::types::TypeInfo,
+        value: Value,
+    ) -> Result<(), SolidError> {
         let (location, bytes) = match &self.memory {
             Some(mem) => {
                 mem.put(&step.key, output, value);
@@ -133,7 +194,9 @@ impl StepEnvironment {
             }
             None => {
                 let key = IntermediateKey::new(&self.run_id, &step.key, output);
-                let bytes = self.storage.write(&key, &mut |w| ty.encode(&value, Codec::default(), w))?;
+                let bytes = self
+                    .storage
+                    .write(&key, &mut |w| ty.encode(&value, Codec::default(), w))?;
                 (Some(self.storage.location(&key)), Some(bytes))
             }
         };
@@ -141,7 +204,12 @@ impl StepEnvironment {
             Some(&step.key),
             Level::Debug,
             format!("output {output}"),
-            EventKind::StepOutput { output: output.into(), type_name: ty.name.into(), location, bytes },
+            EventKind::StepOutput {
+                output: output.into(),
+                type_name: ty.name.into(),
+                location,
+                bytes,
+            },
         );
         Ok(())
     }
@@ -159,8 +227,13 @@ pub fn call_catching_panics<T>(f: impl FnOnce() -> Result<T, SolidError>) -> Res
     let result = catch_unwind(AssertUnwindSafe(f));
     IN_STEP.with(|s| *s.borrow_mut() = false);
     result.unwrap_or_else(|_| {
-        let (message, location) = PANIC_INFO.with(|p| p.borrow_mut().take()).unwrap_or(("panic".into(), None));
-        Err(SolidError { panic_location: location.or(Some("unknown".into())), ..SolidError::new(format!("solid panicked: {message}")) })
+        let (message, location) = PANIC_INFO
+            .with(|p| p.borrow_mut().take())
+            .unwrap_or(("panic".into(), None));
+        Err(SolidError {
+            panic_location: location.or(Some("unknown".into())),
+            ..SolidError::new(format!("solid panicked: {message}"))
+        })
     })
 }
 
@@ -177,7 +250,9 @@ fn install_panic_hook() {
                     .map(|s| s.to_string())
                     .or_else(|| info.payload().downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "non-string panic payload".into());
-                let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+                let location = info
+                    .location()
+                    .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
                 PANIC_INFO.with(|p| *p.borrow_mut() = Some((message, location)));
             } else {
                 previous(info);

@@ -19,11 +19,18 @@ impl ValueStore {
 
     /// Stores an output.
     pub fn put(&self, step_key: &str, output: &str, value: Value) {
-        self.values.write().expect("value lock").insert((step_key.to_string(), output.to_string()), value);
+        self.values
+            .write()
+            .expect("value lock")
+            .insert((step_key.to_string(), output.to_string()), value);
     }
 
     /// Fetches an output.
     pub fn get(&self, step_key: &str, output: &str) -> Option<Value> {
-        self.values.read().expect("value lock").get(&(step_key.to_string(), output.to_string())).cloned()
+        self.values
+            .read()
+            .expect("value lock")
+            .get(&(step_key.to_string(), output.to_string()))
+            .cloned()
     }
 }

@@ -24,7 +24,10 @@ pub struct InProcessExecutor {
 impl InProcessExecutor {
     /// An executor running up to `max_concurrent` steps at once (0 = one per core).
     pub fn new(max_concurrent: usize) -> Self {
-        Self { max_concurrent: effective_concurrency(max_concurrent), resources: None }
+        Self {
+            max_concurrent: effective_concurrency(max_concurrent),
+            resources: None,
+        }
     }
 
     /// Declares the resources this machine has (`{GPU: 1}`); steps then wait for them.
@@ -36,7 +39,11 @@ impl InProcessExecutor {
 
 /// `0` means one per core.
 pub(crate) fn effective_concurrency(requested: usize) -> usize {
-    if requested > 0 { requested } else { std::thread::available_parallelism().map_or(1, |n| n.get()) }
+    if requested > 0 {
+        requested
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
 }
 
 /// The schema shared by local executors: `max_concurrent` and `resources`.
@@ -57,7 +64,10 @@ pub fn definition() -> ExecutorDefinition {
         description: "Run steps on threads of the current process (the embedded default).",
         config: local_config_schema,
         build: |config: &Value| {
-            let n = config.get("max_concurrent").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let n = config
+                .get("max_concurrent")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize;
             let mut executor = InProcessExecutor::new(n);
             executor.resources = declared_resources(config);
             Ok(Arc::new(executor))
@@ -109,7 +119,9 @@ impl Executor for InProcessExecutor {
                 break;
             }
             while scheduler.running() < threads {
-                let Some((step, attempt)) = scheduler.next() else { break };
+                let Some((step, attempt)) = scheduler.next() else {
+                    break;
+                };
                 if threads == 1 || (in_flight.is_empty() && !scheduler.has_ready()) {
                     let result = env.run_step(step, attempt);
                     handle(&mut scheduler, (step, result));
@@ -123,13 +135,18 @@ impl Executor for InProcessExecutor {
             }
             if in_flight.is_empty() && !scheduler.has_ready() {
                 // Only delayed retries remain: sleep until the first is due (or cancel).
-                let wait = scheduler.next_wakeup().map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()));
+                let wait = scheduler.next_wakeup().map_or(Duration::ZERO, |t| {
+                    t.saturating_duration_since(Instant::now())
+                });
                 std::thread::sleep(wait.min(Duration::from_millis(100)));
                 continue;
             }
             let timeout = scheduler
                 .next_wakeup()
-                .map_or(Duration::from_millis(100), |t| t.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)));
+                .map_or(Duration::from_millis(100), |t| {
+                    t.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(100))
+                });
             match done_rx.recv_timeout(timeout) {
                 Ok(done) => {
                     in_flight.retain(|&s| s != done.0);
@@ -141,7 +158,9 @@ impl Executor for InProcessExecutor {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(ExecutorError::Engine("in-process worker threads stopped unexpectedly".into()));
+                    return Err(ExecutorError::Engine(
+                        "in-process worker threads stopped unexpectedly".into(),
+                    ));
                 }
             }
         }

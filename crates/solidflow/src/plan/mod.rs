@@ -97,10 +97,19 @@ impl ExecutionPlan {
     /// Compiles `pipeline` with `config` into a plan.
     pub fn compile(pipeline: &Pipeline, config: &RunConfig) -> Self {
         let invs = pipeline.invocations();
-        let index: HashMap<&str, usize> = invs.iter().enumerate().map(|(i, inv)| (inv.alias.as_str(), i)).collect();
+        let index: HashMap<&str, usize> = invs
+            .iter()
+            .enumerate()
+            .map(|(i, inv)| (inv.alias.as_str(), i))
+            .collect();
         // Levels by longest path from a root; the pipeline was checked to be acyclic.
         let mut level = vec![usize::MAX; invs.len()];
-        fn level_of(i: usize, invs: &[crate::definition::pipeline::Invocation], index: &HashMap<&str, usize>, level: &mut [usize]) -> usize {
+        fn level_of(
+            i: usize,
+            invs: &[crate::definition::pipeline::Invocation],
+            index: &HashMap<&str, usize>,
+            level: &mut [usize],
+        ) -> usize {
             if level[i] != usize::MAX {
                 return level[i];
             }
@@ -108,7 +117,9 @@ impl ExecutionPlan {
                 .inputs
                 .values()
                 .filter_map(|s| match s {
-                    InputSource::Output { solid, .. } => Some(level_of(index[solid.as_str()], invs, index, level) + 1),
+                    InputSource::Output { solid, .. } => {
+                        Some(level_of(index[solid.as_str()], invs, index, level) + 1)
+                    }
                     InputSource::Config => None,
                 })
                 .max()
@@ -121,7 +132,8 @@ impl ExecutionPlan {
         }
         let mut order: Vec<usize> = (0..invs.len()).collect();
         order.sort_by_key(|&i| (level[i], i));
-        let position: HashMap<usize, usize> = order.iter().enumerate().map(|(pos, &i)| (i, pos)).collect();
+        let position: HashMap<usize, usize> =
+            order.iter().enumerate().map(|(pos, &i)| (i, pos)).collect();
         let mut steps: Vec<ExecutionStep> = order
             .iter()
             .map(|&i| {
@@ -135,11 +147,18 @@ impl ExecutionPlan {
                         let source = match &inv.inputs[&input.name] {
                             InputSource::Output { solid, output } => {
                                 upstream.push(position[&index[solid.as_str()]]);
-                                StepInputSource::Step { step_key: step_key(solid), output: output.clone() }
+                                StepInputSource::Step {
+                                    step_key: step_key(solid),
+                                    output: output.clone(),
+                                }
                             }
                             InputSource::Config => StepInputSource::Config,
                         };
-                        StepInput { name: input.name.clone(), type_name: input.ty.name, source }
+                        StepInput {
+                            name: input.name.clone(),
+                            type_name: input.ty.name,
+                            source,
+                        }
                     })
                     .collect();
                 upstream.sort_unstable();
@@ -155,7 +174,14 @@ impl ExecutionPlan {
                     solid: inv.alias.clone(),
                     solid_definition: def.name.clone(),
                     inputs,
-                    outputs: def.outputs.iter().map(|o| StepOutput { name: o.name.clone(), type_name: o.ty.name }).collect(),
+                    outputs: def
+                        .outputs
+                        .iter()
+                        .map(|o| StepOutput {
+                            name: o.name.clone(),
+                            type_name: o.ty.name,
+                        })
+                        .collect(),
                     required_resources: def.required_resources.clone(),
                     tags: def.tags.clone(),
                     retry_policy,
@@ -171,7 +197,10 @@ impl ExecutionPlan {
                 steps[u].downstream.push(i);
             }
         }
-        Self { pipeline: pipeline.name().to_string(), steps }
+        Self {
+            pipeline: pipeline.name().to_string(),
+            steps,
+        }
     }
 
     /// Looks up a step by key.
@@ -192,7 +221,13 @@ impl ExecutionPlan {
 
 impl fmt::Display for ExecutionPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "Execution plan for pipeline `{}` ({} steps, {} levels)", self.pipeline, self.steps.len(), self.depth())?;
+        writeln!(
+            f,
+            "Execution plan for pipeline `{}` ({} steps, {} levels)",
+            self.pipeline,
+            self.steps.len(),
+            self.depth()
+        )?;
         let mut current = usize::MAX;
         for step in &self.steps {
             if step.level != current {
@@ -204,16 +239,26 @@ impl fmt::Display for ExecutionPlan {
                 write!(f, " (solid {})", step.solid_definition)?;
             }
             if !step.required_resources.is_empty() {
-                let r: Vec<String> = step.required_resources.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let r: Vec<String> = step
+                    .required_resources
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
                 write!(f, " [requires {}]", r.join(", "))?;
             }
             writeln!(f)?;
             for input in &step.inputs {
                 match &input.source {
-                    StepInputSource::Step { step_key, output } => {
-                        writeln!(f, "      in  {}: {} <- {step_key}.{output}", input.name, input.type_name)?
-                    }
-                    StepInputSource::Config => writeln!(f, "      in  {}: {} <- run config", input.name, input.type_name)?,
+                    StepInputSource::Step { step_key, output } => writeln!(
+                        f,
+                        "      in  {}: {} <- {step_key}.{output}",
+                        input.name, input.type_name
+                    )?,
+                    StepInputSource::Config => writeln!(
+                        f,
+                        "      in  {}: {} <- run config",
+                        input.name, input.type_name
+                    )?,
                 }
             }
             for output in &step.outputs {
@@ -232,7 +277,10 @@ mod tests {
     use crate::definition::types::TypeInfo;
 
     fn diamond() -> Pipeline {
-        let src = || SolidDefinition::new("src", |_, _| Ok(Outputs::result(1i64))).output("result", TypeInfo::of::<i64>());
+        let src = || {
+            SolidDefinition::new("src", |_, _| Ok(Outputs::result(1i64)))
+                .output("result", TypeInfo::of::<i64>())
+        };
         let one = |name: &str| {
             SolidDefinition::new(name, |_, _| Ok(Outputs::result(1i64)))
                 .input("x", TypeInfo::of::<i64>())
@@ -243,7 +291,12 @@ mod tests {
             .input("b", TypeInfo::of::<i64>());
         Pipeline::build("diamond", |p| {
             // Added out of order on purpose: the plan sorts by level, then insertion.
-            let (ra, rb, rs1, rs2) = (p.result("left"), p.result("right"), p.result("src"), p.result("src"));
+            let (ra, rb, rs1, rs2) = (
+                p.result("left"),
+                p.result("right"),
+                p.result("src"),
+                p.result("src"),
+            );
             p.add("join", join, vec![("a".into(), ra), ("b".into(), rb)]);
             p.add("right", one("right"), vec![("x".into(), rs1)]);
             p.add("left", one("left"), vec![("x".into(), rs2)]);
@@ -257,12 +310,30 @@ mod tests {
         let pipeline = diamond();
         let config = RunConfig::validate(&pipeline, None, &ConfigSources::empty()).unwrap();
         let plan = ExecutionPlan::compile(&pipeline, &config);
-        let keys: Vec<(&str, usize)> = plan.steps.iter().map(|s| (s.key.as_str(), s.level)).collect();
-        assert_eq!(keys, [("src.compute", 0), ("right.compute", 1), ("left.compute", 1), ("join.compute", 2)]);
+        let keys: Vec<(&str, usize)> = plan
+            .steps
+            .iter()
+            .map(|s| (s.key.as_str(), s.level))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("src.compute", 0),
+                ("right.compute", 1),
+                ("left.compute", 1),
+                ("join.compute", 2)
+            ]
+        );
         assert_eq!(plan.steps[3].upstream, vec![1, 2]);
         assert_eq!(plan.steps[0].downstream, vec![1, 2]);
         let again = ExecutionPlan::compile(&pipeline, &config);
-        assert_eq!(serde_json::to_string(&plan).unwrap(), serde_json::to_string(&again).unwrap());
-        assert!(plan.to_string().contains("in  a: i64 <- left.compute.result"));
+        assert_eq!(
+            serde_json::to_string(&plan).unwrap(),
+            serde_json::to_string(&again).unwrap()
+        );
+        assert!(
+            plan.to_string()
+                .contains("in  a: i64 <- left.compute.result")
+        );
     }
 }

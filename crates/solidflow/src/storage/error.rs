@@ -4,7 +4,9 @@
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// Nothing is stored under the key.
-    #[error("no intermediate at {location}: the upstream step did not write it (was it skipped, or is this another run's storage?)")]
+    #[error(
+        "no intermediate at {location}: the upstream step did not write it (was it skipped, or is this another run's storage?)"
+    )]
     NotFound {
         /// Where the value was looked for.
         location: String,

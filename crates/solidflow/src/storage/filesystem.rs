@@ -24,7 +24,10 @@ pub struct FilesystemStorage {
 impl FilesystemStorage {
     /// Storage rooted at `base_dir` (created on first write).
     pub fn new(base_dir: impl Into<PathBuf>) -> Self {
-        Self { base_dir: base_dir.into(), shared: false }
+        Self {
+            base_dir: base_dir.into(),
+            shared: false,
+        }
     }
 
     /// Declares that `base_dir` is on a filesystem every worker mounts at the same path
@@ -43,9 +46,17 @@ impl FilesystemStorage {
         self.base_dir.join(key.relative_path())
     }
 
-    fn io(&self, operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StorageError {
+    fn io(
+        &self,
+        operation: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(std::io::Error) -> StorageError {
         let location = path.display().to_string();
-        move |source| StorageError::Io { operation, location, source }
+        move |source| StorageError::Io {
+            operation,
+            location,
+            source,
+        }
     }
 }
 
@@ -59,12 +70,18 @@ fn config_schema() -> ConfigType {
     ])
 }
 
-fn build(config: &Value, ctx: &StorageContext) -> Result<Arc<dyn IntermediateStorage>, StorageError> {
+fn build(
+    config: &Value,
+    ctx: &StorageContext,
+) -> Result<Arc<dyn IntermediateStorage>, StorageError> {
     let base = match config.get("base_dir").and_then(Value::as_str) {
         Some(dir) => PathBuf::from(dir),
         None => ctx.home.join("storage"),
     };
-    let shared = config.get("shared").and_then(Value::as_bool).unwrap_or(false);
+    let shared = config
+        .get("shared")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     Ok(Arc::new(FilesystemStorage::new(base).shared(shared)))
 }
 
@@ -84,7 +101,11 @@ impl IntermediateStorage for FilesystemStorage {
     }
 
     fn reach(&self) -> Reach {
-        if self.shared { Reach::Cluster } else { Reach::Machine }
+        if self.shared {
+            Reach::Cluster
+        } else {
+            Reach::Machine
+        }
     }
 
     fn location(&self, key: &IntermediateKey) -> String {
@@ -96,24 +117,32 @@ impl IntermediateStorage for FilesystemStorage {
             kind: "filesystem",
             message: format!("cannot create base_dir {}: {e}", self.base_dir.display()),
         })?;
-        tempfile::NamedTempFile::new_in(&self.base_dir).map(drop).map_err(|e| StorageError::Unusable {
-            kind: "filesystem",
-            message: format!("base_dir {} is not writable: {e}", self.base_dir.display()),
-        })
+        tempfile::NamedTempFile::new_in(&self.base_dir)
+            .map(drop)
+            .map_err(|e| StorageError::Unusable {
+                kind: "filesystem",
+                message: format!("base_dir {} is not writable: {e}", self.base_dir.display()),
+            })
     }
 
     fn write(&self, key: &IntermediateKey, write: WriteFn<'_>) -> Result<u64, StorageError> {
         let path = self.path(key);
         let dir = path.parent().expect("key path has a parent");
         fs::create_dir_all(dir).map_err(self.io("create directory", dir))?;
-        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(self.io("create temporary file in", dir))?;
+        let tmp = tempfile::NamedTempFile::new_in(dir)
+            .map_err(self.io("create temporary file in", dir))?;
         let mut out = BufWriter::with_capacity(1 << 20, tmp.as_file());
         write(&mut out).map_err(self.io("write", &path))?;
         out.flush().map_err(self.io("write", &path))?;
         drop(out);
-        let len = tmp.as_file().metadata().map_err(self.io("write", &path))?.len();
+        let len = tmp
+            .as_file()
+            .metadata()
+            .map_err(self.io("write", &path))?
+            .len();
         // Rename is atomic within a directory; the temp file is removed if anything above failed.
-        tmp.persist(&path).map_err(|e| self.io("rename into", &path)(e.error))?;
+        tmp.persist(&path)
+            .map_err(|e| self.io("rename into", &path)(e.error))?;
         Ok(len)
     }
 
@@ -121,9 +150,9 @@ impl IntermediateStorage for FilesystemStorage {
         let path = self.path(key);
         match File::open(&path) {
             Ok(f) => Ok(Box::new(BufReader::with_capacity(1 << 20, f))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(StorageError::NotFound { location: path.display().to_string() })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StorageError::NotFound {
+                location: path.display().to_string(),
+            }),
             Err(e) => Err(self.io("read", &path)(e)),
         }
     }

@@ -3,7 +3,9 @@
 use std::fmt;
 
 /// Address of a step output: `<run_id>/intermediates/<step_key>/<output>`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct IntermediateKey {
     /// The run that produced the value.
     pub run_id: String,
@@ -15,13 +17,24 @@ pub struct IntermediateKey {
 
 impl IntermediateKey {
     /// Builds a key from its three parts.
-    pub fn new(run_id: impl Into<String>, step_key: impl Into<String>, output: impl Into<String>) -> Self {
-        Self { run_id: run_id.into(), step_key: step_key.into(), output: output.into() }
+    pub fn new(
+        run_id: impl Into<String>,
+        step_key: impl Into<String>,
+        output: impl Into<String>,
+    ) -> Self {
+        Self {
+            run_id: run_id.into(),
+            step_key: step_key.into(),
+            output: output.into(),
+        }
     }
 
     /// The relative path of the value inside a storage root.
     pub fn relative_path(&self) -> String {
-        format!("{}/intermediates/{}/{}", self.run_id, self.step_key, self.output)
+        format!(
+            "{}/intermediates/{}/{}",
+            self.run_id, self.step_key, self.output
+        )
     }
 
     /// Parses a relative path produced by [`relative_path`](Self::relative_path).
@@ -31,7 +44,10 @@ impl IntermediateKey {
         (parts.next()? == "intermediates").then_some(())?;
         let step_key = parts.next()?;
         let output = parts.next()?;
-        parts.next().is_none().then(|| Self::new(run_id, step_key, output))
+        parts
+            .next()
+            .is_none()
+            .then(|| Self::new(run_id, step_key, output))
     }
 }
 

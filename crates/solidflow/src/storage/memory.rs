@@ -50,16 +50,25 @@ impl IntermediateStorage for InMemoryStorage {
 
     fn write(&self, key: &IntermediateKey, write: WriteFn<'_>) -> Result<u64, StorageError> {
         let mut buf = Vec::new();
-        write(&mut buf).map_err(|source| StorageError::Io { operation: "write", location: self.location(key), source })?;
+        write(&mut buf).map_err(|source| StorageError::Io {
+            operation: "write",
+            location: self.location(key),
+            source,
+        })?;
         let len = buf.len() as u64;
         // Inserted only once fully encoded: readers never see a partial value.
-        self.values.lock().expect("storage lock").insert(key.clone(), Arc::new(buf));
+        self.values
+            .lock()
+            .expect("storage lock")
+            .insert(key.clone(), Arc::new(buf));
         Ok(len)
     }
 
     fn read(&self, key: &IntermediateKey) -> Result<Box<dyn Read + Send>, StorageError> {
         let values = self.values.lock().expect("storage lock");
-        let bytes = values.get(key).ok_or_else(|| StorageError::NotFound { location: self.location(key) })?;
+        let bytes = values.get(key).ok_or_else(|| StorageError::NotFound {
+            location: self.location(key),
+        })?;
         Ok(Box::new(Cursor::new(SharedBytes(bytes.clone()))))
     }
 
@@ -69,7 +78,11 @@ impl IntermediateStorage for InMemoryStorage {
 
     fn list_run(&self, run_id: &str) -> Result<Vec<IntermediateKey>, StorageError> {
         let values = self.values.lock().expect("storage lock");
-        Ok(values.keys().filter(|k| k.run_id == run_id).cloned().collect())
+        Ok(values
+            .keys()
+            .filter(|k| k.run_id == run_id)
+            .cloned()
+            .collect())
     }
 }
 

@@ -16,7 +16,8 @@ pub struct StorageContext {
 }
 
 /// Builds a storage from its validated `config:` block (defaults filled in).
-pub type BuildStorage = fn(&Value, &StorageContext) -> Result<Arc<dyn IntermediateStorage>, StorageError>;
+pub type BuildStorage =
+    fn(&Value, &StorageContext) -> Result<Arc<dyn IntermediateStorage>, StorageError>;
 
 /// One `storage:` choice: its name, config schema and factory.
 #[derive(Clone)]
@@ -33,11 +34,17 @@ pub struct StorageDefinition {
 
 impl std::fmt::Debug for StorageDefinition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StorageDefinition").field("name", &self.name).finish()
+        f.debug_struct("StorageDefinition")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
 /// The storages every mode offers unless it says otherwise: `in_memory`, `filesystem` and `s3`.
 pub fn default_storages() -> Vec<StorageDefinition> {
-    vec![super::memory::definition(), super::filesystem::definition(), super::s3::definition()]
+    vec![
+        super::memory::definition(),
+        super::filesystem::definition(),
+        super::s3::definition(),
+    ]
 }

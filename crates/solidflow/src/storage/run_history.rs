@@ -114,7 +114,10 @@ impl Drop for WriterThread {
 impl RunHistory {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, HistoryError> {
-        let err = |source| HistoryError { path: path.display().to_string(), source };
+        let err = |source| HistoryError {
+            path: path.display().to_string(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -145,7 +148,10 @@ impl RunHistory {
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> HistoryError + '_ {
-        |source| HistoryError { path: self.path.display().to_string(), source }
+        |source| HistoryError {
+            path: self.path.display().to_string(),
+            source,
+        }
     }
 
     /// Records a new run as `STARTED`.
@@ -185,7 +191,9 @@ impl RunHistory {
         let mut stmt = conn
             .prepare("SELECT run_id, pipeline, mode, status, config, parent_run_id, started_at, ended_at FROM runs ORDER BY started_at DESC LIMIT ?1")
             .map_err(self.err())?;
-        let rows = stmt.query_map([limit as i64], row_to_record).map_err(self.err())?;
+        let rows = stmt
+            .query_map([limit as i64], row_to_record)
+            .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
@@ -204,9 +212,13 @@ impl RunHistory {
     /// Events of a run with ids greater than `after`, oldest first, with their ids.
     pub fn events(&self, run_id: &str, after: i64) -> Result<Vec<(i64, Event)>, HistoryError> {
         let conn = self.conn.lock().expect("history lock");
-        let mut stmt = conn.prepare("SELECT id, body FROM events WHERE run_id = ?1 AND id > ?2 ORDER BY id").map_err(self.err())?;
+        let mut stmt = conn
+            .prepare("SELECT id, body FROM events WHERE run_id = ?1 AND id > ?2 ORDER BY id")
+            .map_err(self.err())?;
         let rows = stmt
-            .query_map(params![run_id, after], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .query_map(params![run_id, after], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
             .map_err(self.err())?;
         let mut out = Vec::new();
         for row in rows {
@@ -234,7 +246,11 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
-    let time = |s: String| DateTime::parse_from_rfc3339(&s).map(|t| t.with_timezone(&Utc)).ok();
+    let time = |s: String| {
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .ok()
+    };
     Ok(RunRecord {
         run_id: r.get(0)?,
         pipeline: r.get(1)?,
@@ -263,12 +279,20 @@ fn write_loop(mut conn: Connection, rx: Receiver<Message>) {
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO events (run_id, step_key, event_type, timestamp, body) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
-                let mut status = tx.prepare_cached("UPDATE runs SET status = ?2, ended_at = ?3 WHERE run_id = ?1")?;
+                let mut status = tx.prepare_cached(
+                    "UPDATE runs SET status = ?2, ended_at = ?3 WHERE run_id = ?1",
+                )?;
                 for msg in batch {
                     match msg {
                         Message::Event(e) => {
                             let body = serde_json::to_string(&e).unwrap_or_default();
-                            insert.execute(params![e.run_id, e.step_key, e.event_type(), e.timestamp.to_rfc3339(), body])?;
+                            insert.execute(params![
+                                e.run_id,
+                                e.step_key,
+                                e.event_type(),
+                                e.timestamp.to_rfc3339(),
+                                body
+                            ])?;
                             let end = match e.kind {
                                 EventKind::PipelineSuccess { .. } => Some(RunStatus::Success),
                                 EventKind::PipelineFailure { .. } => Some(RunStatus::Failure),
@@ -276,7 +300,11 @@ fn write_loop(mut conn: Connection, rx: Receiver<Message>) {
                                 _ => None,
                             };
                             if let Some(s) = end {
-                                status.execute(params![e.run_id, s.as_str(), e.timestamp.to_rfc3339()])?;
+                                status.execute(params![
+                                    e.run_id,
+                                    s.as_str(),
+                                    e.timestamp.to_rfc3339()
+                                ])?;
                             }
                         }
                         Message::Flush(done) => flushes.push(done),
