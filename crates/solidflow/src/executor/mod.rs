@@ -5,6 +5,7 @@
 //! module plus one line in [`default_executors`] or a public constructor like
 //! [`dask_executor`].
 
+pub mod dask;
 mod in_process;
 mod multiprocess;
 
@@ -88,12 +89,7 @@ pub fn default_executors() -> Vec<ExecutorDefinition> {
 
 /// The Dask executor, to add to a mode like the seed's `default_executors + [dask_executor]`.
 pub fn dask_executor() -> ExecutorDefinition {
-    ExecutorDefinition {
-        name: "dask",
-        description: "Run every step as a Dask task on a local or remote cluster.",
-        config: || ConfigType::Any,
-        build: |_| Err(ExecutorError::Config("the dask executor is not yet available in this build".into())),
-    }
+    dask::definition()
 }
 
 /// Reads `config.resources` (`{GPU: 2}`) into a resource map, if declared.

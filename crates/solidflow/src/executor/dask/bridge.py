@@ -190,6 +190,29 @@ def _solidflow_run_command(spec, *upstream):
             if os.getppid() != parent_pid:
                 os._exit(137)
 
+    # Best-effort complete copy of the output on the worker's disk ("log_files":
+    # {"stdout": path, "stderr": path}), appended to, so a retry adds to the record.
+    # The live stream is capped by the scheduler; this copy is not.
+    tee = {}
+    tee_locks = {"stdout": threading.Lock(), "stderr": threading.Lock()}
+    for stream, path in (spec.get("log_files") or {}).items():
+        if stream not in tee_locks or not path:
+            continue
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tee[stream] = open(path, "a", encoding="utf-8", buffering=1)
+        except OSError:
+            pass
+
+    def tee_line(stream, text):
+        f = tee.get(stream)
+        if f is not None:
+            with tee_locks[stream]:
+                try:
+                    f.write(text + "\n")
+                except (OSError, ValueError):
+                    pass
+
     started = time.time()
     with state["lock"]:
         if key in state["cancelled"]:
@@ -206,6 +229,8 @@ def _solidflow_run_command(spec, *upstream):
                 preexec_fn=preexec if libc is not None else None,
             )
         except OSError as e:
+            for f in tee.values():
+                f.close()
             raise RuntimeError(
                 "could not start %r on worker %s: %s" % (command, worker.address, e)
             ) from None
@@ -232,6 +257,7 @@ def _solidflow_run_command(spec, *upstream):
         for raw in proc.stderr:
             text = raw.decode("utf-8", "replace").rstrip("\n")
             tail.append(text)
+            tee_line("stderr", text)
             send_line("stderr", text)
 
     threads = [
@@ -242,7 +268,9 @@ def _solidflow_run_command(spec, *upstream):
         t.start()
     try:
         for raw in proc.stdout:
-            send_line("stdout", raw.decode("utf-8", "replace").rstrip("\n"))
+            text = raw.decode("utf-8", "replace").rstrip("\n")
+            tee_line("stdout", text)
+            send_line("stdout", text)
         returncode = proc.wait()
         for t in threads:
             t.join()
@@ -253,6 +281,11 @@ def _solidflow_run_command(spec, *upstream):
         with state["lock"]:
             state["procs"].pop(key, None)
 
+    for f in tee.values():
+        try:
+            f.close()
+        except OSError:
+            pass
     stderr_tail = "\n".join(tail)[-STDERR_TAIL_CHARS:]
     with counter_lock:
         events = counter["events"]
@@ -265,6 +298,7 @@ def _solidflow_run_command(spec, *upstream):
         "worker": worker.address,
         "stderr_tail": stderr_tail,
         "duration": time.time() - started,
+        "log_files": {stream: f.name for stream, f in tee.items()},
     }
 
 
@@ -701,6 +735,7 @@ class Bridge:
                 "stdin": req.get("stdin") or "",
                 "env": req.get("env") or {},
                 "cwd": req.get("cwd"),
+                "log_files": req.get("log_files") or {},
                 "log_topic": topic,
                 "skip_on_upstream_failure": req.get("skip_on_upstream_failure", True),
             },
@@ -995,6 +1030,7 @@ class Bridge:
                 "worker": result["worker"],
                 "stderr_tail": result["stderr_tail"],
                 "duration": result["duration"],
+                "log_files": result.get("log_files") or {},
                 "_events": result["events"],
             }
             with self.lock:

@@ -340,6 +340,10 @@ pub struct SubmitRequest {
     pub skip_on_upstream_failure: bool,
     /// Event topic for live lines; use one per run.
     pub log_topic: String,
+    /// Files on the worker (`stdout`, `stderr`) that get a complete copy of the
+    /// command's output, appended to; best effort (skipped if they can't be opened).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub log_files: BTreeMap<String, PathBuf>,
 }
 
 impl SubmitRequest {
@@ -357,6 +361,7 @@ impl SubmitRequest {
             dep_mode: DepMode::Bridge,
             skip_on_upstream_failure: true,
             log_topic: log_topic.into(),
+            log_files: BTreeMap::new(),
         }
     }
 }
@@ -428,6 +433,9 @@ pub struct TaskDone {
     /// Set when some live lines did not arrive within 5 s of the end.
     #[serde(default)]
     pub lines_missing: Option<u64>,
+    /// The worker-side copies of the output that were written (`stdout`, `stderr`).
+    #[serde(default)]
+    pub log_files: BTreeMap<String, String>,
 }
 
 impl TaskDone {

@@ -1,0 +1,350 @@
+//! Test helper: a real Dask cluster (`dask scheduler` + `dask worker` processes) on free
+//! loopback ports, torn down on drop.
+//!
+//! Include it from an integration test with
+//! `#[path = "support/dask.rs"] mod dask_support;`.
+//!
+//! The processes come from the venv made by `scripts/python-env.sh` (`.venv/bin/dask`,
+//! or the `dask` next to `$SOLIDFLOW_PYTHON`). When it is missing the helper panics and
+//! says to run that script: tests never skip silently. Every process is started in its
+//! own process group, waited for with deadlines (never fixed sleeps), and killed with
+//! its group (nanny and worker) on drop.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long scheduler and workers may take to come up.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python interpreter with dask + distributed: `$SOLIDFLOW_PYTHON` or `.venv/bin/python`.
+/// Panics, naming the fix, when it is missing.
+pub fn python() -> PathBuf {
+    let python = std::env::var_os("SOLIDFLOW_PYTHON")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    assert!(
+        python.exists(),
+        "the Dask tests need Python with dask + distributed, but {} does not exist: run scripts/python-env.sh \
+         (it creates .venv from python/requirements.txt), or set SOLIDFLOW_PYTHON",
+        python.display()
+    );
+    python
+}
+
+/// The `dask` command of that venv.
+pub fn dask_cli() -> PathBuf {
+    let python = python();
+    let dask = python
+        .parent()
+        .map(|d| d.join("dask"))
+        .unwrap_or_else(|| repo_root().join(".venv/bin/dask"));
+    assert!(
+        dask.is_file(),
+        "the Dask tests need the `dask` command next to {}, but {} does not exist: run scripts/python-env.sh",
+        python.display(),
+        dask.display()
+    );
+    dask
+}
+
+/// A free TCP port on 127.0.0.1 (the listener is closed before returning).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+    alive: bool,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        if self.alive {
+            // The child leads its own process group: kill the nanny and its worker too.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .stderr(Stdio::null())
+                .status();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.alive = false;
+        }
+    }
+
+    fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+/// One worker to start: its name and `--resources`.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerSpec {
+    /// `--name`.
+    pub name: String,
+    /// `--resources`, e.g. `GPU=1`.
+    pub resources: Option<String>,
+    /// `--nthreads` (default 1).
+    pub nthreads: u32,
+}
+
+impl WorkerSpec {
+    /// A worker with one thread and no resources.
+    pub fn plain(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            resources: None,
+            nthreads: 1,
+        }
+    }
+
+    /// A worker with one thread and these resources (`"GPU=1"`).
+    pub fn with_resources(name: &str, resources: &str) -> Self {
+        Self {
+            name: name.into(),
+            resources: Some(resources.into()),
+            nthreads: 1,
+        }
+    }
+}
+
+/// A running scheduler and its workers.
+pub struct DaskCluster {
+    scheduler: Proc,
+    workers: Vec<(WorkerSpec, Proc, String)>,
+    /// `tcp://127.0.0.1:<port>`.
+    pub address: String,
+    dir: tempfile::TempDir,
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let file = std::fs::File::create(log).expect("create process log");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("clone log file"))
+        .stderr(file)
+        .process_group(0)
+        .env("PYTHONUNBUFFERED", "1")
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e} (run scripts/python-env.sh)"));
+    Proc {
+        child,
+        log: log.to_path_buf(),
+        alive: true,
+    }
+}
+
+fn wait_for_log(proc: &mut Proc, needle: &str, what: &str) -> String {
+    let deadline = Instant::now() + STARTUP_DEADLINE;
+    loop {
+        let text = proc.log_text();
+        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            return line.to_string();
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            proc.alive = false;
+            panic!("{what} exited ({status}) before it was ready; its log:\n{text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready within {STARTUP_DEADLINE:?}; its log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl DaskCluster {
+    /// Starts a scheduler and these workers, and waits until every worker registered.
+    pub fn start(workers: &[WorkerSpec]) -> Self {
+        let dask = dask_cli();
+        let dir = tempfile::Builder::new()
+            .prefix("solidflow-dask-")
+            .tempdir()
+            .expect("temp dir");
+        let port = free_port();
+        let address = format!("tcp://127.0.0.1:{port}");
+        let mut scheduler = spawn(
+            Command::new(&dask)
+                .args([
+                    "scheduler",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--dashboard-address",
+                    ":0",
+                    "--no-show",
+                ])
+                .current_dir(dir.path()),
+            &dir.path().join("scheduler.log"),
+        );
+        wait_for_log(&mut scheduler, "Scheduler at:", "dask scheduler");
+        let mut cluster = Self {
+            scheduler,
+            workers: Vec::new(),
+            address,
+            dir,
+        };
+        for spec in workers {
+            cluster.add_worker(spec.clone());
+        }
+        cluster
+    }
+
+    /// Starts one more worker and waits until it registered. Returns its index.
+    pub fn add_worker(&mut self, spec: WorkerSpec) -> usize {
+        let log = self.dir.path().join(format!("worker-{}.log", spec.name));
+        let mut cmd = Command::new(dask_cli());
+        cmd.args([
+            "worker",
+            &self.address,
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+            "--death-timeout",
+            "60",
+        ])
+        .args([
+            "--nthreads",
+            &spec.nthreads.max(1).to_string(),
+            "--name",
+            &spec.name,
+        ])
+        .current_dir(self.dir.path());
+        if let Some(r) = &spec.resources {
+            cmd.args(["--resources", r]);
+        }
+        let mut proc = spawn(&mut cmd, &log);
+        let line = wait_for_log(
+            &mut proc,
+            "Start worker at:",
+            &format!("dask worker {}", spec.name),
+        );
+        let worker_address = line
+            .rsplit("Start worker at:")
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        wait_for_log(
+            &mut proc,
+            "Registered to:",
+            &format!("dask worker {}", spec.name),
+        );
+        self.workers.push((spec, proc, worker_address));
+        self.workers.len() - 1
+    }
+
+    /// The address (`tcp://127.0.0.1:<port>`) of worker `i`.
+    pub fn worker_address(&self, i: usize) -> &str {
+        &self.workers[i].2
+    }
+
+    /// Index of the worker named `name`.
+    pub fn worker_named(&self, name: &str) -> usize {
+        self.workers
+            .iter()
+            .position(|(s, _, _)| s.name == name)
+            .expect("worker name")
+    }
+
+    /// Kills worker `i` (nanny and worker process) with SIGKILL.
+    pub fn kill_worker(&mut self, i: usize) {
+        self.workers[i].1.kill();
+    }
+
+    /// The logs of the scheduler and every worker, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = format!("--- scheduler ---\n{}", self.scheduler.log_text());
+        for (spec, proc, _) in &self.workers {
+            out.push_str(&format!(
+                "\n--- worker {} ---\n{}",
+                spec.name,
+                proc.log_text()
+            ));
+        }
+        out
+    }
+
+    /// Process ids of the scheduler and workers that are still running.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(&self.scheduler)
+            .chain(self.workers.iter().map(|(_, p, _)| p))
+            .filter(|p| p.alive)
+            .map(|p| p.child.id())
+            .collect()
+    }
+}
+
+impl Drop for DaskCluster {
+    fn drop(&mut self) {
+        for (_, proc, _) in &mut self.workers {
+            proc.kill();
+        }
+        self.scheduler.kill();
+    }
+}
+
+/// Whether a process is running (a zombie counts as exited).
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Every descendant process of `pid` (children, grandchildren, ...), from /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat"))
+                && let Some(rest) = stat.rsplit(')').next()
+            {
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                if fields.first() == Some(&"Z") {
+                    continue;
+                }
+                if let Some(ppid) = fields.get(1).and_then(|s| s.parse().ok()) {
+                    parents.push((p, ppid));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for &(child, parent) in &parents {
+            if parent == p && !out.contains(&child) {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out
+}
