@@ -34,7 +34,10 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Parser)]
-#[command(about = "Run and inspect the pipelines of this binary (solidflow).", version)]
+#[command(
+    about = "Run and inspect the pipelines of this binary (solidflow).",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -116,7 +119,11 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { EXIT_USAGE } else { EXIT_SUCCESS };
+            return if e.use_stderr() {
+                EXIT_USAGE
+            } else {
+                EXIT_SUCCESS
+            };
         }
     };
     let _ = tracing_subscriber::fmt()
@@ -126,46 +133,81 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
     match cli.command {
         Command::List => {
             for p in repository.pipelines() {
-                println!("{}\t{} solids\t{}", p.name(), p.invocations().len(), p.description());
+                println!(
+                    "{}\t{} solids\t{}",
+                    p.name(),
+                    p.invocations().len(),
+                    p.description()
+                );
             }
             EXIT_SUCCESS
         }
-        Command::Plan { pipeline, config, json } => with_pipeline(repository, &pipeline, |p| {
+        Command::Plan {
+            pipeline,
+            config,
+            json,
+        } => with_pipeline(repository, &pipeline, |p| {
             let (sources, run_config) = load_config(p, &config)?;
             let _ = sources;
             let plan = ExecutionPlan::compile(p, &run_config);
             if json {
-                println!("{}", serde_json::to_string_pretty(&plan).expect("plan serializes"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&plan).expect("plan serializes")
+                );
             } else {
                 print!("{plan}");
             }
             Ok(EXIT_SUCCESS)
         }),
-        Command::ConfigSchema { pipeline, mode, json } => with_pipeline(repository, &pipeline, |p| {
+        Command::ConfigSchema {
+            pipeline,
+            mode,
+            json,
+        } => with_pipeline(repository, &pipeline, |p| {
             let schema = run_config_schema(p, mode.as_deref()).map_err(|e| e.to_string())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&schema).expect("schema serializes"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&schema).expect("schema serializes")
+                );
             } else {
                 print!("{}", schema_text::render(&schema));
             }
             Ok(EXIT_SUCCESS)
         }),
-        Command::Execute { pipeline, config, json, run_id } => {
-            with_pipeline(repository, &pipeline, |p| execute(p, &config, json, run_id))
-        }
+        Command::Execute {
+            pipeline,
+            config,
+            json,
+            run_id,
+        } => with_pipeline(repository, &pipeline, |p| execute(p, &config, json, run_id)),
         Command::Runs { limit, json } => with_history(|h| {
             for run in h.runs(limit).map_err(|e| e.to_string())? {
                 if json {
                     println!("{}", serde_json::to_string(&run).expect("run serializes"));
                 } else {
-                    let ended = run.ended_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into());
-                    println!("{}\t{}\t{}\t{}\t{}", run.run_id, run.pipeline, run.status, run.started_at.to_rfc3339(), ended);
+                    let ended = run
+                        .ended_at
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        run.run_id,
+                        run.pipeline,
+                        run.status,
+                        run.started_at.to_rfc3339(),
+                        ended
+                    );
                 }
             }
             Ok(EXIT_SUCCESS)
         }),
         Command::Logs { run_id, json } => with_history(|h| {
-            let run = h.run(&run_id).map_err(|e| e.to_string())?.ok_or_else(|| format!("no run `{run_id}` in run history"))?;
+            let run = h
+                .run(&run_id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no run `{run_id}` in run history"))?;
             let console = Console::new(json, Level::Debug, 0);
             for (_, event) in h.events(&run.run_id, 0).map_err(|e| e.to_string())? {
                 crate::execution::sink::EventListener::on_event(&console, &event);
@@ -176,13 +218,21 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
     }
 }
 
-fn with_pipeline(repository: &Repository, name: &str, f: impl FnOnce(&Pipeline) -> Result<i32, String>) -> i32 {
+fn with_pipeline(
+    repository: &Repository,
+    name: &str,
+    f: impl FnOnce(&Pipeline) -> Result<i32, String>,
+) -> i32 {
     let Some(pipeline) = repository.pipeline(name) else {
         let names: Vec<&str> = repository.pipelines().iter().map(|p| p.name()).collect();
         let hint = crate::config::validate::did_you_mean(name, names.iter().copied())
             .map(|m| format!(" Did you mean `{m}`?"))
             .unwrap_or_default();
-        eprintln!("error: no pipeline `{name}` in repository `{}`.{hint} Pipelines: {}", repository.name(), names.join(", "));
+        eprintln!(
+            "error: no pipeline `{name}` in repository `{}`.{hint} Pipelines: {}",
+            repository.name(),
+            names.join(", ")
+        );
         return EXIT_USAGE;
     };
     f(pipeline).unwrap_or_else(|message| {
@@ -205,20 +255,33 @@ fn with_history(f: impl FnOnce(&RunHistory) -> Result<i32, String>) -> i32 {
     }
 }
 
-fn load_config(pipeline: &Pipeline, args: &ConfigArgs) -> Result<(ConfigSources, RunConfig), String> {
+fn load_config(
+    pipeline: &Pipeline,
+    args: &ConfigArgs,
+) -> Result<(ConfigSources, RunConfig), String> {
     let sources = ConfigSources::from_files(&args.config).map_err(|e| e.to_string())?;
-    let config = RunConfig::validate(pipeline, args.mode.as_deref(), &sources).map_err(|e| e.to_string())?;
+    let config =
+        RunConfig::validate(pipeline, args.mode.as_deref(), &sources).map_err(|e| e.to_string())?;
     Ok((sources, config))
 }
 
-fn execute(pipeline: &Pipeline, args: &ConfigArgs, json: bool, run_id: Option<String>) -> Result<i32, String> {
+fn execute(
+    pipeline: &Pipeline,
+    args: &ConfigArgs,
+    json: bool,
+    run_id: Option<String>,
+) -> Result<i32, String> {
     let (sources, config) = load_config(pipeline, args)?;
     let cancel = CancelToken::new();
     install_signal_handler(cancel.clone());
     let home = solidflow_home();
     let history = RunHistory::open(&home.join("history.db")).map_err(|e| e.to_string())?;
     let steps = ExecutionPlan::compile(pipeline, &config).steps.len();
-    let console = Arc::new(Console::new(json, Level::parse(&config.log_level).unwrap_or(Level::Info), steps));
+    let console = Arc::new(Console::new(
+        json,
+        Level::parse(&config.log_level).unwrap_or(Level::Info),
+        steps,
+    ));
     let options = RunOptions {
         run_id,
         mode: args.mode.clone(),
@@ -241,11 +304,13 @@ fn execute(pipeline: &Pipeline, args: &ConfigArgs, json: bool, run_id: Option<St
     }
 }
 
-/// First Ctrl-C/SIGTERM cancels the run; a second one exits at once.
+/// First Ctrl-C/SIGTERM cancels the run (executors stop their steps); a second one kills
+/// every step process at once and exits.
 fn install_signal_handler(cancel: CancelToken) {
     let _ = ctrlc::set_handler(move || {
         if cancel.is_canceled() {
-            eprintln!("interrupted again: exiting now");
+            eprintln!("interrupted again: killing step processes and exiting now");
+            crate::executor::kill_step_processes();
             std::process::exit(EXIT_INTERRUPTED);
         }
         eprintln!("interrupt received: canceling the run (press Ctrl-C again to exit at once)");
@@ -262,7 +327,9 @@ fn step_mode(repository: &Repository) -> i32 {
     let invocation: StepInvocation = match serde_json::from_str(&input) {
         Ok(i) => i,
         Err(e) => {
-            eprintln!("error: stdin is not a step invocation ({e}); this command is run by solidflow's executors");
+            eprintln!(
+                "error: stdin is not a step invocation ({e}); this command is run by solidflow's executors"
+            );
             return 3;
         }
     };
@@ -281,10 +348,11 @@ fn step_mode(repository: &Repository) -> i32 {
 fn protocol_stdout() -> std::io::Result<Box<dyn Write + Send>> {
     use std::os::fd::{FromRawFd, OwnedFd};
     std::io::stdout().flush()?;
-    // SAFETY: dup/dup2 on the process's own standard descriptors; the duplicate is
-    // owned by the returned File and closed exactly once.
+    // SAFETY: fcntl/dup2 on the process's own standard descriptors; the duplicate is
+    // owned by the returned File and closed exactly once. It is close-on-exec so that
+    // processes the solid starts do not hold the message pipe open.
     unsafe {
-        let fd = libc::dup(1);
+        let fd = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
         if fd < 0 || libc::dup2(2, 1) < 0 {
             return Err(std::io::Error::last_os_error());
         }

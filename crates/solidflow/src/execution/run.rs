@@ -28,7 +28,10 @@ pub fn solidflow_home() -> PathBuf {
     if let Some(home) = std::env::var_os("SOLIDFLOW_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(home);
     }
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".solidflow")
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(".solidflow")
 }
 
 /// Why a run could not start. Step failures are not errors: they are in the result.
@@ -129,7 +132,9 @@ impl ExecutionResult {
 
     /// The events of one step (`<alias>.compute`).
     pub fn step_events<'a>(&'a self, step_key: &'a str) -> impl Iterator<Item = &'a Event> + 'a {
-        self.events.iter().filter(move |e| e.step_key.as_deref() == Some(step_key))
+        self.events
+            .iter()
+            .filter(move |e| e.step_key.as_deref() == Some(step_key))
     }
 
     /// The `result` output of solid `solid`.
@@ -138,8 +143,15 @@ impl ExecutionResult {
     }
 
     /// Output `output` of solid `solid`, read from memory or storage.
-    pub fn output<T: Clone + Send + Sync + 'static>(&self, solid: &str, output: &str) -> Result<T, OutputError> {
-        let unknown = || OutputError::Unknown { solid: solid.into(), output: output.into() };
+    pub fn output<T: Clone + Send + Sync + 'static>(
+        &self,
+        solid: &str,
+        output: &str,
+    ) -> Result<T, OutputError> {
+        let unknown = || OutputError::Unknown {
+            solid: solid.into(),
+            output: output.into(),
+        };
         let inv = self.env.pipeline.invocation(solid).ok_or_else(unknown)?;
         let def = inv.definition.find_output(output).ok_or_else(unknown)?;
         if def.ty.name != std::any::type_name::<T>() {
@@ -152,20 +164,30 @@ impl ExecutionResult {
         }
         let step_key = crate::plan::step_key(solid);
         let value = match &self.env.memory {
-            Some(mem) => mem.get(&step_key, output).ok_or_else(|| StorageError::NotFound {
-                location: format!("memory://{}/intermediates/{step_key}/{output}", self.env.run_id),
-            })?,
+            Some(mem) => mem
+                .get(&step_key, output)
+                .ok_or_else(|| StorageError::NotFound {
+                    location: format!(
+                        "memory://{}/intermediates/{step_key}/{output}",
+                        self.env.run_id
+                    ),
+                })?,
             None => {
                 let key = IntermediateKey::new(&self.env.run_id, &step_key, output);
                 let mut reader = self.env.storage.read(&key)?;
-                def.ty.decode(Codec::default(), &mut reader).map_err(|source| StorageError::Io {
-                    operation: "decode",
-                    location: self.env.storage.location(&key),
-                    source,
-                })?
+                def.ty
+                    .decode(Codec::default(), &mut reader)
+                    .map_err(|source| StorageError::Io {
+                        operation: "decode",
+                        location: self.env.storage.location(&key),
+                        source,
+                    })?
             }
         };
-        Ok(value.downcast_ref::<T>().expect("type checked above").clone())
+        Ok(value
+            .downcast_ref::<T>()
+            .expect("type checked above")
+            .clone())
     }
 }
 
@@ -183,24 +205,56 @@ impl ExecutionResult {
 /// assert!(result.success());
 /// assert_eq!(result.result::<String>("hello_world").unwrap(), "Hello, World!");
 /// ```
-pub fn execute_pipeline(pipeline: &Pipeline, config: serde_json::Value) -> Result<ExecutionResult, RunError> {
-    execute_pipeline_with(pipeline, &ConfigSources::from_value(config), RunOptions::default())
+pub fn execute_pipeline(
+    pipeline: &Pipeline,
+    config: serde_json::Value,
+) -> Result<ExecutionResult, RunError> {
+    execute_pipeline_with(
+        pipeline,
+        &ConfigSources::from_value(config),
+        RunOptions::default(),
+    )
 }
 
 /// Runs `pipeline` with merged config sources and options. Returns `Err` only when the
 /// run cannot start (bad config, unusable executor or storage); step failures are in
 /// the result.
-pub fn execute_pipeline_with(pipeline: &Pipeline, sources: &ConfigSources, options: RunOptions) -> Result<ExecutionResult, RunError> {
-    let config = Arc::new(RunConfig::validate(pipeline, options.mode.as_deref(), sources)?);
+pub fn execute_pipeline_with(
+    pipeline: &Pipeline,
+    sources: &ConfigSources,
+    options: RunOptions,
+) -> Result<ExecutionResult, RunError> {
+    let config = Arc::new(RunConfig::validate(
+        pipeline,
+        options.mode.as_deref(),
+        sources,
+    )?);
     let plan = Arc::new(ExecutionPlan::compile(pipeline, &config));
-    let mode = pipeline.mode(options.mode.as_deref()).expect("mode validated");
-    let setup = |message: String| RunError::Setup { pipeline: pipeline.name().into(), message };
+    let mode = pipeline
+        .mode(options.mode.as_deref())
+        .expect("mode validated");
+    let setup = |message: String| RunError::Setup {
+        pipeline: pipeline.name().into(),
+        message,
+    };
     let home = options.home.clone().unwrap_or_else(solidflow_home);
-    let storage_def = mode.storage(&config.storage.name).expect("storage validated");
-    let storage = (storage_def.build)(&config.storage.config, &StorageContext { home }).map_err(|e| setup(e.to_string()))?;
-    let executor_def = mode.executor(&config.execution.name).expect("executor validated");
-    let executor = (executor_def.build)(&config.execution.config).map_err(|e| setup(e.to_string()))?;
-    let run_id = options.run_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let storage_def = mode
+        .storage(&config.storage.name)
+        .expect("storage validated");
+    let storage = (storage_def.build)(
+        &config.storage.config,
+        &StorageContext { home: home.clone() },
+    )
+    .map_err(|e| setup(e.to_string()))?;
+    let executor_def = mode
+        .executor(&config.execution.name)
+        .expect("executor validated");
+    let executor =
+        (executor_def.build)(&config.execution.config).map_err(|e| setup(e.to_string()))?;
+    let run_id = options
+        .run_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let collector = EventCollector::default();
     let mut listeners: Vec<Arc<dyn EventListener>> = vec![Arc::new(collector.clone())];
     if let Some(h) = &options.history {
@@ -208,7 +262,8 @@ pub fn execute_pipeline_with(pipeline: &Pipeline, sources: &ConfigSources, optio
     }
     listeners.extend(options.listeners.iter().cloned());
     let events = EventSink::new(&run_id, pipeline.name(), listeners);
-    let memory = (executor.in_process() && config.storage.name == "in_memory").then(|| Arc::new(ValueStore::new()));
+    let memory = (executor.in_process() && config.storage.name == "in_memory")
+        .then(|| Arc::new(ValueStore::new()));
     let env = StepEnvironment {
         run_id: run_id.clone(),
         pipeline: Arc::new(pipeline.clone()),
@@ -218,7 +273,11 @@ pub fn execute_pipeline_with(pipeline: &Pipeline, sources: &ConfigSources, optio
         memory,
         events: events.clone(),
     };
-    let ctx = ExecutionContext { env: env.clone(), cancel: options.cancel.clone() };
+    let ctx = ExecutionContext {
+        env: env.clone(),
+        cancel: options.cancel.clone(),
+        home,
+    };
     executor.check(&ctx).map_err(|e| setup(e.to_string()))?;
     if let Some(h) = &options.history {
         h.create_run(&RunRecord {
@@ -237,40 +296,76 @@ pub fn execute_pipeline_with(pipeline: &Pipeline, sources: &ConfigSources, optio
     events.emit(
         None,
         Level::Info,
-        format!("started run {run_id} of {} on {} with {} storage", pipeline.name(), config.execution.name, config.storage.name),
+        format!(
+            "started run {run_id} of {} on {} with {} storage",
+            pipeline.name(),
+            config.execution.name,
+            config.storage.name
+        ),
         EventKind::PipelineStart {
             executor: config.execution.name.clone(),
             storage: config.storage.name.clone(),
             steps: plan.steps.len(),
         },
     );
-    let outcome = env.storage.preflight().map_err(|e| ExecutorError::Engine(e.to_string())).and_then(|()| executor.execute(&ctx));
+    let outcome = env
+        .storage
+        .preflight()
+        .map_err(|e| ExecutorError::Engine(e.to_string()))
+        .and_then(|()| executor.execute(&ctx));
     let duration_ms = started.elapsed().as_millis() as u64;
     let status = match outcome {
         Ok(summary) if summary.canceled || ctx.cancel.is_canceled() => {
-            events.emit(None, Level::Error, "run canceled", EventKind::PipelineCanceled { duration_ms });
+            events.emit(
+                None,
+                Level::Error,
+                "run canceled",
+                EventKind::PipelineCanceled { duration_ms },
+            );
             RunStatus::Canceled
         }
         Ok(summary) if summary.failed.is_empty() && summary.skipped.is_empty() => {
-            events.emit(None, Level::Info, format!("run succeeded in {duration_ms} ms"), EventKind::PipelineSuccess { duration_ms });
+            events.emit(
+                None,
+                Level::Info,
+                format!("run succeeded in {duration_ms} ms"),
+                EventKind::PipelineSuccess { duration_ms },
+            );
             RunStatus::Success
         }
         Ok(summary) => {
             events.emit(
                 None,
                 Level::Error,
-                format!("run failed: {} step(s) failed, {} skipped", summary.failed.len(), summary.skipped.len()),
-                EventKind::PipelineFailure { duration_ms, failed_steps: summary.failed, error: None },
+                format!(
+                    "run failed: {} step(s) failed, {} skipped",
+                    summary.failed.len(),
+                    summary.skipped.len()
+                ),
+                EventKind::PipelineFailure {
+                    duration_ms,
+                    failed_steps: summary.failed,
+                    error: None,
+                },
             );
             RunStatus::Failure
         }
         Err(e) => {
-            let error = ErrorInfo { message: e.to_string(), causes: vec![], kind: "engine".into(), location: None };
+            let error = ErrorInfo {
+                message: e.to_string(),
+                causes: vec![],
+                kind: "engine".into(),
+                location: None,
+            };
             events.emit(
                 None,
                 Level::Error,
                 format!("run failed: {e}"),
-                EventKind::PipelineFailure { duration_ms, failed_steps: vec![], error: Some(error) },
+                EventKind::PipelineFailure {
+                    duration_ms,
+                    failed_steps: vec![],
+                    error: Some(error),
+                },
             );
             RunStatus::Failure
         }
@@ -278,5 +373,9 @@ pub fn execute_pipeline_with(pipeline: &Pipeline, sources: &ConfigSources, optio
     if let Some(h) = &options.history {
         h.flush();
     }
-    Ok(ExecutionResult { status, events: collector.events(), env })
+    Ok(ExecutionResult {
+        status,
+        events: collector.events(),
+        env,
+    })
 }

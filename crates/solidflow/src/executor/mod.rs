@@ -10,15 +10,17 @@ mod in_process;
 mod multiprocess;
 
 pub use in_process::InProcessExecutor;
+pub use multiprocess::{MultiprocessExecutor, kill_step_processes};
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::Value;
 
 use crate::config::schema::ConfigType;
+use crate::execution::cancel::CancelToken;
 use crate::execution::scheduler::Summary;
 use crate::execution::step::StepEnvironment;
-use crate::execution::cancel::CancelToken;
 
 /// Why an executor could not run (as opposed to a step failing, which is an event).
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,9 @@ pub struct ExecutionContext {
     pub env: StepEnvironment,
     /// Set when the run should stop.
     pub cancel: CancelToken,
+    /// The solidflow home of this run (storage defaults, per-step logs under `logs/`);
+    /// out-of-process executors pass it on in the step invocation.
+    pub home: PathBuf,
 }
 
 /// Runs the steps of a plan, respecting dependencies, resources and retries, and
@@ -78,7 +83,9 @@ pub struct ExecutorDefinition {
 
 impl std::fmt::Debug for ExecutorDefinition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExecutorDefinition").field("name", &self.name).finish()
+        f.debug_struct("ExecutorDefinition")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -95,6 +102,8 @@ pub fn dask_executor() -> ExecutorDefinition {
 /// Reads `config.resources` (`{GPU: 2}`) into a resource map, if declared.
 pub fn declared_resources(config: &Value) -> Option<crate::execution::scheduler::Resources> {
     config.get("resources").and_then(Value::as_object).map(|m| {
-        m.iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0))).collect()
+        m.iter()
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
+            .collect()
     })
 }

@@ -1,0 +1,952 @@
+//! Executor conformance suite: the same behaviour checked on every executor.
+//!
+//! Each case drives the real CLI of the `conformance` pipeline binary
+//! (`src/bin/conformance.rs`) with `execute <pipeline> --json`, reads the event stream
+//! from its stdout while it runs, and checks exit code, events and side effects. Every
+//! test gets its own `SOLIDFLOW_HOME` and work directory; waits are on conditions with
+//! deadlines, never fixed sleeps.
+//!
+//! An executor joins with one line at the bottom of this file:
+//!
+//! ```ignore
+//! conformance_suite!(dask, "execution: {dask: {}}\nstorage: {s3: {...}}", isolated);
+//! ```
+//!
+//! The module name is the executor's config key (used to add `resources` to its config).
+//! `isolated` adds the cases that need each step in its own process (crash containment,
+//! captured stdout/stderr, killing a step's process group).
+//!
+//! Run: `cargo test --test executor_conformance`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Generous upper bound for any single run; a hang fails the test instead of blocking CI.
+const RUN_DEADLINE: Duration = Duration::from_secs(120);
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_conformance"))
+}
+
+/// One test's private world: a home, a work dir shared with the solids, and the base
+/// config selecting the executor under test.
+pub struct Harness {
+    _tmp: tempfile::TempDir,
+    home: PathBuf,
+    work: PathBuf,
+    executor: &'static str,
+    base: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Harness {
+    pub fn new(executor: &'static str, base_config: &str) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let home = tmp.path().join("home");
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(&work).expect("work dir");
+        let base = tmp.path().join("base.yaml");
+        std::fs::write(&base, base_config).expect("write base config");
+        Self {
+            _tmp: tmp,
+            home,
+            work,
+            executor,
+            base,
+            env: Vec::new(),
+        }
+    }
+
+    /// Adds an environment variable for the pipeline process (and its step processes).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// `execution: {<executor>: {config: <yaml>}}`, to merge over the base config.
+    pub fn executor_config(&self, yaml: &str) -> String {
+        format!("execution: {{{}: {{config: {yaml}}}}}\n", self.executor)
+    }
+
+    /// Starts `execute <pipeline> --json` with the base config and `extra` merged over it.
+    pub fn start(&self, pipeline: &str, extra: &str) -> Running {
+        let extra_path = self
+            .work
+            .join(format!("extra-{pipeline}-{}.yaml", fastish_id()));
+        std::fs::write(&extra_path, extra).expect("write extra config");
+        let mut command = Command::new(binary());
+        command
+            .args(["execute", pipeline, "--json", "-c"])
+            .arg(&self.base)
+            .arg("-c")
+            .arg(&extra_path)
+            .env("SOLIDFLOW_HOME", &self.home)
+            .env("SF_CONFORMANCE_DIR", &self.work)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start the conformance binary");
+        let (tx, rx) = channel();
+        let stdout = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str::<Value>(&line)
+                    .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = child.stderr.take().expect("piped");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                text.push_str(&line);
+                text.push('\n');
+            }
+            text
+        });
+        Running {
+            child,
+            rx,
+            events: Vec::new(),
+            stderr: Some(stderr),
+            started: Instant::now(),
+        }
+    }
+
+    /// Runs to completion.
+    pub fn run(&self, pipeline: &str, extra: &str) -> Outcome {
+        self.start(pipeline, extra).finish()
+    }
+
+    /// A file in the work directory.
+    pub fn work(&self, name: &str) -> PathBuf {
+        self.work.join(name)
+    }
+}
+
+fn fastish_id() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// A pipeline process in flight.
+pub struct Running {
+    child: Child,
+    rx: Receiver<Value>,
+    events: Vec<Value>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    started: Instant,
+}
+
+impl Running {
+    /// Waits for the first event (seen so far or arriving) that matches `pred`.
+    pub fn wait_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(e) = self.events.iter().find(|e| pred(e)) {
+            return e.clone();
+        }
+        let deadline = self.started + RUN_DEADLINE;
+        loop {
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(e) => {
+                    self.events.push(e.clone());
+                    if pred(&e) {
+                        return e;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "timed out waiting for {what}; events so far:\n{}",
+                        dump(&self.events)
+                    );
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "the run ended without {what}; events:\n{}",
+                        dump(&self.events)
+                    );
+                }
+            }
+        }
+    }
+
+    /// The pipeline process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the pipeline process (not its group).
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "cannot signal the pipeline process");
+    }
+
+    /// Waits for the process to exit (with a deadline) and collects everything.
+    pub fn finish(mut self) -> Outcome {
+        let deadline = self.started + RUN_DEADLINE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the run did not finish in {RUN_DEADLINE:?}; events:\n{}",
+                    dump(&self.events)
+                );
+            }
+            // Drain events meanwhile; this also paces the loop.
+            if let Ok(e) = self.rx.recv_timeout(Duration::from_millis(20)) {
+                self.events.push(e);
+            }
+        };
+        while let Ok(e) = self.rx.recv_timeout(Duration::from_secs(10)) {
+            self.events.push(e);
+        }
+        let stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().expect("stderr reader"))
+            .unwrap_or_default();
+        Outcome {
+            code: status.code(),
+            events: self.events,
+            stderr,
+        }
+    }
+}
+
+/// What a finished run left behind.
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub events: Vec<Value>,
+    pub stderr: String,
+}
+
+fn dump(events: &[Value]) -> String {
+    events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["event_type"].as_str().unwrap_or("?"),
+                e["step_key"].as_str().unwrap_or("-"),
+                e["message"].as_str().unwrap_or("")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Outcome {
+    pub fn of_type<'a>(&'a self, event_type: &str) -> impl Iterator<Item = &'a Value> + use<'a> {
+        let event_type = event_type.to_string();
+        self.events.iter().filter(move |e| e["event_type"] == event_type.as_str())
+    }
+
+    pub fn step(&self, step: &str, event_type: &str) -> Vec<&Value> {
+        self.of_type(event_type).filter(|e| e["step_key"] == step).collect()
+    }
+
+    pub fn one(&self, step: &str, event_type: &str) -> &Value {
+        let found = self.step(step, event_type);
+        assert_eq!(
+            found.len(),
+            1,
+            "expected one {event_type} for {step}; events:\n{}",
+            self.describe()
+        );
+        found[0]
+    }
+
+    pub fn has_message(&self, step: &str, needle: &str) -> bool {
+        self.events.iter().any(|e| {
+            e["step_key"] == step && e["message"].as_str().is_some_and(|m| m.contains(needle))
+        })
+    }
+
+    pub fn expect_code(&self, code: i32) {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "exit code; stderr:\n{}\nevents:\n{}",
+            self.stderr,
+            self.describe()
+        );
+    }
+
+    pub fn describe(&self) -> String {
+        dump(&self.events)
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `pid` is gone, failing after a deadline.
+fn assert_dies(pid: u32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "{what} (pid {pid}) is still alive: orphaned process"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read_pid(path: &Path) -> u32 {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+/// The cases, as plain functions over a harness.
+pub mod cases {
+    use super::*;
+
+    pub fn success(h: &Harness) {
+        let out = h.run("success", "");
+        out.expect_code(0);
+        for step in [
+            "numbers.compute",
+            "sum_evens.compute",
+            "sum_odds.compute",
+            "total.compute",
+        ] {
+            out.one(step, "STEP_SUCCESS");
+        }
+        assert!(
+            out.has_message("total.compute", "total=55"),
+            "values flow between steps:\n{}",
+            out.describe()
+        );
+        assert_eq!(out.of_type("PIPELINE_SUCCESS").count(), 1);
+        let start = out
+            .of_type("PIPELINE_START")
+            .next()
+            .expect("PIPELINE_START");
+        assert_eq!(start["data"]["executor"], h.executor);
+    }
+
+    pub fn failure_skips_dependents_and_finishes_independent_branch(h: &Harness) {
+        let out = h.run("failure", "");
+        out.expect_code(1);
+        let failure = out.one("boom.compute", "STEP_FAILURE");
+        assert_eq!(failure["data"]["error"]["kind"], "error");
+        assert!(
+            failure["data"]["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("boom: the source is unavailable")
+        );
+        assert_eq!(failure["data"]["error"]["causes"][0], "connection refused");
+        let skipped = out.one("downstream.compute", "STEP_SKIPPED");
+        assert_eq!(skipped["data"]["upstream"][0], "boom.compute");
+        out.one("numbers.compute", "STEP_SUCCESS");
+        out.one("sum_evens.compute", "STEP_SUCCESS");
+        let end = out
+            .of_type("PIPELINE_FAILURE")
+            .next()
+            .expect("PIPELINE_FAILURE");
+        assert_eq!(
+            end["data"]["failed_steps"],
+            serde_json::json!(["boom.compute"])
+        );
+    }
+
+    pub fn panic_reports_message_and_location(h: &Harness) {
+        let out = h.run("panic", "");
+        out.expect_code(1);
+        let error = &out.one("kaboom.compute", "STEP_FAILURE")["data"]["error"];
+        assert_eq!(error["kind"], "panic");
+        assert!(
+            error["message"].as_str().unwrap().contains("kaboom 42"),
+            "{error}"
+        );
+        assert!(
+            error["location"]
+                .as_str()
+                .unwrap()
+                .contains("conformance.rs"),
+            "{error}"
+        );
+        out.one("downstream.compute", "STEP_SKIPPED");
+        out.one("sum_evens.compute", "STEP_SUCCESS");
+    }
+
+    pub fn retries_policy_explicit_and_run_config_override(h: &Harness) {
+        let out = h.run(
+            "retries",
+            "solids: {overridden: {retry: {max_retries: 2}}}\n",
+        );
+        out.expect_code(0);
+        // flaky: policy max_retries = 2, fails attempts 1 and 2.
+        let up: Vec<u64> = out
+            .step("flaky.compute", "STEP_UP_FOR_RETRY")
+            .iter()
+            .map(|e| e["data"]["attempt"].as_u64().unwrap())
+            .collect();
+        assert_eq!(up, [1, 2], "{}", out.describe());
+        let restarted: Vec<u64> = out
+            .step("flaky.compute", "STEP_RESTARTED")
+            .iter()
+            .map(|e| e["data"]["attempt"].as_u64().unwrap())
+            .collect();
+        assert_eq!(restarted, [2, 3]);
+        assert_eq!(
+            out.one("flaky.compute", "STEP_SUCCESS")["data"]["attempt"],
+            3
+        );
+        for n in 1..=3 {
+            assert!(
+                out.has_message("flaky.compute", &format!("flaky attempt {n}")),
+                "attempt {n} visible in ctx"
+            );
+        }
+        // asks_retry: no policy, explicit SolidError::retry.
+        assert_eq!(out.step("asks_retry.compute", "STEP_UP_FOR_RETRY").len(), 1);
+        assert_eq!(
+            out.one("asks_retry.compute", "STEP_SUCCESS")["data"]["attempt"],
+            2
+        );
+        // overridden: no policy in code, max_retries: 2 from run config.
+        assert_eq!(out.step("overridden.compute", "STEP_UP_FOR_RETRY").len(), 2);
+        assert_eq!(
+            out.one("overridden.compute", "STEP_SUCCESS")["data"]["attempt"],
+            3
+        );
+        assert!(out.has_message(
+            "attempts.compute",
+            "attempts flaky=3 asks_retry=2 overridden=3"
+        ));
+        assert!(out.of_type("STEP_FAILURE").next().is_none());
+    }
+
+    pub fn retries_exhausted_fail(h: &Harness) {
+        // Without the override, `overridden` fails for good on its first attempt.
+        let out = h.run("retries", "");
+        out.expect_code(1);
+        assert!(
+            out.step("overridden.compute", "STEP_UP_FOR_RETRY")
+                .is_empty()
+        );
+        assert_eq!(
+            out.one("overridden.compute", "STEP_FAILURE")["data"]["attempt"],
+            1
+        );
+        out.one("attempts.compute", "STEP_SKIPPED");
+    }
+
+    fn interval(h: &Harness, who: &str) -> (u128, u128, bool) {
+        let start: u128 = std::fs::read_to_string(h.work(&format!("{who}.start")))
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let end = std::fs::read_to_string(h.work(&format!("{who}.end"))).unwrap();
+        let mut parts = end.split(' ');
+        (
+            start,
+            parts.next().unwrap().parse().unwrap(),
+            parts.next().unwrap() == "true",
+        )
+    }
+
+    pub fn resources_serialize_steps(h: &Harness) {
+        // Two GPU:1 steps, plenty of slots, one GPU: they must not overlap. Each waits up
+        // to 1 s for the other to start, so an overlapping scheduler would be caught by
+        // the `saw_peer` flag as well as by the recorded intervals.
+        let extra = h.executor_config("{max_concurrent: 4, resources: {GPU: 1}}")
+            + "solids: {left: {config: {wait_secs: 1}}, right: {config: {wait_secs: 1}}}\n";
+        let out = h.run("pair", &extra);
+        out.expect_code(0);
+        let (ls, le, lsaw) = interval(h, "left");
+        let (rs, re, rsaw) = interval(h, "right");
+        assert!(!lsaw && !rsaw, "a GPU:1 step saw its peer running");
+        assert!(
+            le <= rs || re <= ls,
+            "GPU:1 steps overlapped: left {ls}..{le}, right {rs}..{re}"
+        );
+    }
+
+    pub fn concurrency_overlaps_independent_steps(h: &Harness) {
+        // With two GPUs both start together: each waits (up to 60 s) for the other.
+        let extra = h.executor_config("{max_concurrent: 2, resources: {GPU: 2}}")
+            + "solids: {left: {config: {wait_secs: 60}}, right: {config: {wait_secs: 60}}}\n";
+        let out = h.run("pair", &extra);
+        out.expect_code(0);
+        assert!(
+            out.has_message("left.compute", "left: saw_peer=true"),
+            "{}",
+            out.describe()
+        );
+        assert!(
+            out.has_message("right.compute", "right: saw_peer=true"),
+            "{}",
+            out.describe()
+        );
+    }
+
+    pub fn impossible_resources_rejected_before_the_run(h: &Harness) {
+        let extra = h.executor_config("{resources: {CPU: 8}}")
+            + "solids: {left: {config: {wait_secs: 1}}, right: {config: {wait_secs: 1}}}\n";
+        let out = h.run("pair", &extra);
+        assert_ne!(out.code, Some(0));
+        assert!(
+            out.stderr.contains("requires GPU=1"),
+            "stderr: {}",
+            out.stderr
+        );
+        assert!(
+            out.of_type("STEP_START").next().is_none(),
+            "no step may start"
+        );
+        assert!(!h.work("left.start").exists());
+    }
+
+    pub fn events_are_live(h: &Harness) {
+        let mut run = h.start("live", "");
+        run.wait_event("the log line `waiting for go`", |e| {
+            e["event_type"] == "LOG_MESSAGE" && e["message"] == "waiting for go"
+        });
+        std::fs::write(h.work("go"), "go").unwrap();
+        let out = run.finish();
+        out.expect_code(0);
+        out.one("waits_for_go.compute", "STEP_SUCCESS");
+    }
+
+    pub fn cancel_stops_steps_and_leaves_no_orphans(h: &Harness) {
+        let mut run = h.start("cancel", "");
+        for who in ["sleep_a", "sleep_b"] {
+            run.wait_event("both sleepers", |e| {
+                e["message"] == format!("{who} sleeping")
+            });
+        }
+        let pids = [
+            read_pid(&h.work("sleep_a.pid")),
+            read_pid(&h.work("sleep_b.pid")),
+        ];
+        run.signal(libc::SIGINT);
+        let out = run.finish();
+        out.expect_code(130);
+        assert_eq!(
+            out.of_type("PIPELINE_CANCELED").count(),
+            1,
+            "{}",
+            out.describe()
+        );
+        for step in ["sleep_a.compute", "sleep_b.compute"] {
+            assert_eq!(
+                out.one(step, "STEP_FAILURE")["data"]["error"]["kind"],
+                "interrupted"
+            );
+        }
+        out.one("downstream.compute", "STEP_SKIPPED");
+        for pid in pids {
+            assert_dies(pid, "a step process");
+        }
+        // The run history records the cancellation.
+        let runs = Command::new(binary())
+            .args(["runs", "--json"])
+            .env("SOLIDFLOW_HOME", &h.home)
+            .output()
+            .unwrap();
+        let runs = String::from_utf8_lossy(&runs.stdout);
+        assert!(runs.contains("\"CANCELED\""), "run history: {runs}");
+    }
+
+    // --- cases for executors that run each step in its own process ----------------------
+
+    pub fn crash_is_contained(h: &Harness, how: &str, signal: &str) {
+        let out = h.run(
+            "crash",
+            &format!("solids: {{crash: {{config: {{how: {how}}}}}}}\n"),
+        );
+        out.expect_code(1);
+        let error = &out.one("crash.compute", "STEP_FAILURE")["data"]["error"];
+        assert_eq!(error["kind"], "crash", "{error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("killed by signal {signal}")),
+            "{message}"
+        );
+        assert!(message.contains("without reporting a result"), "{message}");
+        out.one("downstream.compute", "STEP_SKIPPED");
+        out.one("numbers.compute", "STEP_SUCCESS");
+        out.one("sum_evens.compute", "STEP_SUCCESS");
+        assert!(out.has_message(
+            "crash.compute",
+            &format!("[stderr] about to crash by {how}")
+        ));
+    }
+
+    pub fn stdout_and_stderr_are_captured(h: &Harness) {
+        let out = h.run("noisy", "");
+        out.expect_code(0);
+        // Printing to stdout did not corrupt the protocol: it arrives as stderr.
+        assert!(
+            out.has_message("noisy.compute", "[stderr] noisy says hello on stdout"),
+            "{}",
+            out.describe()
+        );
+        assert!(out.has_message("noisy.compute", "[stderr] noisy says hello on stderr"));
+        assert!(out.has_message("noisy.compute", "noisy logged normally"));
+        let launch = out
+            .step("noisy.compute", "ENGINE_EVENT")
+            .into_iter()
+            .find(|e| e["data"]["details"]["log_file"].is_string())
+            .expect("an ENGINE_EVENT naming the step's log file");
+        let path = launch["data"]["details"]["log_file"].as_str().unwrap();
+        assert!(
+            path.ends_with("noisy.compute.log") && path.contains("/logs/"),
+            "{path}"
+        );
+        let log = std::fs::read_to_string(path).unwrap();
+        assert!(
+            log.contains("noisy says hello on stderr")
+                && log.contains("noisy says hello on stdout"),
+            "{log}"
+        );
+        // Every step ran in its own process, not in the parent.
+        let parent = out.of_type("PIPELINE_START").next().unwrap()["pid"].clone();
+        let child = out.one("noisy.compute", "STEP_SUCCESS")["pid"].clone();
+        assert_ne!(parent, child);
+    }
+
+    pub fn grandchildren_are_killed_on_cancel(h: &Harness) {
+        let mut run = h.start("cancel", "");
+        for who in ["sleep_a", "sleep_b"] {
+            run.wait_event("both sleepers", |e| {
+                e["message"] == format!("{who} sleeping")
+            });
+        }
+        let pids: Vec<u32> = [
+            "sleep_a.pid",
+            "sleep_b.pid",
+            "sleep_a.grandchild.pid",
+            "sleep_b.grandchild.pid",
+        ]
+        .iter()
+        .map(|f| read_pid(&h.work(f)))
+        .collect();
+        run.signal(libc::SIGINT);
+        let out = run.finish();
+        out.expect_code(130);
+        assert_eq!(
+            out.of_type("PIPELINE_CANCELED").count(),
+            1,
+            "{}",
+            out.describe()
+        );
+        for pid in pids {
+            assert_dies(pid, "a step process or its child");
+        }
+    }
+
+    pub fn second_interrupt_kills_at_once(h: &Harness) {
+        let mut run = h.start("cancel", "");
+        for who in ["sleep_a", "sleep_b"] {
+            run.wait_event("both sleepers", |e| {
+                e["message"] == format!("{who} sleeping")
+            });
+        }
+        let pids = [
+            read_pid(&h.work("sleep_a.pid")),
+            read_pid(&h.work("sleep_b.pid")),
+        ];
+        run.signal(libc::SIGINT);
+        // The steps ignore SIGTERM; wait until the executor has started canceling.
+        run.wait_event("the cancel notice", |e| {
+            e["event_type"] == "ENGINE_EVENT"
+                && e["message"].as_str().unwrap_or("").starts_with("canceling")
+        });
+        run.signal(libc::SIGINT);
+        let out = run.finish();
+        out.expect_code(130);
+        assert!(
+            out.stderr.contains("interrupted again"),
+            "stderr: {}",
+            out.stderr
+        );
+        for pid in pids {
+            assert_dies(pid, "a step process");
+        }
+    }
+}
+
+/// Tests for every executor; expects `fn harness() -> Harness` in the enclosing module.
+macro_rules! common_cases {
+    () => {
+        #[test]
+        fn success() {
+            cases::success(&harness());
+        }
+        #[test]
+        fn failure_skips_dependents_and_finishes_independent_branch() {
+            cases::failure_skips_dependents_and_finishes_independent_branch(&harness());
+        }
+        #[test]
+        fn panic_reports_message_and_location() {
+            cases::panic_reports_message_and_location(&harness());
+        }
+        #[test]
+        fn retries_policy_explicit_and_run_config_override() {
+            cases::retries_policy_explicit_and_run_config_override(&harness());
+        }
+        #[test]
+        fn retries_exhausted_fail() {
+            cases::retries_exhausted_fail(&harness());
+        }
+        #[test]
+        fn resources_serialize_steps() {
+            cases::resources_serialize_steps(&harness());
+        }
+        #[test]
+        fn concurrency_overlaps_independent_steps() {
+            cases::concurrency_overlaps_independent_steps(&harness());
+        }
+        #[test]
+        fn impossible_resources_rejected_before_the_run() {
+            cases::impossible_resources_rejected_before_the_run(&harness());
+        }
+        #[test]
+        fn events_are_live() {
+            cases::events_are_live(&harness());
+        }
+        #[test]
+        fn cancel_stops_steps_and_leaves_no_orphans() {
+            cases::cancel_stops_steps_and_leaves_no_orphans(&harness());
+        }
+    };
+}
+
+/// Tests for executors that run every step in its own process.
+macro_rules! isolated_cases {
+    () => {
+        #[test]
+        fn abort_is_contained() {
+            cases::crash_is_contained(&harness(), "abort", "6");
+        }
+        #[test]
+        fn kill9_is_contained() {
+            cases::crash_is_contained(&harness(), "kill9", "9");
+        }
+        #[test]
+        fn segfault_is_contained() {
+            cases::crash_is_contained(&harness(), "segv", "11");
+        }
+        #[test]
+        fn stdout_and_stderr_are_captured() {
+            cases::stdout_and_stderr_are_captured(&harness());
+        }
+        #[test]
+        fn grandchildren_are_killed_on_cancel() {
+            cases::grandchildren_are_killed_on_cancel(
+                &harness().env("SF_CONFORMANCE_GRANDCHILD", "1"),
+            );
+        }
+        #[test]
+        fn second_interrupt_kills_at_once() {
+            cases::second_interrupt_kills_at_once(
+                &harness().env("SF_CONFORMANCE_IGNORE_TERM", "1"),
+            );
+        }
+    };
+}
+
+/// Instantiates the suite for one executor: `conformance_suite!(<config key>, "<base
+/// run config>")`, plus `isolated` for executors that run each step in its own process.
+macro_rules! conformance_suite {
+    ($name:ident, $config:expr) => {
+        conformance_suite!(@module $name, $config, common_cases!(););
+    };
+    ($name:ident, $config:expr, isolated) => {
+        conformance_suite!(@module $name, $config, common_cases!(); isolated_cases!(););
+    };
+    (@module $name:ident, $config:expr, $($cases:tt)*) => {
+        mod $name {
+            use super::*;
+
+            fn harness() -> Harness {
+                Harness::new(stringify!($name), $config)
+            }
+
+            $($cases)*
+        }
+    };
+}
+
+conformance_suite!(
+    in_process,
+    "execution: {in_process: {config: {max_concurrent: 4}}}\nstorage: {in_memory: {}}\n"
+);
+conformance_suite!(
+    multiprocess,
+    "execution: {multiprocess: {config: {max_concurrent: 4}}}\nstorage: {filesystem: {}}\n",
+    isolated
+);
+
+/// Behaviour specific to the multiprocess executor and the step protocol.
+mod multiprocess_only {
+    use super::*;
+
+    #[test]
+    fn in_memory_storage_is_refused_up_front() {
+        let h = Harness::new(
+            "multiprocess",
+            "execution: {multiprocess: {}}\nstorage: {in_memory: {}}\n",
+        );
+        let out = h.run("success", "");
+        out.expect_code(2);
+        assert!(out.stderr.contains("`in_memory` storage"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("filesystem") && out.stderr.contains("s3"),
+            "the error names the fix: {}",
+            out.stderr
+        );
+        assert!(out.of_type("PIPELINE_START").next().is_none());
+    }
+
+    #[test]
+    fn default_concurrency_is_one_per_core() {
+        let h = Harness::new(
+            "multiprocess",
+            "execution: {multiprocess: {}}\nstorage: {filesystem: {}}\n",
+        );
+        let out = h.run("success", "");
+        out.expect_code(0);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        let engine = out
+            .of_type("ENGINE_EVENT")
+            .find(|e| e["data"]["details"]["max_concurrent"].is_u64())
+            .expect("executor engine event");
+        assert_eq!(engine["data"]["details"]["max_concurrent"], cores);
+    }
+
+    /// Runs `conformance step` by hand with an invocation whose protocol version is wrong.
+    #[test]
+    fn protocol_version_mismatch_is_a_clear_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let invocation = serde_json::json!({
+            "protocol": 999,
+            "run_id": "r1",
+            "pipeline": "success",
+            "mode": "default",
+            "step_key": "numbers.compute",
+            "attempt": 1,
+            "run_config": {"storage": {"filesystem": {}}},
+            "home": tmp.path(),
+        });
+        let mut child = Command::new(binary())
+            .arg("step")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(invocation.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last: Value =
+            serde_json::from_str(stdout.lines().last().expect("a result line")).unwrap();
+        assert_eq!(last["type"], "result");
+        assert_eq!(last["ok"], false);
+        let message = last["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("step protocol mismatch") && message.contains("999"),
+            "{message}"
+        );
+    }
+
+    /// A step invocation run by hand (as a remote worker would) writes events then a result.
+    #[test]
+    fn step_mode_runs_one_step_from_an_invocation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let invocation = serde_json::json!({
+            "protocol": 1,
+            "run_id": "r2",
+            "pipeline": "success",
+            "mode": "default",
+            "step_key": "numbers.compute",
+            "attempt": 1,
+            "run_config": {"storage": {"filesystem": {}}, "execution": {"multiprocess": {}}},
+            "home": tmp.path(),
+        });
+        let mut child = Command::new(binary())
+            .arg("step")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(invocation.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.first().unwrap()["event"]["event_type"], "STEP_START");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["event"]["event_type"] == "STEP_OUTPUT")
+        );
+        assert_eq!(lines.last().unwrap()["type"], "result");
+        assert_eq!(lines.last().unwrap()["ok"], true);
+        assert!(
+            tmp.path()
+                .join("storage/r2/intermediates/numbers.compute/result")
+                .is_file()
+        );
+    }
+}
