@@ -1,0 +1,364 @@
+//! Dask executor overhead: solidflow on Dask against raw Dask futures, same shapes, same
+//! already-running cluster.
+//!
+//! ```text
+//! scripts/python-env.sh          # once: the venv with dask + distributed
+//! cargo bench --bench dask_overhead
+//! SOLIDFLOW_BENCH_REPS=5 cargo bench --bench dask_overhead
+//! ```
+//!
+//! It starts one real cluster (`dask scheduler` + 2 × `dask worker --nthreads 1` on
+//! 127.0.0.1, via the test helper) and runs, in the same process, best of
+//! `SOLIDFLOW_BENCH_REPS` (default 3) each:
+//!
+//! - **solidflow**: `execute_pipeline` with `execution: {dask: {config: {address: ...}}}`
+//!   and filesystem storage. The bench binary is its own pipeline binary: the workers
+//!   run `<this binary> step`. Reported are the whole run (bridge start and connect
+//!   included) and the part after connecting (from the executor's "connected" event to
+//!   the end), which is what scales with the number of steps.
+//! - **raw (a)**: Dask futures of no-op Python functions, submitted at once with their
+//!   upstream futures as arguments.
+//! - **raw (b)**: the same, but each task runs one subprocess of a tiny binary
+//!   (`/bin/true`; for the big intermediate the producer writes 100 MB to a file with
+//!   `head -c` and the consumers read it with `wc -c`).
+//!
+//! Shapes: a 100-step chain, a 200-wide fan-out/fan-in (202 steps), one 100 MB
+//! intermediate consumed by 4 steps (5 steps), and `critical` (20 × 0.2 s leaves next to
+//! an 8-step chain of 0.2 s steps) with and without `critical_path_priority`. Finally
+//! time-to-first-step with `execution: {dask: {}}` (a local cluster started for the
+//! run).
+
+#[path = "../tests/support/dask.rs"]
+mod dask_support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use solidflow::config::ConfigSources;
+use solidflow::definition::types::TypeInfo;
+use solidflow::execution::sink::EventListener;
+use solidflow::prelude::*;
+
+/// A number to start from.
+#[solid]
+fn source(_ctx: &SolidContext) -> u64 {
+    1
+}
+
+/// Adds one.
+#[solid]
+fn increment(_ctx: &SolidContext, x: u64) -> u64 {
+    x + 1
+}
+
+/// Makes a 100 MB intermediate.
+#[solid]
+fn make_blob(_ctx: &SolidContext) -> Vec<u8> {
+    vec![7u8; 100 * 1024 * 1024]
+}
+
+/// Reads the blob.
+#[solid]
+fn blob_len(_ctx: &SolidContext, blob: &Vec<u8>) -> u64 {
+    blob.len() as u64
+}
+
+/// Sleeps 0.2 s.
+#[solid]
+fn nap(_ctx: &SolidContext, x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(200));
+    x + 1
+}
+
+fn mode(p: Pipeline) -> Pipeline {
+    p.with_executors(default_executors().with(dask_executor()))
+}
+
+fn gather(n: usize) -> SolidDefinition {
+    let mut def = SolidDefinition::new("gather", move |_ctx, mut inputs| {
+        let mut sum = 0u64;
+        for i in 0..n {
+            sum += inputs.take::<u64>(&format!("x{i}"))?;
+        }
+        Ok(Outputs::result(sum))
+    })
+    .output("result", TypeInfo::of::<u64>());
+    for i in 0..n {
+        def = def.input(format!("x{i}"), TypeInfo::of::<u64>());
+    }
+    def
+}
+
+fn repository() -> Repository {
+    let chain = Pipeline::build("chain", |p| {
+        let mut h = p.invoke(source, ());
+        for i in 0..99 {
+            h = p.invoke_as(&format!("increment_{i}"), increment, (h,));
+        }
+    })
+    .unwrap();
+    let fan = Pipeline::build("fan", |p| {
+        let s = p.invoke(source, ());
+        let mut inputs = Vec::new();
+        for i in 0..200 {
+            p.invoke_as(&format!("increment_{i}"), increment, (s.clone(),));
+            inputs.push((format!("x{i}"), p.result(&format!("increment_{i}"))));
+        }
+        p.add("gather", gather(200), inputs);
+    })
+    .unwrap();
+    let big = Pipeline::build("big", |p| {
+        let blob = p.invoke(make_blob, ());
+        for i in 0..4 {
+            p.invoke_as(&format!("blob_len_{i}"), blob_len, (blob.clone(),));
+        }
+    })
+    .unwrap();
+    let critical = Pipeline::build("critical", |p| {
+        let s = p.invoke(source, ());
+        for i in 0..20 {
+            p.invoke_as(&format!("leaf_{i}"), nap, (s.clone(),));
+        }
+        let mut h = s;
+        for i in 0..8 {
+            h = p.invoke_as(&format!("chain_{i}"), nap, (h,));
+        }
+    })
+    .unwrap();
+    let one = Pipeline::build("one", |p| {
+        p.invoke(source, ());
+    })
+    .unwrap();
+    Repository::new("dask_overhead")
+        .with_pipeline(mode(chain))
+        .with_pipeline(mode(fan))
+        .with_pipeline(mode(big))
+        .with_pipeline(mode(critical))
+        .with_pipeline(mode(one))
+}
+
+/// Records when the executor connected, when the first step started and when the run ended.
+#[derive(Default)]
+struct Marks {
+    connected: Option<Instant>,
+    first_step: Option<Instant>,
+}
+
+struct Recorder(Arc<Mutex<Marks>>);
+
+impl EventListener for Recorder {
+    fn on_event(&self, event: &Event) {
+        let mut m = self.0.lock().unwrap();
+        match &event.kind {
+            EventKind::EngineEvent { details } if details.get("scheduler").is_some() => {
+                m.connected.get_or_insert_with(Instant::now);
+            }
+            EventKind::StepStart { .. } => {
+                m.first_step.get_or_insert_with(Instant::now);
+            }
+            _ => {}
+        }
+    }
+}
+
+struct Timing {
+    total: Duration,
+    after_connect: Duration,
+    first_step: Duration,
+}
+
+fn run_solidflow(
+    repo: &Repository,
+    pipeline: &str,
+    execution: serde_json::Value,
+    home: &std::path::Path,
+) -> Timing {
+    let pipeline = repo.pipeline(pipeline).unwrap();
+    let marks = Arc::new(Mutex::new(Marks::default()));
+    let options = RunOptions {
+        home: Some(home.to_path_buf()),
+        listeners: vec![Arc::new(Recorder(marks.clone()))],
+        ..RunOptions::default()
+    };
+    let config = json!({"storage": {"filesystem": {}}, "execution": {"dask": execution}});
+    let started = Instant::now();
+    let result = execute_pipeline_with(pipeline, &ConfigSources::from_value(config), options)
+        .expect("run starts");
+    let total = started.elapsed();
+    assert!(
+        result.success(),
+        "{} failed: {:#?}",
+        pipeline.name(),
+        result.events().iter().rev().take(5).collect::<Vec<_>>()
+    );
+    let end = Instant::now();
+    let m = marks.lock().unwrap();
+    Timing {
+        total,
+        after_connect: end - m.connected.unwrap_or(started),
+        first_step: m.first_step.unwrap_or(end) - started,
+    }
+}
+
+const RAW_SCRIPT: &str = r#"
+import json, subprocess, sys, tempfile, os, time
+from distributed import Client
+
+def noop(*args):
+    return 1
+
+def sub(*args):
+    subprocess.run(["/bin/true"], check=True)
+    return 1
+
+def produce(path):
+    subprocess.run(["sh", "-c", "head -c 104857600 /dev/zero > " + path], check=True)
+    return path
+
+def consume(path):
+    subprocess.run(["wc", "-c", path], check=True, capture_output=True)
+    return 1
+
+def make_blob():
+    return b"\x07" * (100 * 1024 * 1024)
+
+def blob_len(b):
+    return len(b)
+
+def shape(client, name, fn, tmp):
+    if name == "chain":
+        f = client.submit(fn, pure=False)
+        for _ in range(99):
+            f = client.submit(fn, f, pure=False)
+        client.gather([f])
+    elif name == "fan":
+        s = client.submit(fn, pure=False)
+        leaves = [client.submit(fn, s, pure=False) for _ in range(200)]
+        client.gather([client.submit(fn, *leaves, pure=False)])
+    elif name == "big":
+        if fn is noop:
+            b = client.submit(make_blob, pure=False)
+            client.gather([client.submit(blob_len, b, pure=False) for _ in range(4)])
+        else:
+            p = client.submit(produce, os.path.join(tmp, "blob-%f" % time.time()), pure=False)
+            client.gather([client.submit(consume, p, pure=False) for _ in range(4)])
+
+address, reps = sys.argv[1], int(sys.argv[2])
+client = Client(address)
+tmp = tempfile.mkdtemp()
+out = {}
+for name in ["chain", "fan", "big"]:
+    for label, fn in [("a", noop), ("b", sub)]:
+        best = None
+        for _ in range(reps):
+            t = time.perf_counter()
+            shape(client, name, fn, tmp)
+            d = time.perf_counter() - t
+            best = d if best is None else min(best, d)
+        out["%s_%s" % (name, label)] = best
+print(json.dumps(out))
+client.close()
+"#;
+
+fn main() {
+    // The workers run this binary in step mode.
+    if std::env::args().nth(1).as_deref() == Some("step") {
+        repository().main();
+    }
+    let reps: usize = std::env::var("SOLIDFLOW_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    // SAFETY: single-threaded at this point; the executor reads it for the bridge.
+    unsafe { std::env::set_var("SOLIDFLOW_PYTHON", dask_support::python()) };
+    let repo = repository();
+    let cluster = dask_support::DaskCluster::start(&[
+        dask_support::WorkerSpec::plain("w0"),
+        dask_support::WorkerSpec::plain("w1"),
+    ]);
+    let home = tempfile::Builder::new()
+        .prefix("solidflow-dask-bench-")
+        .tempdir()
+        .unwrap();
+    let address = json!({"config": {"address": cluster.address}});
+
+    // Raw Dask baselines, same cluster.
+    let script = home.path().join("raw.py");
+    std::fs::write(&script, RAW_SCRIPT).unwrap();
+    let out = std::process::Command::new(dask_support::python())
+        .arg(&script)
+        .arg(&cluster.address)
+        .arg(reps.to_string())
+        .output()
+        .expect("run the raw Dask baseline");
+    assert!(
+        out.status.success(),
+        "raw baseline failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw: serde_json::Value = serde_json::from_slice(&out.stdout).expect("baseline JSON");
+
+    println!(
+        "| shape | steps | solidflow total | solidflow after connect | per step | raw (a) no-op per step | raw (b) subprocess per step | solidflow / (b) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, steps) in [("chain", 100usize), ("fan", 202), ("big", 5)] {
+        let mut best: Option<Timing> = None;
+        for _ in 0..reps {
+            let t = run_solidflow(&repo, name, address.clone(), home.path());
+            if best
+                .as_ref()
+                .is_none_or(|b| t.after_connect < b.after_connect)
+            {
+                best = Some(t);
+            }
+        }
+        let t = best.unwrap();
+        let per = t.after_connect.as_secs_f64() / steps as f64;
+        let a = raw[format!("{name}_a")].as_f64().unwrap() / steps as f64;
+        let b = raw[format!("{name}_b")].as_f64().unwrap() / steps as f64;
+        println!(
+            "| {name} | {steps} | {:.2} s | {:.2} s | {:.1} ms | {:.1} ms | {:.1} ms | {:.2}× |",
+            t.total.as_secs_f64(),
+            t.after_connect.as_secs_f64(),
+            per * 1e3,
+            a * 1e3,
+            b * 1e3,
+            per / b
+        );
+    }
+
+    println!();
+    println!(
+        "| critical (20 leaves + 8-step chain, 0.2 s each) | after connect (best of {reps}) |"
+    );
+    println!("|---|---|");
+    for priority in [true, false] {
+        let config =
+            json!({"config": {"address": cluster.address, "critical_path_priority": priority}});
+        let best = (0..reps)
+            .map(|_| run_solidflow(&repo, "critical", config.clone(), home.path()).after_connect)
+            .min()
+            .unwrap();
+        println!(
+            "| critical_path_priority: {priority} | {:.2} s |",
+            best.as_secs_f64()
+        );
+    }
+
+    drop(cluster);
+    println!();
+    println!(
+        "| time to first step, `execution: {{dask: {{}}}}` (local cluster start included) | best | worst |"
+    );
+    println!("|---|---|---|");
+    let times: Vec<Duration> = (0..reps)
+        .map(|_| run_solidflow(&repo, "one", json!({}), home.path()).first_step)
+        .collect();
+    println!(
+        "| 1-step pipeline | {:.2} s | {:.2} s |",
+        times.iter().min().unwrap().as_secs_f64(),
+        times.iter().max().unwrap().as_secs_f64()
+    );
+}
