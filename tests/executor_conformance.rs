@@ -261,11 +261,15 @@ fn dump(events: &[Value]) -> String {
 impl Outcome {
     pub fn of_type<'a>(&'a self, event_type: &str) -> impl Iterator<Item = &'a Value> + use<'a> {
         let event_type = event_type.to_string();
-        self.events.iter().filter(move |e| e["event_type"] == event_type.as_str())
+        self.events
+            .iter()
+            .filter(move |e| e["event_type"] == event_type.as_str())
     }
 
     pub fn step(&self, step: &str, event_type: &str) -> Vec<&Value> {
-        self.of_type(event_type).filter(|e| e["step_key"] == step).collect()
+        self.of_type(event_type)
+            .filter(|e| e["step_key"] == step)
+            .collect()
     }
 
     pub fn one(&self, step: &str, event_type: &str) -> &Value {
@@ -854,6 +858,32 @@ mod multiprocess_only {
             .find(|e| e["data"]["details"]["max_concurrent"].is_u64())
             .expect("executor engine event");
         assert_eq!(engine["data"]["details"]["max_concurrent"], cores);
+    }
+
+    /// A parent killed outright (no chance to clean up) still takes its steps with it.
+    #[test]
+    fn step_processes_die_with_a_killed_parent() {
+        let h = Harness::new(
+            "multiprocess",
+            "execution: {multiprocess: {config: {max_concurrent: 2}}}\nstorage: {filesystem: {}}\n",
+        );
+        let mut run = h.start("cancel", "");
+        for who in ["sleep_a", "sleep_b"] {
+            run.wait_event("both sleepers", |e| {
+                e["message"] == format!("{who} sleeping")
+            });
+        }
+        let pids = [
+            read_pid(&h.work("sleep_a.pid")),
+            read_pid(&h.work("sleep_b.pid")),
+        ];
+        assert!(!pids.contains(&run.pid()));
+        run.signal(libc::SIGKILL);
+        let out = run.finish();
+        assert_eq!(out.code, None, "killed by a signal");
+        for pid in pids {
+            assert_dies(pid, "a step process of a killed parent");
+        }
     }
 
     /// Runs `conformance step` by hand with an invocation whose protocol version is wrong.

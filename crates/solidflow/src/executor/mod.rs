@@ -10,7 +10,7 @@ mod in_process;
 mod multiprocess;
 
 pub use in_process::InProcessExecutor;
-pub use multiprocess::{MultiprocessExecutor, kill_step_processes};
+pub use multiprocess::{MultiprocessExecutor, PARENT_PID_ENV, kill_step_processes};
 
 use std::path::PathBuf;
 use std::sync::Arc;

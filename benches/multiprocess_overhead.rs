@@ -1,0 +1,220 @@
+//! Per-step overhead of the multiprocess executor, next to in_process, on trivial solids.
+//!
+//! ```sh
+//! cargo bench --bench multiprocess_overhead                 # 1,000 steps per shape
+//! SF_BENCH_STEPS=200 cargo bench --bench multiprocess_overhead
+//! ```
+//!
+//! Shapes: a chain (each step adds one to its input) and a fan-out (one source, N
+//! leaves). Every configuration runs in this process through `execute_pipeline_with`;
+//! multiprocess step processes are this very binary in step mode (`<bench> step`), as
+//! with any pipeline binary.
+//!
+//! The multiprocess time per step is split from the run's own events:
+//! - **spawn**: `Command::spawn` in the parent (fork + exec), from the `spawn_us` of the
+//!   executor's launch `ENGINE_EVENT`;
+//! - **startup**: launch event → the child's `STEP_START`: process start, reading the
+//!   invocation, building the repository, validating run config, compiling the plan and
+//!   opening storage (the `setup` column estimates the last three, measured in-process);
+//! - **in step**: `STEP_START` → `STEP_SUCCESS` in the child: reading the input from and
+//!   writing the output to filesystem storage (compute is trivial) plus event output;
+//! - **exit + bookkeeping** (chain only, where steps are sequential): the rest of the
+//!   wall time per step: process exit, reaping, event forwarding and scheduling.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use solidflow::config::{ConfigSources, RunConfig};
+use solidflow::definition::pipeline::Pipeline;
+use solidflow::definition::repository::Repository;
+use solidflow::definition::solid::{Outputs, SolidDefinition};
+use solidflow::definition::types::TypeInfo;
+use solidflow::execution::event::{Event, EventKind};
+use solidflow::execution::run::{RunOptions, execute_pipeline_with};
+use solidflow::plan::ExecutionPlan;
+
+fn source() -> SolidDefinition {
+    SolidDefinition::new("source", |_, _| Ok(Outputs::result(0i64)))
+        .output("result", TypeInfo::of::<i64>())
+}
+
+fn increment() -> SolidDefinition {
+    SolidDefinition::new("increment", |_, mut inputs| {
+        Ok(Outputs::result(inputs.take::<i64>("x")? + 1))
+    })
+    .input("x", TypeInfo::of::<i64>())
+    .output("result", TypeInfo::of::<i64>())
+}
+
+fn chain(n: usize) -> Pipeline {
+    Pipeline::build("chain", |p| {
+        p.add("s0", source(), vec![]);
+        for i in 1..n {
+            let up = p.result(&format!("s{}", i - 1));
+            p.add(&format!("s{i}"), increment(), vec![("x".into(), up)]);
+        }
+    })
+    .expect("valid chain")
+}
+
+fn fan_out(n: usize) -> Pipeline {
+    Pipeline::build("fan_out", |p| {
+        p.add("root", source(), vec![]);
+        for i in 0..n {
+            let up = p.result("root");
+            p.add(&format!("leaf{i}"), increment(), vec![("x".into(), up)]);
+        }
+    })
+    .expect("valid fan-out")
+}
+
+fn steps() -> usize {
+    std::env::var("SF_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000)
+}
+
+fn repository() -> Repository {
+    let n = steps();
+    Repository::new("multiprocess_overhead")
+        .with_pipeline(chain(n))
+        .with_pipeline(fan_out(n))
+}
+
+fn us(d: f64) -> String {
+    if d >= 1000.0 {
+        format!("{:.2} ms", d / 1000.0)
+    } else {
+        format!("{d:.0} µs")
+    }
+}
+
+fn between(a: &Event, b: &Event) -> f64 {
+    (b.timestamp - a.timestamp).num_microseconds().unwrap_or(0) as f64
+}
+
+/// Mean per-step components of a multiprocess run, in µs: (spawn, startup, in step).
+fn split(events: &[Event]) -> (f64, f64, f64) {
+    let parent = events.first().map(|e| e.pid).unwrap_or(0);
+    let mut launch: HashMap<&str, (&Event, f64)> = HashMap::new();
+    let mut start: HashMap<&str, &Event> = HashMap::new();
+    let (mut spawn, mut startup, mut in_step, mut n) = (0.0, 0.0, 0.0, 0.0);
+    for e in events {
+        let Some(key) = e.step_key.as_deref() else {
+            continue;
+        };
+        match &e.kind {
+            EventKind::EngineEvent { details } if details.get("spawn_us").is_some() => {
+                launch.insert(key, (e, details["spawn_us"].as_f64().unwrap_or(0.0)));
+            }
+            EventKind::StepStart { .. } if e.pid != parent => {
+                start.insert(key, e);
+            }
+            EventKind::StepSuccess { .. } => {
+                if let (Some((l, s)), Some(st)) = (launch.get(key), start.get(key)) {
+                    spawn += s;
+                    startup += between(l, st);
+                    in_step += between(st, e);
+                    n += 1.0;
+                }
+            }
+            _ => {}
+        }
+    }
+    (spawn / n, startup / n, in_step / n)
+}
+
+/// Repository build + config validation + plan compilation, as a step process does it.
+fn child_setup(pipeline: &str, config: &Value) -> f64 {
+    let t = Instant::now();
+    let repo = repository();
+    let p = repo.pipeline(pipeline).expect("pipeline");
+    let c = RunConfig::validate(p, None, &ConfigSources::from_value(config.clone()))
+        .expect("valid config");
+    let plan = ExecutionPlan::compile(p, &c);
+    assert!(!plan.steps.is_empty());
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+fn main() {
+    if std::env::args().nth(1).as_deref() == Some("step") {
+        std::process::exit(solidflow::cli::run(&repository(), std::env::args_os()));
+    }
+    let n = steps();
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let configs = [
+        (
+            "in_process, in_memory",
+            json!({"storage": {"in_memory": {}}, "execution": {"in_process": {}}}),
+        ),
+        (
+            "in_process, filesystem",
+            json!({"storage": {"filesystem": {}}, "execution": {"in_process": {}}}),
+        ),
+        (
+            "multiprocess, filesystem",
+            json!({"storage": {"filesystem": {}}, "execution": {"multiprocess": {}}}),
+        ),
+    ];
+    println!("{n} steps per shape, {cores} cores, default max_concurrent (one per core)\n");
+    println!(
+        "| shape | executor, storage | steps | wall | per step | spawn | startup (setup) | in step | exit + bookkeeping |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (shape, name) in [("chain", "chain"), ("fan-out", "fan_out")] {
+        let repo = repository();
+        let pipeline = repo.pipeline(name).expect("pipeline");
+        for (label, config) in &configs {
+            let home = tempfile::tempdir().expect("temp dir");
+            let options = RunOptions {
+                home: Some(home.path().to_path_buf()),
+                ..Default::default()
+            };
+            let t = Instant::now();
+            let result = execute_pipeline_with(
+                pipeline,
+                &ConfigSources::from_value(config.clone()),
+                options,
+            )
+            .expect("run starts");
+            let wall = t.elapsed();
+            assert!(result.success(), "{shape} on {label} failed");
+            let steps = result.plan().steps.len();
+            let per_step = wall.as_secs_f64() * 1e6 / steps as f64;
+            if label.starts_with("multiprocess") {
+                let (spawn, startup, in_step) = split(result.events());
+                let setup = child_setup(name, config);
+                let rest = if shape == "chain" {
+                    us(per_step - spawn - startup - in_step)
+                } else {
+                    "—".into()
+                };
+                println!(
+                    "| {shape} | {label} | {steps} | {} | {} | {} | {} ({}) | {} | {rest} |",
+                    fmt(wall),
+                    us(per_step),
+                    us(spawn),
+                    us(startup),
+                    us(setup),
+                    us(in_step)
+                );
+            } else {
+                println!(
+                    "| {shape} | {label} | {steps} | {} | {} | — | — | — | — |",
+                    fmt(wall),
+                    us(per_step)
+                );
+            }
+        }
+    }
+}
+
+fn fmt(d: Duration) -> String {
+    if d.as_secs_f64() >= 1.0 {
+        format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format!("{:.1} ms", d.as_secs_f64() * 1e3)
+    }
+}
