@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread;
 
-use solidflow::storage::{FilesystemStorage, InMemoryStorage, IntermediateKey, IntermediateStorage, StorageError};
+use solidflow::storage::{
+    FilesystemStorage, InMemoryStorage, IntermediateKey, IntermediateStorage, StorageError,
+};
 
 const MIB: usize = 1024 * 1024;
 
@@ -29,21 +31,32 @@ pub struct Backend {
 }
 
 fn in_memory() -> Backend {
-    Backend { storage: Arc::new(InMemoryStorage::new()), _guard: Box::new(()) }
+    Backend {
+        storage: Arc::new(InMemoryStorage::new()),
+        _guard: Box::new(()),
+    }
 }
 
 fn filesystem() -> Backend {
     let dir = tempfile::tempdir().expect("temp dir");
     let storage = FilesystemStorage::new(dir.path().join("storage"));
     storage.preflight().expect("filesystem preflight");
-    Backend { storage: Arc::new(storage), _guard: Box::new(dir) }
+    Backend {
+        storage: Arc::new(storage),
+        _guard: Box::new(dir),
+    }
 }
 
 fn s3() -> Backend {
     let server = s3_support::S3Server::start();
     let storage = server.storage("conformance");
-    storage.preflight().unwrap_or_else(|e| panic!("S3 preflight failed: {e}\nserver log:\n{}", server.log()));
-    Backend { storage: Arc::new(storage), _guard: Box::new(server) }
+    storage
+        .preflight()
+        .unwrap_or_else(|e| panic!("S3 preflight failed: {e}\nserver log:\n{}", server.log()));
+    Backend {
+        storage: Arc::new(storage),
+        _guard: Box::new(server),
+    }
 }
 
 macro_rules! conformance {
@@ -121,21 +134,34 @@ fn self_checking(seed: u64, len: usize) -> Vec<u8> {
 
 fn check_self_checking(bytes: &[u8]) -> Result<u64, String> {
     if bytes.len() < 16 {
-        return Err(format!("value of {} bytes is shorter than its header", bytes.len()));
+        return Err(format!(
+            "value of {} bytes is shorter than its header",
+            bytes.len()
+        ));
     }
     let seed = u64::from_le_bytes(bytes[..8].try_into().unwrap());
     let len = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
     if bytes.len() - 16 != len {
-        return Err(format!("value {seed} should have {len} bytes of payload, has {}", bytes.len() - 16));
+        return Err(format!(
+            "value {seed} should have {len} bytes of payload, has {}",
+            bytes.len() - 16
+        ));
     }
     if bytes[16..] != payload(seed, len)[..] {
-        return Err(format!("value {seed} has the right length but mixed content"));
+        return Err(format!(
+            "value {seed} has the right length but mixed content"
+        ));
     }
     Ok(seed)
 }
 
 /// Writes `bytes` in chunks of `chunk` bytes, as a streaming codec would.
-fn write_chunked(storage: &dyn IntermediateStorage, key: &IntermediateKey, bytes: &[u8], chunk: usize) -> u64 {
+fn write_chunked(
+    storage: &dyn IntermediateStorage,
+    key: &IntermediateKey,
+    bytes: &[u8],
+    chunk: usize,
+) -> u64 {
     storage
         .write(key, &mut |w: &mut dyn Write| {
             for piece in bytes.chunks(chunk.max(1)) {
@@ -150,22 +176,34 @@ fn write_all(storage: &dyn IntermediateStorage, key: &IntermediateKey, bytes: &[
     write_chunked(storage, key, bytes, 64 * 1024 + 1)
 }
 
-fn read_all(storage: &dyn IntermediateStorage, key: &IntermediateKey) -> Result<Vec<u8>, StorageError> {
+fn read_all(
+    storage: &dyn IntermediateStorage,
+    key: &IntermediateKey,
+) -> Result<Vec<u8>, StorageError> {
     let mut reader = storage.read(key)?;
     let mut out = Vec::new();
-    reader.read_to_end(&mut out).unwrap_or_else(|e| panic!("read {key} from {}: {e}", storage.kind()));
+    reader
+        .read_to_end(&mut out)
+        .unwrap_or_else(|e| panic!("read {key} from {}: {e}", storage.kind()));
     Ok(out)
 }
 
 fn unique_run(tag: &str) -> String {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 fn assert_absent(storage: &dyn IntermediateStorage, key: &IntermediateKey) {
     let kind = storage.kind();
-    assert!(!storage.exists(key).unwrap(), "{kind}: {key} should not exist");
+    assert!(
+        !storage.exists(key).unwrap(),
+        "{kind}: {key} should not exist"
+    );
     match storage.read(key) {
         Err(StorageError::NotFound { .. }) => {}
         Err(other) => panic!("{kind}: reading absent {key} should be NotFound, got {other}"),
@@ -175,10 +213,17 @@ fn assert_absent(storage: &dyn IntermediateStorage, key: &IntermediateKey) {
             panic!("{kind}: absent {key} was readable ({} bytes)", got.len());
         }
     }
-    assert!(!storage.list_run(&key.run_id).unwrap().contains(key), "{kind}: list_run shows absent {key}");
+    assert!(
+        !storage.list_run(&key.run_id).unwrap().contains(key),
+        "{kind}: list_run shows absent {key}"
+    );
 }
 
-fn failing_write(storage: &dyn IntermediateStorage, key: &IntermediateKey, bytes_before_failure: usize) -> StorageError {
+fn failing_write(
+    storage: &dyn IntermediateStorage,
+    key: &IntermediateKey,
+    bytes_before_failure: usize,
+) -> StorageError {
     let bytes = payload(7, bytes_before_failure);
     let result = storage.write(key, &mut |w: &mut dyn Write| {
         for piece in bytes.chunks(MIB) {
@@ -187,7 +232,10 @@ fn failing_write(storage: &dyn IntermediateStorage, key: &IntermediateKey, bytes
         Err(io::Error::other("encoder failed midway"))
     });
     match result {
-        Ok(n) => panic!("{}: a write whose callback failed returned Ok({n})", storage.kind()),
+        Ok(n) => panic!(
+            "{}: a write whose callback failed returned Ok({n})",
+            storage.kind()
+        ),
         Err(e) => e,
     }
 }
@@ -210,10 +258,25 @@ fn round_trips_payloads(b: &Backend) {
     ];
     for (i, (name, bytes)) in payloads.iter().enumerate() {
         let key = IntermediateKey::new(&run, format!("step_{i}.compute"), "result");
-        assert_eq!(write_all(storage, &key, bytes), bytes.len() as u64, "{}: length written for {name}", storage.kind());
-        assert!(storage.exists(&key).unwrap(), "{}: {name} should exist", storage.kind());
+        assert_eq!(
+            write_all(storage, &key, bytes),
+            bytes.len() as u64,
+            "{}: length written for {name}",
+            storage.kind()
+        );
+        assert!(
+            storage.exists(&key).unwrap(),
+            "{}: {name} should exist",
+            storage.kind()
+        );
         let back = read_all(storage, &key).unwrap();
-        assert!(back == *bytes, "{}: {name} came back different ({} bytes vs {})", storage.kind(), back.len(), bytes.len());
+        assert!(
+            back == *bytes,
+            "{}: {name} came back different ({} bytes vs {})",
+            storage.kind(),
+            back.len(),
+            bytes.len()
+        );
     }
     // Tiny writes and tiny reads work too (codecs and decoders do both).
     let key = IntermediateKey::new(&run, "tiny.compute", "result");
@@ -229,7 +292,11 @@ fn round_trips_payloads(b: &Backend) {
         }
         back.extend_from_slice(&buf[..n]);
     }
-    assert!(back == bytes, "{}: value written and read in tiny pieces differs", storage.kind());
+    assert!(
+        back == bytes,
+        "{}: value written and read in tiny pieces differs",
+        storage.kind()
+    );
 }
 
 fn overwrite_replaces_the_value(b: &Backend) {
@@ -264,7 +331,11 @@ fn failed_overwrite_keeps_the_old_value(b: &Backend) {
     let old = payload(5, 2 * MIB);
     write_all(storage, &key, &old);
     failing_write(storage, &key, 7 * MIB);
-    assert!(read_all(storage, &key).unwrap() == old, "{}: a failed overwrite damaged the old value", storage.kind());
+    assert!(
+        read_all(storage, &key).unwrap() == old,
+        "{}: a failed overwrite damaged the old value",
+        storage.kind()
+    );
 }
 
 fn reader_never_sees_a_value_being_written(b: &Backend) {
@@ -314,10 +385,13 @@ fn readers_racing_overwrites_see_whole_values(b: &Backend) {
         let finished = done.load(std::sync::atomic::Ordering::SeqCst);
         match read_all(&*storage, &key) {
             Ok(bytes) => {
-                let seed = check_self_checking(&bytes).unwrap_or_else(|e| panic!("{}: torn read: {e}", storage.kind()));
+                let seed = check_self_checking(&bytes)
+                    .unwrap_or_else(|e| panic!("{}: torn read: {e}", storage.kind()));
                 seen.insert(seed);
             }
-            Err(StorageError::NotFound { .. }) => assert!(seen.is_empty(), "a value disappeared after being visible"),
+            Err(StorageError::NotFound { .. }) => {
+                assert!(seen.is_empty(), "a value disappeared after being visible")
+            }
             Err(e) => panic!("{}: read failed during overwrites: {e}", storage.kind()),
         }
         if finished {
@@ -325,7 +399,10 @@ fn readers_racing_overwrites_see_whole_values(b: &Backend) {
         }
     }
     writer.join().unwrap();
-    assert!(seen.contains(&writes), "the last value should be read at the end, saw {seen:?}");
+    assert!(
+        seen.contains(&writes),
+        "the last value should be read at the end, saw {seen:?}"
+    );
 }
 
 fn concurrent_runs_never_collide(b: &Backend) {
@@ -335,7 +412,9 @@ fn concurrent_runs_never_collide(b: &Backend) {
     let runs: Vec<String> = (1..=10).map(|i| format!("{base}-{i}")).collect();
     let steps = ["load.compute", "transform.compute"];
     let outputs = ["result", "stats"];
-    let content = |run: &str, step: &str, output: &str| format!("{run}/{step}/{output}").repeat(100).into_bytes();
+    let content = |run: &str, step: &str, output: &str| {
+        format!("{run}/{step}/{output}").repeat(100).into_bytes()
+    };
     let threads: Vec<_> = runs
         .iter()
         .cloned()
@@ -344,7 +423,11 @@ fn concurrent_runs_never_collide(b: &Backend) {
             thread::spawn(move || {
                 for step in steps {
                     for output in outputs {
-                        write_all(&*storage, &IntermediateKey::new(&run, step, output), &content(&run, step, output));
+                        write_all(
+                            &*storage,
+                            &IntermediateKey::new(&run, step, output),
+                            &content(&run, step, output),
+                        );
                     }
                 }
             })
@@ -356,12 +439,22 @@ fn concurrent_runs_never_collide(b: &Backend) {
         for step in steps {
             for output in outputs {
                 let key = IntermediateKey::new(run, step, output);
-                assert_eq!(read_all(&*storage, &key).unwrap(), content(run, step, output), "{}: {key}", storage.kind());
+                assert_eq!(
+                    read_all(&*storage, &key).unwrap(),
+                    content(run, step, output),
+                    "{}: {key}",
+                    storage.kind()
+                );
                 expected.push(key);
             }
         }
         expected.sort();
-        assert_eq!(storage.list_run(run).unwrap(), expected, "{}: list_run({run})", storage.kind());
+        assert_eq!(
+            storage.list_run(run).unwrap(),
+            expected,
+            "{}: list_run({run})",
+            storage.kind()
+        );
     }
 }
 
@@ -378,12 +471,26 @@ fn list_run_lists_exactly_the_run(b: &Backend) {
     for (i, key) in keys.iter().enumerate() {
         write_all(storage, key, format!("value {i}").as_bytes());
     }
-    write_all(storage, &IntermediateKey::new(&other, "alpha.compute", "result"), b"other run");
+    write_all(
+        storage,
+        &IntermediateKey::new(&other, "alpha.compute", "result"),
+        b"other run",
+    );
     let mut expected = keys.to_vec();
     expected.sort();
-    assert_eq!(storage.list_run(&run).unwrap(), expected, "{}: list_run sorted, only this run", storage.kind());
+    assert_eq!(
+        storage.list_run(&run).unwrap(),
+        expected,
+        "{}: list_run sorted, only this run",
+        storage.kind()
+    );
     assert_eq!(storage.list_run(&other).unwrap().len(), 1);
-    assert!(storage.list_run(&unique_run("never-ran")).unwrap().is_empty());
+    assert!(
+        storage
+            .list_run(&unique_run("never-ran"))
+            .unwrap()
+            .is_empty()
+    );
 }
 
 fn missing_key_is_not_found(b: &Backend) {
@@ -393,14 +500,21 @@ fn missing_key_is_not_found(b: &Backend) {
     match storage.read(&key) {
         Err(StorageError::NotFound { location }) => {
             assert_eq!(location, storage.location(&key));
-            assert!(location.contains("never_ran.compute") && location.contains(&run), "{location}");
+            assert!(
+                location.contains("never_ran.compute") && location.contains(&run),
+                "{location}"
+            );
         }
         Err(e) => panic!("{}: expected NotFound, got {e}", storage.kind()),
         Ok(_) => panic!("{}: read of a missing key succeeded", storage.kind()),
     }
     assert!(!storage.exists(&key).unwrap());
     // Another output of the same step existing changes nothing.
-    write_all(storage, &IntermediateKey::new(&run, "never_ran.compute", "other"), b"x");
+    write_all(
+        storage,
+        &IntermediateKey::new(&run, "never_ran.compute", "other"),
+        b"x",
+    );
     assert_absent(storage, &key);
 }
 
@@ -411,14 +525,24 @@ mod s3_only {
     use std::time::{Duration, Instant};
 
     use solidflow::storage::registry::{StorageContext, default_storages};
-    use solidflow::storage::{IntermediateKey, IntermediateStorage, S3Credentials, S3Storage, StorageError};
+    use solidflow::storage::{
+        IntermediateKey, IntermediateStorage, S3Credentials, S3Storage, StorageError,
+    };
 
-    use super::s3_support::{ACCESS_KEY, FaultProxy, Fault, S3Server, SECRET_KEY};
+    use super::s3_support::{ACCESS_KEY, Fault, FaultProxy, S3Server, SECRET_KEY};
     use super::{payload, read_all, write_all};
 
     fn assert_no_secrets(what: &str, text: &str) {
-        for secret in [SECRET_KEY, ACCESS_KEY, "wrong-secret-do-not-print", "wrong-access-key"] {
-            assert!(!text.contains(secret), "{what} leaks a credential ({secret}): {text}");
+        for secret in [
+            SECRET_KEY,
+            ACCESS_KEY,
+            "wrong-secret-do-not-print",
+            "wrong-access-key",
+        ] {
+            assert!(
+                !text.contains(secret),
+                "{what} leaks a credential ({secret}): {text}"
+            );
         }
     }
 
@@ -429,22 +553,32 @@ mod s3_only {
         let mut config = server.config("bkt");
         config.credentials = Some(S3Credentials::new(ACCESS_KEY, "wrong-secret-do-not-print"));
         let storage = S3Storage::new(config).unwrap();
-        let err = storage.preflight().expect_err("the server must reject a wrong secret");
+        let err = storage
+            .preflight()
+            .expect_err("the server must reject a wrong secret");
         let text = err.to_string();
         assert!(matches!(err, StorageError::Unusable { .. }), "{text}");
-        assert!(text.contains("credentials"), "the message should point at the credentials: {text}");
+        assert!(
+            text.contains("credentials"),
+            "the message should point at the credentials: {text}"
+        );
         assert_no_secrets("preflight error", &text);
         assert_no_secrets("preflight error (debug)", &format!("{err:?}"));
 
         let key = IntermediateKey::new("r", "a.compute", "result");
-        let err = storage.write(&key, &mut |w| w.write_all(b"x")).expect_err("write with a wrong secret");
+        let err = storage
+            .write(&key, &mut |w| w.write_all(b"x"))
+            .expect_err("write with a wrong secret");
         assert_no_secrets("write error", &format!("{err} {err:?}"));
         let err = storage.read(&key).err().expect("read with a wrong secret");
         assert_no_secrets("read error", &format!("{err} {err:?}"));
 
         let mut config = server.config("bkt");
         config.credentials = Some(S3Credentials::new("wrong-access-key", SECRET_KEY));
-        let err = S3Storage::new(config).unwrap().preflight().expect_err("unknown access key");
+        let err = S3Storage::new(config)
+            .unwrap()
+            .preflight()
+            .expect_err("unknown access key");
         assert_no_secrets("preflight error", &format!("{err} {err:?}"));
     }
 
@@ -458,7 +592,9 @@ mod s3_only {
         let err = storage.read(&key).err().unwrap();
         assert_no_secrets("NotFound", &format!("{err} {err:?}"));
         write_all(&storage, &key, b"v");
-        let err = storage.write(&key, &mut |_| Err(std::io::Error::other("boom"))).unwrap_err();
+        let err = storage
+            .write(&key, &mut |_| Err(std::io::Error::other("boom")))
+            .unwrap_err();
         assert_no_secrets("failed write", &format!("{err} {err:?}"));
     }
 
@@ -468,18 +604,29 @@ mod s3_only {
         let storage = S3Storage::new(server.config("no-such-bucket")).unwrap();
         let err = storage.preflight().expect_err("missing bucket");
         let text = err.to_string();
-        assert!(text.contains("no-such-bucket") && text.contains("does not exist"), "{text}");
+        assert!(
+            text.contains("no-such-bucket") && text.contains("does not exist"),
+            "{text}"
+        );
     }
 
     #[test]
     fn unreachable_endpoint_fails_preflight_quickly() {
         let server = S3Server::start();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let endpoint = format!("http://127.0.0.1:{port}");
         let storage = S3Storage::new(server.config_via("bkt", &endpoint)).unwrap();
         let started = Instant::now();
         let err = storage.preflight().expect_err("nothing listens there");
-        assert!(started.elapsed() < Duration::from_secs(30), "preflight took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "preflight took {:?}",
+            started.elapsed()
+        );
         assert!(err.to_string().contains(&endpoint), "{err}");
     }
 
@@ -493,7 +640,11 @@ mod s3_only {
         let value = payload(1, 300_000);
         write_all(&storage, &key, &value);
         assert!(read_all(&storage, &key).unwrap() == value);
-        assert_eq!(proxy.faults_served(), 3, "every injected 503 should have been retried");
+        assert_eq!(
+            proxy.faults_served(),
+            3,
+            "every injected 503 should have been retried"
+        );
     }
 
     #[test]
@@ -520,10 +671,19 @@ mod s3_only {
         let key = IntermediateKey::new("run-9", "a.compute", "result");
         let err = storage.write(&key, &mut |w| w.write_all(b"x")).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("s3://the-bucket/solidflow/run-9/intermediates/a.compute/result"), "{text}");
-        assert!(text.contains("503"), "the cause should be in the message: {text}");
+        assert!(
+            text.contains("s3://the-bucket/solidflow/run-9/intermediates/a.compute/result"),
+            "{text}"
+        );
+        assert!(
+            text.contains("503"),
+            "the cause should be in the message: {text}"
+        );
         let err = storage.read(&key).err().unwrap().to_string();
-        assert!(err.contains("s3://the-bucket/") && err.contains("503"), "{err}");
+        assert!(
+            err.contains("s3://the-bucket/") && err.contains("503"),
+            "{err}"
+        );
         assert!(proxy.faults_served() >= 4);
     }
 
@@ -536,9 +696,19 @@ mod s3_only {
         let storage = S3Storage::new(config).unwrap();
         let key = IntermediateKey::new("run-1", "hello_world.compute", "result");
         write_all(&storage, &key, b"Hello, World!");
-        let file = server.data_dir().join("bkt/team/nightly/run-1/intermediates/hello_world.compute/result");
-        assert_eq!(std::fs::read(&file).unwrap(), b"Hello, World!", "object at {}", file.display());
-        assert_eq!(storage.location(&key), "s3://bkt/team/nightly/run-1/intermediates/hello_world.compute/result");
+        let file = server
+            .data_dir()
+            .join("bkt/team/nightly/run-1/intermediates/hello_world.compute/result");
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            b"Hello, World!",
+            "object at {}",
+            file.display()
+        );
+        assert_eq!(
+            storage.location(&key),
+            "s3://bkt/team/nightly/run-1/intermediates/hello_world.compute/result"
+        );
     }
 
     #[test]
@@ -546,7 +716,10 @@ mod s3_only {
         let server = S3Server::start();
         let storage = server.storage("bkt");
         let key = IntermediateKey::new("r", "a.compute", "result");
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         // An executor calling storage from async code must not hit "cannot block_on inside a runtime".
         let back = runtime.block_on(async {
             write_all(&storage, &key, &payload(4, 6 * 1024 * 1024));
@@ -559,14 +732,22 @@ mod s3_only {
     #[test]
     fn registry_builds_s3_from_run_config() {
         let server = S3Server::start();
-        let def = default_storages().into_iter().find(|d| d.name == "s3").expect("s3 is a default storage");
+        let def = default_storages()
+            .into_iter()
+            .find(|d| d.name == "s3")
+            .expect("s3 is a default storage");
         let config = serde_json::json!({
             "s3_bucket": "bkt", "s3_prefix": "p", "endpoint_url": server.endpoint(), "allow_http": true
         });
-        let ctx = StorageContext { home: std::env::temp_dir() };
+        let ctx = StorageContext {
+            home: std::env::temp_dir(),
+        };
         let storage = (def.build)(&config, &ctx).expect("build s3 storage");
         assert_eq!(storage.kind(), "s3");
         let key = IntermediateKey::new("r", "a.compute", "result");
-        assert_eq!(storage.location(&key), "s3://bkt/p/r/intermediates/a.compute/result");
+        assert_eq!(
+            storage.location(&key),
+            "s3://bkt/p/r/intermediates/a.compute/result"
+        );
     }
 }

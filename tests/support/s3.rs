@@ -19,8 +19,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use solidflow::storage::{S3Config, S3Credentials, S3Storage};
@@ -55,7 +55,10 @@ impl S3Server {
             "the S3 test server is not installed at {}: run scripts/s3-server.sh (or set SOLIDFLOW_S3S_FS to an s3s-fs binary)",
             binary.display()
         );
-        let root = tempfile::Builder::new().prefix("solidflow-s3-").tempdir().expect("temp dir for the S3 server");
+        let root = tempfile::Builder::new()
+            .prefix("solidflow-s3-")
+            .tempdir()
+            .expect("temp dir for the S3 server");
         let data = root.path().join("data");
         std::fs::create_dir(&data).expect("create S3 data dir");
         let log = root.path().join("s3s-fs.log");
@@ -75,11 +78,21 @@ impl S3Server {
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             match wait_until_listening(&mut child, addr, Duration::from_secs(20)) {
-                Ok(()) => return Self { child, addr, root, log },
+                Ok(()) => {
+                    return Self {
+                        child,
+                        addr,
+                        root,
+                        log,
+                    };
+                }
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    last_error = format!("{e}; log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+                    last_error = format!(
+                        "{e}; log: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
                 }
             }
         }
@@ -145,10 +158,17 @@ impl Drop for S3Server {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free loopback port").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free loopback port")
+        .port()
 }
 
-fn wait_until_listening(child: &mut Child, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+fn wait_until_listening(
+    child: &mut Child,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     loop {
@@ -159,7 +179,9 @@ fn wait_until_listening(child: &mut Child, addr: SocketAddr, timeout: Duration) 
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(format!("s3s-fs did not listen on {addr} within {timeout:?}"));
+            return Err(format!(
+                "s3s-fs did not listen on {addr} within {timeout:?}"
+            ));
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
@@ -204,7 +226,11 @@ impl FaultProxy {
                 });
             }
         });
-        Self { addr, faults_served, stop }
+        Self {
+            addr,
+            faults_served,
+            stop,
+        }
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -226,7 +252,13 @@ impl Drop for FaultProxy {
     }
 }
 
-fn handle(client: TcpStream, upstream: SocketAddr, fault: Fault, failures: usize, served: &AtomicUsize) -> std::io::Result<()> {
+fn handle(
+    client: TcpStream,
+    upstream: SocketAddr,
+    fault: Fault,
+    failures: usize,
+    served: &AtomicUsize,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     // Read the request head, rewriting keep-alive to close: one request per connection.
     let mut head = Vec::new();
@@ -252,7 +284,11 @@ fn handle(client: TcpStream, upstream: SocketAddr, fault: Fault, failures: usize
     let mut body = vec![0; content_length];
     reader.read_exact(&mut body)?;
 
-    let fail = served.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < failures).then_some(n + 1)).is_ok();
+    let fail = served
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < failures).then_some(n + 1)
+        })
+        .is_ok();
     let mut client = client;
     if fail {
         match fault {

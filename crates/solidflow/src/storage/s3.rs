@@ -38,8 +38,8 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore, PutMultipartOptions,
-    PutOptions, PutPayload, RetryConfig,
+    BackoffConfig, ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
 };
 use serde_json::Value;
 use tokio::runtime::Runtime;
@@ -74,13 +74,21 @@ pub struct S3Credentials {
 impl S3Credentials {
     /// Static credentials without a session token.
     pub fn new(access_key_id: impl Into<String>, secret_access_key: impl Into<String>) -> Self {
-        Self { access_key_id: access_key_id.into(), secret_access_key: secret_access_key.into(), session_token: None }
+        Self {
+            access_key_id: access_key_id.into(),
+            secret_access_key: secret_access_key.into(),
+            session_token: None,
+        }
     }
 
     fn secrets(&self) -> impl Iterator<Item = &str> {
-        [Some(self.access_key_id.as_str()), Some(self.secret_access_key.as_str()), self.session_token.as_deref()]
-            .into_iter()
-            .flatten()
+        [
+            Some(self.access_key_id.as_str()),
+            Some(self.secret_access_key.as_str()),
+            self.session_token.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
     }
 }
 
@@ -137,19 +145,30 @@ impl S3Config {
 
     /// Reads a validated `config:` block (see [`definition`]).
     pub fn from_run_config(config: &Value) -> Result<Self, StorageError> {
-        let bad = |message: String| StorageError::Unusable { kind: "s3", message };
+        let bad = |message: String| StorageError::Unusable {
+            kind: "s3",
+            message,
+        };
         let string = |name: &str| config.get(name).and_then(Value::as_str).map(str::to_owned);
         let int = |name: &str| config.get(name).and_then(Value::as_u64);
         let bucket = string("s3_bucket")
             .filter(|b| !b.is_empty())
-            .ok_or_else(|| bad("storage.s3.config.s3_bucket is required: the bucket to store intermediates in".into()))?;
+            .ok_or_else(|| {
+                bad(
+                    "storage.s3.config.s3_bucket is required: the bucket to store intermediates in"
+                        .into(),
+                )
+            })?;
         let mut out = Self::new(bucket);
         if let Some(prefix) = string("s3_prefix") {
             out.prefix = prefix;
         }
         out.region = string("region").filter(|r| !r.is_empty());
         out.endpoint_url = string("endpoint_url").filter(|e| !e.is_empty());
-        out.allow_http = config.get("allow_http").and_then(Value::as_bool).unwrap_or(false);
+        out.allow_http = config
+            .get("allow_http")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         if let Some(n) = int("max_retries") {
             out.max_retries = n as usize;
         }
@@ -157,7 +176,9 @@ impl S3Config {
             out.retry_timeout = Duration::from_secs(secs);
         }
         if let Some(mb) = int("part_size_mb") {
-            out.part_size = usize::try_from(mb).unwrap_or(usize::MAX).saturating_mul(MIB);
+            out.part_size = usize::try_from(mb)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(MIB);
         }
         if let Some(n) = int("concurrency") {
             out.concurrency = n as usize;
@@ -166,9 +187,17 @@ impl S3Config {
     }
 
     fn validate(&self) -> Result<(), StorageError> {
-        let bad = |message: String| Err(StorageError::Unusable { kind: "s3", message });
+        let bad = |message: String| {
+            Err(StorageError::Unusable {
+                kind: "s3",
+                message,
+            })
+        };
         if self.bucket.is_empty() || self.bucket.contains('/') {
-            return bad(format!("s3_bucket {:?} is not a bucket name (no slashes, not empty)", self.bucket));
+            return bad(format!(
+                "s3_bucket {:?} is not a bucket name (no slashes, not empty)",
+                self.bucket
+            ));
         }
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
             return bad(format!(
@@ -181,10 +210,14 @@ impl S3Config {
         }
         if let Some(endpoint) = &self.endpoint_url {
             if endpoint.starts_with("http://") && !self.allow_http {
-                return bad(format!("endpoint_url {endpoint} is plain http: set allow_http: true to permit it"));
+                return bad(format!(
+                    "endpoint_url {endpoint} is plain http: set allow_http: true to permit it"
+                ));
             }
             if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
-                return bad(format!("endpoint_url {endpoint} must start with http:// or https://"));
+                return bad(format!(
+                    "endpoint_url {endpoint} must start with http:// or https://"
+                ));
             }
         }
         Ok(())
@@ -243,19 +276,30 @@ impl S3Storage {
     }
 
     /// Like [`new`](Self::new), with the environment given as a lookup function.
-    fn with_env(config: S3Config, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, StorageError> {
+    fn with_env(
+        config: S3Config,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, StorageError> {
         config.validate()?;
-        let unusable = |message: String| StorageError::Unusable { kind: "s3", message };
+        let unusable = |message: String| StorageError::Unusable {
+            kind: "s3",
+            message,
+        };
 
         let mut redactor = Redactor::default();
         // AWS_* variables: credentials, region, web identity, container credentials...
         let mut builder = AmazonS3Builder::from_env();
-        for name in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"] {
+        for name in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+        ] {
             if let Some(value) = env(name) {
                 redactor.add(&value);
             }
         }
-        let env_has_credentials = env("AWS_ACCESS_KEY_ID").is_some() || env("AWS_WEB_IDENTITY_TOKEN_FILE").is_some();
+        let env_has_credentials =
+            env("AWS_ACCESS_KEY_ID").is_some() || env("AWS_WEB_IDENTITY_TOKEN_FILE").is_some();
         let profile = profile::load(env);
         let credentials = match (&config.credentials, &profile) {
             (Some(explicit), _) => Some(explicit.clone()),
@@ -264,7 +308,9 @@ impl S3Storage {
         };
         if let Some(c) = &credentials {
             c.secrets().for_each(|s| redactor.add(s));
-            builder = builder.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
+            builder = builder
+                .with_access_key_id(&c.access_key_id)
+                .with_secret_access_key(&c.secret_access_key);
             if let Some(token) = &c.session_token {
                 builder = builder.with_token(token);
             }
@@ -276,18 +322,26 @@ impl S3Storage {
             .or_else(|| env("AWS_DEFAULT_REGION"))
             .or_else(|| profile.as_ref().and_then(|p| p.region.clone()))
             .unwrap_or_else(|| "us-east-1".into());
-        builder = builder.with_bucket_name(&config.bucket).with_region(&region);
+        builder = builder
+            .with_bucket_name(&config.bucket)
+            .with_region(&region);
         let endpoint = match &config.endpoint_url {
             Some(url) => {
                 // Path-style requests (`<endpoint>/<bucket>/<key>`) work with every S3-compatible server.
-                builder = builder.with_endpoint(url.trim_end_matches('/')).with_virtual_hosted_style_request(false);
+                builder = builder
+                    .with_endpoint(url.trim_end_matches('/'))
+                    .with_virtual_hosted_style_request(false);
                 url.trim_end_matches('/').to_owned()
             }
             None => format!("https://s3.{region}.amazonaws.com"),
         };
         builder = builder
             .with_allow_http(config.allow_http)
-            .with_client_options(ClientOptions::new().with_allow_http(config.allow_http).with_timeout(Duration::from_secs(120)));
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(config.allow_http)
+                    .with_timeout(Duration::from_secs(120)),
+            );
 
         let retry = |max_retries: usize, retry_timeout: Duration| RetryConfig {
             backoff: BackoffConfig {
@@ -299,15 +353,28 @@ impl S3Storage {
             retry_timeout,
         };
         let build = |builder: AmazonS3Builder| {
-            builder.build().map_err(|e| unusable(format!("invalid S3 settings for bucket {}: {}", config.bucket, redactor.scrub(&e.to_string()))))
+            builder.build().map_err(|e| {
+                unusable(format!(
+                    "invalid S3 settings for bucket {}: {}",
+                    config.bucket,
+                    redactor.scrub(&e.to_string())
+                ))
+            })
         };
-        let preflight_store = build(builder.clone().with_retry(retry(config.max_retries.min(2), Duration::from_secs(20))))?;
+        let preflight_store = build(
+            builder
+                .clone()
+                .with_retry(retry(config.max_retries.min(2), Duration::from_secs(20))),
+        )?;
         let store = build(builder.with_retry(retry(config.max_retries, config.retry_timeout)))?;
 
         Ok(Self {
             store: Arc::new(store),
             preflight_store: Arc::new(preflight_store),
-            engine: Arc::new(Engine::new().map_err(|e| unusable(format!("cannot start the S3 I/O runtime: {e}")))?),
+            engine: Arc::new(
+                Engine::new()
+                    .map_err(|e| unusable(format!("cannot start the S3 I/O runtime: {e}")))?,
+            ),
             bucket: config.bucket,
             prefix: config.prefix.trim_matches('/').to_owned(),
             region,
@@ -330,13 +397,22 @@ impl S3Storage {
 
     /// The object key of `key`, without the bucket.
     pub fn object_key(&self, key: &IntermediateKey) -> String {
-        if self.prefix.is_empty() { key.relative_path() } else { format!("{}/{}", self.prefix, key.relative_path()) }
+        if self.prefix.is_empty() {
+            key.relative_path()
+        } else {
+            format!("{}/{}", self.prefix, key.relative_path())
+        }
     }
 
     fn object_path(&self, key: &IntermediateKey) -> ObjectPath {
         let prefix = self.prefix.split('/').filter(|p| !p.is_empty());
         prefix
-            .chain([key.run_id.as_str(), "intermediates", key.step_key.as_str(), key.output.as_str()])
+            .chain([
+                key.run_id.as_str(),
+                "intermediates",
+                key.step_key.as_str(),
+                key.output.as_str(),
+            ])
             .collect()
     }
 
@@ -351,11 +427,20 @@ impl S3Storage {
         format!("{}/", run.as_ref())
     }
 
-    fn error(&self, operation: &'static str, key: &IntermediateKey, error: object_store::Error) -> StorageError {
+    fn error(
+        &self,
+        operation: &'static str,
+        key: &IntermediateKey,
+        error: object_store::Error,
+    ) -> StorageError {
         let location = self.location(key);
         match error {
             object_store::Error::NotFound { .. } => StorageError::NotFound { location },
-            other => StorageError::Backend { operation, location, message: self.describe(&other) },
+            other => StorageError::Backend {
+                operation,
+                location,
+                message: self.describe(&other),
+            },
         }
     }
 
@@ -363,10 +448,13 @@ impl S3Storage {
     fn describe(&self, error: &object_store::Error) -> String {
         let text = self.redactor.scrub(&error.to_string());
         let hint = match error {
-            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => {
                 " (the credentials were rejected: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the role's permissions on the bucket)"
             }
-            _ if text.contains("NoSuchBucket") => " (the bucket does not exist: create it or fix s3_bucket)",
+            _ if text.contains("NoSuchBucket") => {
+                " (the bucket does not exist: create it or fix s3_bucket)"
+            }
             _ if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") => {
                 " (the credentials were rejected: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
             }
@@ -405,8 +493,13 @@ fn config_schema() -> ConfigType {
     ])
 }
 
-fn build(config: &Value, _ctx: &StorageContext) -> Result<Arc<dyn IntermediateStorage>, StorageError> {
-    Ok(Arc::new(S3Storage::new(S3Config::from_run_config(config)?)?))
+fn build(
+    config: &Value,
+    _ctx: &StorageContext,
+) -> Result<Arc<dyn IntermediateStorage>, StorageError> {
+    Ok(Arc::new(S3Storage::new(S3Config::from_run_config(
+        config,
+    )?)?))
 }
 
 /// The `s3` storage definition.
@@ -437,12 +530,23 @@ impl IntermediateStorage for S3Storage {
         // credentials are 403. It is also the permission list_run needs.
         let store = self.preflight_store.clone();
         let prefix: ObjectPath = self.prefix.split('/').filter(|p| !p.is_empty()).collect();
-        let prefix = if self.prefix.is_empty() { String::new() } else { format!("{}/", prefix.as_ref()) };
+        let prefix = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", prefix.as_ref())
+        };
         let result = self.engine.run(async move {
-            let opts = PaginatedListOptions { max_keys: Some(1), delimiter: Some("/".into()), ..Default::default() };
+            let opts = PaginatedListOptions {
+                max_keys: Some(1),
+                delimiter: Some("/".into()),
+                ..Default::default()
+            };
             store.list_paginated(Some(&prefix), opts).await
         });
-        let place = format!("s3://{}/{} at {} (region {})", self.bucket, self.prefix, self.endpoint, self.region);
+        let place = format!(
+            "s3://{}/{} at {} (region {})",
+            self.bucket, self.prefix, self.endpoint, self.region
+        );
         result.map(drop).map_err(|e| StorageError::Unusable {
             kind: "s3",
             message: match &e {
@@ -463,7 +567,11 @@ impl IntermediateStorage for S3Storage {
                 upload.abort();
                 Err(match cause {
                     Some(e) => self.error("write", key, e),
-                    None => StorageError::Io { operation: "write", location: self.location(key), source },
+                    None => StorageError::Io {
+                        operation: "write",
+                        location: self.location(key),
+                        source,
+                    },
                 })
             }
         }
@@ -477,15 +585,24 @@ impl IntermediateStorage for S3Storage {
         let first = self
             .engine
             .run(async move {
-                let ranged = GetOptions { range: Some(GetRange::Bounded(0..chunk)), ..Default::default() };
+                let ranged = GetOptions {
+                    range: Some(GetRange::Bounded(0..chunk)),
+                    ..Default::default()
+                };
                 let result = match store.get_opts(&first_path, ranged).await {
                     // An empty object has no byte 0 to start a range at (416): fetch it whole.
-                    Err(e) if is_invalid_range(&e) => store.get_opts(&first_path, GetOptions::default()).await?,
+                    Err(e) if is_invalid_range(&e) => {
+                        store.get_opts(&first_path, GetOptions::default()).await?
+                    }
                     other => other?,
                 };
                 let (meta, range) = (result.meta.clone(), result.range.clone());
                 let bytes = result.bytes().await?;
-                Ok::<_, object_store::Error>((meta, range.start + bytes.len() as u64, Vec::from(bytes)))
+                Ok::<_, object_store::Error>((
+                    meta,
+                    range.start + bytes.len() as u64,
+                    Chunk::new(bytes),
+                ))
             })
             .map_err(|e| self.error("read", key, e))?;
         let (meta, next, current) = first;
@@ -511,7 +628,17 @@ impl IntermediateStorage for S3Storage {
     fn exists(&self, key: &IntermediateKey) -> Result<bool, StorageError> {
         let store = self.store.clone();
         let path = self.object_path(key);
-        match self.engine.run(async move { store.get_opts(&path, GetOptions { head: true, ..Default::default() }).await }) {
+        match self.engine.run(async move {
+            store
+                .get_opts(
+                    &path,
+                    GetOptions {
+                        head: true,
+                        ..Default::default()
+                    },
+                )
+                .await
+        }) {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(self.error("exists", key, e)),
@@ -528,7 +655,10 @@ impl IntermediateStorage for S3Storage {
                 let mut objects = Vec::new();
                 let mut page_token = None;
                 loop {
-                    let opts = PaginatedListOptions { page_token, ..Default::default() };
+                    let opts = PaginatedListOptions {
+                        page_token,
+                        ..Default::default()
+                    };
                     let page = store.list_paginated(Some(&list_prefix), opts).await?;
                     objects.extend(page.result.objects.into_iter().map(|o| o.location));
                     page_token = page.page_token;
@@ -548,7 +678,10 @@ impl IntermediateStorage for S3Storage {
                 let rest = path.as_ref().strip_prefix(&prefix)?;
                 let mut parts = rest.split('/').map(percent_decode);
                 let (step_key, output) = (parts.next()?, parts.next()?);
-                parts.next().is_none().then(|| IntermediateKey::new(run_id, step_key, output))
+                parts
+                    .next()
+                    .is_none()
+                    .then(|| IntermediateKey::new(run_id, step_key, output))
             })
             .collect();
         keys.sort();
@@ -569,12 +702,13 @@ fn percent_decode(segment: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -597,7 +731,9 @@ impl Engine {
             .thread_name("solidflow-s3")
             .enable_all()
             .build()?;
-        Ok(Self { runtime: Some(runtime) })
+        Ok(Self {
+            runtime: Some(runtime),
+        })
     }
 
     fn runtime(&self) -> &Runtime {
@@ -628,7 +764,8 @@ impl Engine {
         self.spawn(async move {
             let _ = tx.send(future.await);
         });
-        rx.recv().expect("the S3 runtime dropped a task before it finished")
+        rx.recv()
+            .expect("the S3 runtime dropped a task before it finished")
     }
 }
 
@@ -654,7 +791,15 @@ struct Upload<'a> {
 
 impl<'a> Upload<'a> {
     fn new(storage: &'a S3Storage, path: ObjectPath) -> Self {
-        Self { storage, path, buf: Vec::new(), multipart: None, in_flight: VecDeque::new(), failure: None, written: 0 }
+        Self {
+            storage,
+            path,
+            buf: Vec::new(),
+            multipart: None,
+            in_flight: VecDeque::new(),
+            failure: None,
+            written: 0,
+        }
     }
 
     /// Starts the multipart upload if needed and sends the full buffer as the next part.
@@ -663,11 +808,19 @@ impl<'a> Upload<'a> {
         if self.multipart.is_none() {
             let store = self.storage.store.clone();
             let path = self.path.clone();
-            let upload = engine.run(async move { store.put_multipart_opts(&path, PutMultipartOptions::default()).await })?;
+            let upload = engine.run(async move {
+                store
+                    .put_multipart_opts(&path, PutMultipartOptions::default())
+                    .await
+            })?;
             self.multipart = Some(upload);
         }
         let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.storage.part_size));
-        let part = self.multipart.as_mut().expect("started above").put_part(PutPayload::from(full));
+        let part = self
+            .multipart
+            .as_mut()
+            .expect("started above")
+            .put_part(PutPayload::from(full));
         self.in_flight.push_back(engine.spawn(part));
         // Back-pressure: at most `concurrency` parts in flight while the codec fills the next one.
         while self.in_flight.len() >= self.storage.concurrency {
@@ -689,13 +842,22 @@ impl<'a> Upload<'a> {
         match self.multipart.is_some() {
             false => {
                 // Fits in one part: a single PUT, atomic by itself.
-                let (path, payload) = (self.path.clone(), PutPayload::from(std::mem::take(&mut self.buf)));
-                engine.run(async move { store.put_opts(&path, payload, PutOptions::default()).await })?;
+                let (path, payload) = (
+                    self.path.clone(),
+                    PutPayload::from(std::mem::take(&mut self.buf)),
+                );
+                engine.run(async move {
+                    store.put_opts(&path, payload, PutOptions::default()).await
+                })?;
             }
             true => {
                 if !self.buf.is_empty() {
                     let last = std::mem::take(&mut self.buf);
-                    let part = self.multipart.as_mut().expect("multipart").put_part(PutPayload::from(last));
+                    let part = self
+                        .multipart
+                        .as_mut()
+                        .expect("multipart")
+                        .put_part(PutPayload::from(last));
                     self.in_flight.push_back(engine.spawn(part));
                 }
                 while !self.in_flight.is_empty() {
@@ -734,18 +896,20 @@ impl<'a> Upload<'a> {
 impl Write for Upload<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if let Some(e) = &self.failure {
-            return Err(io::Error::other(self.storage.redactor.scrub(&e.to_string())));
+            return Err(io::Error::other(
+                self.storage.redactor.scrub(&e.to_string()),
+            ));
         }
         let room = self.storage.part_size - self.buf.len();
         let n = room.min(data.len());
         self.buf.extend_from_slice(&data[..n]);
         self.written += n as u64;
-        if self.buf.len() == self.storage.part_size {
-            if let Err(e) = self.send_part() {
-                let err = io::Error::other(self.storage.redactor.scrub(&e.to_string()));
-                self.failure = Some(e);
-                return Err(err);
-            }
+        if self.buf.len() == self.storage.part_size
+            && let Err(e) = self.send_part()
+        {
+            let err = io::Error::other(self.storage.redactor.scrub(&e.to_string()));
+            self.failure = Some(e);
+            return Err(err);
         }
         Ok(n)
     }
@@ -778,8 +942,8 @@ struct RangeReader {
     chunk: u64,
     prefetch: usize,
     /// Requested ranges: expected length and the download.
-    pending: VecDeque<(usize, JoinHandle<object_store::Result<Vec<u8>>>)>,
-    current: Vec<u8>,
+    pending: VecDeque<(usize, JoinHandle<object_store::Result<Chunk>>)>,
+    current: Chunk,
     pos: usize,
 }
 
@@ -799,7 +963,7 @@ impl RangeReader {
                 expected,
                 self.engine.spawn(async move {
                     let bytes = store.get_opts(&path, options).await?.bytes().await?;
-                    Ok(Vec::from(bytes))
+                    Ok(Chunk::new(bytes))
                 }),
             ));
             self.next = end;
@@ -807,11 +971,37 @@ impl RangeReader {
     }
 }
 
+/// One downloaded range, kept in the buffer the HTTP client filled (no copy).
+struct Chunk(Box<dyn AsRef<[u8]> + Send + Sync>);
+
+impl Chunk {
+    fn new(bytes: impl AsRef<[u8]> + Send + Sync + 'static) -> Self {
+        Self(Box::new(bytes))
+    }
+
+    fn empty() -> Self {
+        Self::new(Vec::new())
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        (*self.0).as_ref()
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+}
+
 impl Read for RangeReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.pos == self.current.len() {
+            // Free the consumed range before asking for more: memory stays within budget.
+            self.current = Chunk::empty();
+            self.pos = 0;
             self.request_ahead();
-            let Some((expected, handle)) = self.pending.pop_front() else { return Ok(0) };
+            let Some((expected, handle)) = self.pending.pop_front() else {
+                return Ok(0);
+            };
             let chunk = self
                 .engine
                 .run(handle)
@@ -839,8 +1029,9 @@ impl Read for RangeReader {
             // Keep the pipeline full while the consumer works on this chunk.
             self.request_ahead();
         }
-        let n = out.len().min(self.current.len() - self.pos);
-        out[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        let current = self.current.as_slice();
+        let n = out.len().min(current.len() - self.pos);
+        out[..n].copy_from_slice(&current[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
     }
@@ -871,7 +1062,9 @@ impl Redactor {
     }
 
     fn scrub(&self, text: &str) -> String {
-        self.secrets.iter().fold(text.to_owned(), |text, secret| text.replace(secret.as_str(), REDACTED))
+        self.secrets.iter().fold(text.to_owned(), |text, secret| {
+            text.replace(secret.as_str(), REDACTED)
+        })
     }
 }
 
@@ -893,10 +1086,14 @@ mod profile {
         let name = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
         let home = env("HOME").map(PathBuf::from);
         let file = |var: &str, default: &str| {
-            env(var).map(PathBuf::from).or_else(|| home.as_ref().map(|h| h.join(".aws").join(default)))
+            env(var)
+                .map(PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join(".aws").join(default)))
         };
-        let credentials = file("AWS_SHARED_CREDENTIALS_FILE", "credentials").and_then(|p| std::fs::read_to_string(p).ok());
-        let config = file("AWS_CONFIG_FILE", "config").and_then(|p| std::fs::read_to_string(p).ok());
+        let credentials = file("AWS_SHARED_CREDENTIALS_FILE", "credentials")
+            .and_then(|p| std::fs::read_to_string(p).ok());
+        let config =
+            file("AWS_CONFIG_FILE", "config").and_then(|p| std::fs::read_to_string(p).ok());
         let profile = parse(credentials.as_deref(), config.as_deref(), &name);
         (profile != Profile::default()).then_some(profile)
     }
@@ -904,9 +1101,17 @@ mod profile {
     /// Reads profile `name`: keys from the credentials file (`[name]`) or the config file
     /// (`[profile name]`, or `[default]`), the region from the config file.
     pub(super) fn parse(credentials: Option<&str>, config: Option<&str>, name: &str) -> Profile {
-        let config_section = if name == "default" { "default".to_owned() } else { format!("profile {name}") };
-        let from_credentials = credentials.map(|text| section(text, name)).unwrap_or_default();
-        let from_config = config.map(|text| section(text, &config_section)).unwrap_or_default();
+        let config_section = if name == "default" {
+            "default".to_owned()
+        } else {
+            format!("profile {name}")
+        };
+        let from_credentials = credentials
+            .map(|text| section(text, name))
+            .unwrap_or_default();
+        let from_config = config
+            .map(|text| section(text, &config_section))
+            .unwrap_or_default();
         let get = |key: &str| {
             from_credentials
                 .iter()
@@ -923,8 +1128,14 @@ mod profile {
             }),
             _ => None,
         };
-        let region = from_config.iter().find(|(k, _)| k == "region").map(|(_, v)| v.clone());
-        Profile { credentials, region }
+        let region = from_config
+            .iter()
+            .find(|(k, _)| k == "region")
+            .map(|(_, v)| v.clone());
+        Profile {
+            credentials,
+            region,
+        }
     }
 
     /// The `key = value` pairs of `[name]` in an INI file.
@@ -939,10 +1150,8 @@ mod profile {
                 inside = header.trim() == name;
                 continue;
             }
-            if inside {
-                if let Some((k, v)) = line.split_once('=') {
-                    out.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-                }
+            if inside && let Some((k, v)) = line.split_once('=') {
+                out.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
             }
         }
         out
@@ -954,7 +1163,12 @@ mod tests {
     use super::*;
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
@@ -962,12 +1176,18 @@ mod tests {
         let credentials = "[default]\naws_access_key_id = AKIDDEFAULT\naws_secret_access_key = s3cr3t\n\n[work]\naws_access_key_id=AKIDWORK\naws_secret_access_key=w0rk\naws_session_token = tok\n";
         let config = "[default]\nregion = eu-west-1\n[profile work]\nregion = ap-south-1\n";
         let p = profile::parse(Some(credentials), Some(config), "default");
-        assert_eq!(p.credentials, Some(S3Credentials::new("AKIDDEFAULT", "s3cr3t")));
+        assert_eq!(
+            p.credentials,
+            Some(S3Credentials::new("AKIDDEFAULT", "s3cr3t"))
+        );
         assert_eq!(p.region.as_deref(), Some("eu-west-1"));
         let p = profile::parse(Some(credentials), Some(config), "work");
         assert_eq!(p.credentials.unwrap().session_token.as_deref(), Some("tok"));
         assert_eq!(p.region.as_deref(), Some("ap-south-1"));
-        assert_eq!(profile::parse(None, Some(config), "missing"), profile::Profile::default());
+        assert_eq!(
+            profile::parse(None, Some(config), "missing"),
+            profile::Profile::default()
+        );
     }
 
     #[test]
@@ -976,12 +1196,21 @@ mod tests {
         std::fs::write(dir.path().join("creds"), "[default]\naws_access_key_id = AKIDPROFILE1\naws_secret_access_key = profile-secret-xyz\n").unwrap();
         let creds = dir.path().join("creds").display().to_string();
         let leaked: &'static str = Box::leak(creds.into_boxed_str());
-        let pairs: &'static [(&str, &str)] = Box::leak(Box::new([("AWS_SHARED_CREDENTIALS_FILE", leaked)]));
+        let pairs: &'static [(&str, &str)] =
+            Box::leak(Box::new([("AWS_SHARED_CREDENTIALS_FILE", leaked)]));
         let storage = S3Storage::with_env(S3Config::new("bucket"), &env_of(pairs)).unwrap();
-        let text = storage.redactor.scrub("body: <AWSAccessKeyId>AKIDPROFILE1</AWSAccessKeyId> profile-secret-xyz");
-        assert!(!text.contains("AKIDPROFILE1") && !text.contains("profile-secret-xyz"), "{text}");
+        let text = storage
+            .redactor
+            .scrub("body: <AWSAccessKeyId>AKIDPROFILE1</AWSAccessKeyId> profile-secret-xyz");
+        assert!(
+            !text.contains("AKIDPROFILE1") && !text.contains("profile-secret-xyz"),
+            "{text}"
+        );
         let debug = format!("{storage:?}");
-        assert!(!debug.contains("AKIDPROFILE1") && !debug.contains("profile-secret-xyz"), "{debug}");
+        assert!(
+            !debug.contains("AKIDPROFILE1") && !debug.contains("profile-secret-xyz"),
+            "{debug}"
+        );
         assert_eq!(storage.region, "us-east-1");
     }
 
@@ -995,11 +1224,19 @@ mod tests {
         assert_eq!(parsed.part_size, 8 * MIB);
         let storage = S3Storage::new(parsed).unwrap();
         let key = IntermediateKey::new("r", "a.compute", "result");
-        assert_eq!(storage.location(&key), "s3://b/p/q/r/intermediates/a.compute/result");
-        assert_eq!(storage.object_path(&key).as_ref(), "p/q/r/intermediates/a.compute/result");
+        assert_eq!(
+            storage.location(&key),
+            "s3://b/p/q/r/intermediates/a.compute/result"
+        );
+        assert_eq!(
+            storage.object_path(&key).as_ref(),
+            "p/q/r/intermediates/a.compute/result"
+        );
 
-        let http_without_opt_in = serde_json::json!({"s3_bucket": "b", "endpoint_url": "http://x:1"});
-        let err = S3Storage::new(S3Config::from_run_config(&http_without_opt_in).unwrap()).unwrap_err();
+        let http_without_opt_in =
+            serde_json::json!({"s3_bucket": "b", "endpoint_url": "http://x:1"});
+        let err =
+            S3Storage::new(S3Config::from_run_config(&http_without_opt_in).unwrap()).unwrap_err();
         assert!(err.to_string().contains("allow_http"), "{err}");
         let tiny_parts = serde_json::json!({"s3_bucket": "b", "part_size_mb": 1});
         assert!(S3Storage::new(S3Config::from_run_config(&tiny_parts).unwrap()).is_err());
@@ -1011,7 +1248,10 @@ mod tests {
         let mut config = S3Config::new("b");
         config.credentials = Some(S3Credentials::new("AKIDEXPLICIT", "explicit-secret"));
         let text = format!("{config:?} {:?}", S3Storage::new(config.clone()).unwrap());
-        assert!(!text.contains("AKIDEXPLICIT") && !text.contains("explicit-secret"), "{text}");
+        assert!(
+            !text.contains("AKIDEXPLICIT") && !text.contains("explicit-secret"),
+            "{text}"
+        );
     }
 
     #[test]
