@@ -729,6 +729,98 @@ mod s3_only {
         drop(runtime);
     }
 
+    /// A whole pipeline on `storage: s3` from run config, with credentials from the standard
+    /// AWS env vars. Env vars are process-wide, so the pipeline runs in a child process: this
+    /// test binary re-executed with only `pipeline_child` selected and the vars set.
+    #[test]
+    fn pipeline_runs_on_s3_with_env_credentials() {
+        let server = S3Server::start();
+        server.create_bucket("pipeline-bkt");
+        let home = tempfile::tempdir().unwrap();
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "s3_only::pipeline_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("SOLIDFLOW_TEST_S3_ENDPOINT", server.endpoint())
+            .env("SOLIDFLOW_HOME", home.path())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "pipeline child failed:\n{text}");
+        assert!(
+            text.contains("1 passed"),
+            "the child test did not run:\n{text}"
+        );
+        assert_no_secrets("pipeline output", &text);
+        // The intermediates are in the bucket, under the configured prefix.
+        let runs = std::fs::read_dir(server.data_dir().join("pipeline-bkt/e2e"))
+            .unwrap()
+            .count();
+        assert_eq!(runs, 1, "one run directory under the prefix");
+    }
+
+    #[solidflow::prelude::solid]
+    fn numbers(_ctx: &solidflow::prelude::SolidContext) -> Vec<i64> {
+        (1..=1000).collect()
+    }
+
+    #[solidflow::prelude::solid]
+    fn total(_ctx: &solidflow::prelude::SolidContext, numbers: Vec<i64>) -> i64 {
+        numbers.iter().sum()
+    }
+
+    #[test]
+    #[ignore = "run by pipeline_runs_on_s3_with_env_credentials in a child process"]
+    fn pipeline_child() {
+        use solidflow::prelude::*;
+        let endpoint = std::env::var("SOLIDFLOW_TEST_S3_ENDPOINT")
+            .expect("run through pipeline_runs_on_s3_with_env_credentials (needs SOLIDFLOW_TEST_S3_ENDPOINT)");
+        let pipeline = Pipeline::build("s3_sum", |p| {
+            let n = p.invoke(numbers, ());
+            p.invoke(total, (n,));
+        })
+        .unwrap();
+        let config = serde_json::json!({
+            "storage": {"s3": {"config": {
+                "s3_bucket": "pipeline-bkt", "s3_prefix": "e2e", "endpoint_url": endpoint, "allow_http": true
+            }}},
+            "execution": {"in_process": {}}
+        });
+        let result = execute_pipeline(&pipeline, config).expect("run starts");
+        let events = serde_json::to_string(result.events()).unwrap();
+        assert!(result.success(), "pipeline failed: {events}");
+        assert_eq!(result.result::<i64>("total").unwrap(), 500_500);
+        assert!(
+            events.contains("s3://pipeline-bkt/e2e/"),
+            "events should name the S3 locations: {events}"
+        );
+        assert_no_secrets("events", &events);
+        // What the run wrote is listable through a storage built the same way.
+        let storage = S3Storage::new({
+            let mut c = solidflow::storage::S3Config::new("pipeline-bkt");
+            c.prefix = "e2e".into();
+            c.endpoint_url = Some(endpoint.clone());
+            c.allow_http = true;
+            c
+        })
+        .unwrap();
+        let keys = storage.list_run(result.run_id()).unwrap();
+        assert!(
+            keys.iter().any(|k| k.step_key == "numbers.compute"),
+            "numbers' output is in the bucket: {keys:?}"
+        );
+    }
+
     #[test]
     fn registry_builds_s3_from_run_config() {
         let server = S3Server::start();
