@@ -348,7 +348,10 @@ fn step_mode(repository: &Repository) -> i32 {
 /// SIGKILL this step process if the parent dies, and exits if it already has.
 fn die_with_parent() {
     use crate::executor::PARENT_PID_ENV;
-    let Some(parent) = std::env::var(PARENT_PID_ENV).ok().and_then(|p| p.parse::<libc::pid_t>().ok()) else {
+    let Some(parent) = std::env::var(PARENT_PID_ENV)
+        .ok()
+        .and_then(|p| p.parse::<libc::pid_t>().ok())
+    else {
         return;
     };
     #[cfg(target_os = "linux")]

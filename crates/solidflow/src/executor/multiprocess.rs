@@ -619,3 +619,62 @@ fn signal_running(running: &BTreeMap<usize, i32>, signal: i32) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses_are_described_for_crash_reports() {
+        // Raw wait statuses: low 7 bits = signal (0x80 = core dumped), else code << 8.
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(3 << 8)),
+            "exited with status 3"
+        );
+        let killed = describe_exit(ExitStatus::from_raw(libc::SIGKILL));
+        assert!(
+            killed.starts_with("was killed by signal 9 (") && killed.contains("out of memory"),
+            "{killed}"
+        );
+        let aborted = describe_exit(ExitStatus::from_raw(libc::SIGABRT | 0x80));
+        assert!(
+            aborted.starts_with("was killed by signal 6 (") && aborted.contains("core dumped"),
+            "{aborted}"
+        );
+    }
+
+    #[test]
+    fn in_memory_storage_is_refused_and_resources_are_checked() {
+        use crate::definition::pipeline::Pipeline;
+        use crate::definition::solid::{Outputs, SolidDefinition};
+        use crate::definition::types::TypeInfo;
+
+        let gpu = SolidDefinition::new("gpu", |_, _| Ok(Outputs::result(1i64)))
+            .output("result", TypeInfo::of::<i64>())
+            .requires("GPU", 1.0);
+        let pipeline = Pipeline::build("p", |p| p.add("gpu", gpu, vec![])).unwrap();
+        let result = crate::execution::run::execute_pipeline(
+            &pipeline,
+            json!({"storage": {"in_memory": {}}, "execution": {"multiprocess": {}}}),
+        );
+        let message = result.err().expect("refused").to_string();
+        assert!(
+            message.contains("`in_memory` storage") && message.contains("filesystem"),
+            "{message}"
+        );
+
+        let home = tempfile::tempdir().unwrap();
+        let options = crate::execution::run::RunOptions {
+            home: Some(home.path().into()),
+            ..Default::default()
+        };
+        let config = json!({"storage": {"filesystem": {}}, "execution": {"multiprocess": {"config": {"resources": {"GPU": 0}}}}});
+        let result = crate::execution::run::execute_pipeline_with(
+            &pipeline,
+            &crate::config::ConfigSources::from_value(config),
+            options,
+        );
+        let message = result.err().expect("refused").to_string();
+        assert!(message.contains("requires GPU=1"), "{message}");
+    }
+}
