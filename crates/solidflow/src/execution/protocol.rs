@@ -79,17 +79,32 @@ impl LineWriter {
 
 impl EventListener for LineWriter {
     fn on_event(&self, event: &Event) {
-        self.send(&StepMessage::Event { event: Box::new(event.clone()) });
+        self.send(&StepMessage::Event {
+            event: Box::new(event.clone()),
+        });
     }
 }
 
 /// Runs the step described by `invocation` from `repository`, writing messages to `out`.
 /// Returns the process exit status.
-pub fn run_invocation(repository: &Repository, invocation: StepInvocation, out: Box<dyn Write + Send>) -> i32 {
+pub fn run_invocation(
+    repository: &Repository,
+    invocation: StepInvocation,
+    out: Box<dyn Write + Send>,
+) -> i32 {
     let writer = Arc::new(LineWriter(Mutex::new(out)));
     let fail = |writer: &LineWriter, message: String, code: i32| {
-        let error = ErrorInfo { message, causes: vec![], kind: "error".into(), location: None };
-        writer.send(&StepMessage::Result { ok: false, error: Some(error), retry_requested: None });
+        let error = ErrorInfo {
+            message,
+            causes: vec![],
+            kind: "error".into(),
+            location: None,
+        };
+        writer.send(&StepMessage::Result {
+            ok: false,
+            error: Some(error),
+            retry_requested: None,
+        });
         code
     };
     if invocation.protocol != PROTOCOL_VERSION {
@@ -103,23 +118,55 @@ pub fn run_invocation(repository: &Repository, invocation: StepInvocation, out: 
         );
     }
     let Some(pipeline) = repository.pipeline(&invocation.pipeline) else {
-        return fail(&writer, format!("this binary has no pipeline `{}`; is it the right executable?", invocation.pipeline), 3);
+        return fail(
+            &writer,
+            format!(
+                "this binary has no pipeline `{}`; is it the right executable?",
+                invocation.pipeline
+            ),
+            3,
+        );
     };
-    let config = match RunConfig::validate(pipeline, Some(&invocation.mode), &ConfigSources::from_value(invocation.run_config.clone())) {
+    let config = match RunConfig::validate(
+        pipeline,
+        Some(&invocation.mode),
+        &ConfigSources::from_value(invocation.run_config.clone()),
+    ) {
         Ok(c) => Arc::new(c),
         Err(e) => return fail(&writer, e.to_string(), 3),
     };
     let plan = Arc::new(ExecutionPlan::compile(pipeline, &config));
     let Some(index) = plan.index_of(&invocation.step_key) else {
-        return fail(&writer, format!("pipeline `{}` has no step `{}`", pipeline.name(), invocation.step_key), 3);
+        return fail(
+            &writer,
+            format!(
+                "pipeline `{}` has no step `{}`",
+                pipeline.name(),
+                invocation.step_key
+            ),
+            3,
+        );
     };
-    let mode = pipeline.mode(Some(&invocation.mode)).expect("mode validated");
-    let storage_def = mode.storage(&config.storage.name).expect("storage validated");
-    let storage = match (storage_def.build)(&config.storage.config, &StorageContext { home: invocation.home.clone() }) {
+    let mode = pipeline
+        .mode(Some(&invocation.mode))
+        .expect("mode validated");
+    let storage_def = mode
+        .storage(&config.storage.name)
+        .expect("storage validated");
+    let storage = match (storage_def.build)(
+        &config.storage.config,
+        &StorageContext {
+            home: invocation.home.clone(),
+        },
+    ) {
         Ok(s) => s,
         Err(e) => return fail(&writer, e.to_string(), 1),
     };
-    let events = EventSink::new(&invocation.run_id, pipeline.name(), vec![writer.clone() as Arc<dyn EventListener>]);
+    let events = EventSink::new(
+        &invocation.run_id,
+        pipeline.name(),
+        vec![writer.clone() as Arc<dyn EventListener>],
+    );
     let env = StepEnvironment {
         run_id: invocation.run_id.clone(),
         pipeline: Arc::new(pipeline.clone()),
@@ -131,12 +178,20 @@ pub fn run_invocation(repository: &Repository, invocation: StepInvocation, out: 
     };
     match env.run_step(index, invocation.attempt) {
         Ok(()) => {
-            writer.send(&StepMessage::Result { ok: true, error: None, retry_requested: None });
+            writer.send(&StepMessage::Result {
+                ok: true,
+                error: None,
+                retry_requested: None,
+            });
             0
         }
         Err(e) => {
             let retry_requested = e.retry_requested.map(|d| d.map(|d| d.as_secs_f64()));
-            writer.send(&StepMessage::Result { ok: false, error: Some(e.info()), retry_requested });
+            writer.send(&StepMessage::Result {
+                ok: false,
+                error: Some(e.info()),
+                retry_requested,
+            });
             1
         }
     }
