@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::error::{ConfigError, ConfigErrors};
 use super::schema::{ConfigType, Field};
 use super::source::ConfigSources;
-use super::validate::{child, validate};
+use super::validate::validate;
 use crate::definition::pipeline::{InputSource, Pipeline};
 use crate::definition::retry::RetryPolicy;
 
@@ -177,56 +177,74 @@ impl RunConfig {
             sources.value.clone()
         };
         let value = validate(&schema, &root, &[], &mut errors);
-        let mut solids = BTreeMap::new();
         for inv in pipeline.invocations() {
-            let block = value.get("solids").and_then(|s| s.get(&inv.alias));
-            let path = vec!["solids".to_string(), inv.alias.clone()];
-            let mut cfg = SolidRunConfig {
-                config: block
-                    .and_then(|b| b.get("config"))
-                    .cloned()
-                    .unwrap_or(Value::Object(Map::new())),
-                ..Default::default()
-            };
-            if let Some(inputs) = block
+            let inputs = value
+                .get("solids")
+                .and_then(|s| s.get(&inv.alias))
                 .and_then(|b| b.get("inputs"))
-                .and_then(Value::as_object)
-            {
-                for (name, v) in inputs {
-                    if let Some(def) = inv.definition.find_input(name)
-                        && let Err(e) = def.ty.from_json(v.clone())
-                    {
-                        let p = child(&child(&path, "inputs"), name);
-                        errors.push(ConfigError::new(
-                            &p,
-                            format!("not a valid {}: {e}", def.ty.name),
-                        ));
-                    }
-                    cfg.inputs.insert(name.clone(), v.clone());
+                .and_then(Value::as_object);
+            for (name, v) in inputs.into_iter().flatten() {
+                if let Some(def) = inv.definition.find_input(name)
+                    && let Err(e) = def.ty.from_json(v.clone())
+                {
+                    let path = ["solids", &inv.alias, "inputs", name].map(String::from);
+                    errors.push(ConfigError::new(
+                        &path,
+                        format!("not a valid {}: {e}", def.ty.name),
+                    ));
                 }
             }
-            if let Some(retry) = block.and_then(|b| b.get("retry")) {
-                let base = inv.definition.retry_policy.clone().unwrap_or_default();
-                cfg.retry = Some(base.overridden_by(retry));
-            }
-            solids.insert(inv.alias.clone(), cfg);
         }
         sources.annotate(&mut errors);
         if !errors.is_empty() {
             return Err(ConfigErrors { errors });
         }
+        Self::from_validated(pipeline, &mode_name, value)
+            .map_err(|e| ConfigError::new(&[], e).into())
+    }
+
+    /// Rebuilds a run config from a value that [`validate`](Self::validate) already
+    /// produced (`RunConfig::value`), without validating it again. Step processes use
+    /// this: the parent validated the config, and validation costs time in proportion to
+    /// the pipeline's size on every step.
+    pub fn from_validated(pipeline: &Pipeline, mode: &str, value: Value) -> Result<Self, String> {
+        let mut solids = BTreeMap::new();
+        for inv in pipeline.invocations() {
+            let block = value.get("solids").and_then(|s| s.get(&inv.alias));
+            let field = |key: &str| block.and_then(|b| b.get(key));
+            let inputs = field("inputs")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten();
+            let retry = field("retry").map(|r| {
+                inv.definition
+                    .retry_policy
+                    .clone()
+                    .unwrap_or_default()
+                    .overridden_by(r)
+            });
+            let cfg = SolidRunConfig {
+                config: field("config")
+                    .cloned()
+                    .unwrap_or(Value::Object(Map::new())),
+                inputs: inputs.map(|(k, v)| (k.clone(), v.clone())).collect(),
+                retry,
+            };
+            solids.insert(inv.alias.clone(), cfg);
+        }
         let selected = |key: &str| {
-            let (name, block) = value[key]
-                .as_object()
+            let (name, block) = value
+                .get(key)
+                .and_then(Value::as_object)
                 .and_then(|m| m.iter().next())
-                .expect("validated selector");
-            Selected {
+                .ok_or_else(|| format!("run config has no `{key}` choice; was it validated?"))?;
+            Ok::<_, String>(Selected {
                 name: name.clone(),
                 config: block
                     .get("config")
                     .cloned()
                     .unwrap_or(Value::Object(Map::new())),
-            }
+            })
         };
         let log_level = value
             .pointer("/loggers/console/config/log_level")
@@ -234,9 +252,9 @@ impl RunConfig {
             .unwrap_or("INFO")
             .to_string();
         Ok(Self {
-            mode: mode_name,
-            storage: selected("storage"),
-            execution: selected("execution"),
+            mode: mode.to_string(),
+            storage: selected("storage")?,
+            execution: selected("execution")?,
             solids,
             log_level,
             value,

@@ -90,6 +90,7 @@ impl ConfigSources {
                 format!("{file}: the top level of run config must be a map"),
             ));
         }
+        replace_switched_selectors(&mut self.value, &value);
         deep_merge(&mut self.value, value);
         self.locations.extend(incoming);
         Ok(())
@@ -114,6 +115,24 @@ impl ConfigSources {
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
+}
+
+/// Root keys that are selectors: a later document that picks another choice replaces
+/// the earlier choice instead of adding a second one (`-c base.yaml -c multiprocess.yaml`).
+const SELECTORS: [&str; 2] = ["storage", "execution"];
+
+fn replace_switched_selectors(base: &mut Value, incoming: &Value) {
+    for key in SELECTORS {
+        let (Some(old), Some(new)) = (
+            base.get(key).and_then(Value::as_object),
+            incoming.get(key).and_then(Value::as_object),
+        ) else {
+            continue;
+        };
+        if new.keys().any(|k| !old.contains_key(k)) {
+            base.as_object_mut().expect("base is a map").remove(key);
+        }
+    }
 }
 
 /// Recursively merges `incoming` into `base`: maps merge key by key; anything else replaces.
@@ -317,6 +336,22 @@ mod tests {
         assert_eq!((loc.file.as_str(), loc.line), ("prod.yaml", 4));
         let m: Vec<String> = ["solids", "a", "config", "m"].map(String::from).to_vec();
         assert_eq!(s.locate(&m).unwrap().line, 7);
+    }
+
+    #[test]
+    fn a_later_document_switches_selectors_and_merges_the_same_choice() {
+        let mut s = ConfigSources::empty();
+        s.merge_text("a.yaml", "execution: {in_process: {config: {max_concurrent: 2}}}\nstorage: {filesystem: {config: {base_dir: /a}}}").unwrap();
+        s.merge_text(
+            "b.yaml",
+            "execution: {multiprocess: {}}\nstorage: {filesystem: {config: {shared: true}}}",
+        )
+        .unwrap();
+        assert_eq!(s.value["execution"], json!({"multiprocess": {}}));
+        assert_eq!(
+            s.value["storage"],
+            json!({"filesystem": {"config": {"base_dir": "/a", "shared": true}}})
+        );
     }
 
     #[test]

@@ -115,7 +115,8 @@ pub struct Invocation {
 pub struct Pipeline {
     name: String,
     description: String,
-    invocations: Vec<Invocation>,
+    // Shared: pipelines are cloned into every run and step process.
+    invocations: Arc<Vec<Invocation>>,
     modes: Vec<Mode>,
 }
 
@@ -339,7 +340,7 @@ impl Pipeline {
         let pipeline = Self {
             name: name.into(),
             description: String::new(),
-            invocations,
+            invocations: Arc::new(invocations),
             modes: vec![Mode::default()],
         };
         pipeline.check()?;
@@ -403,7 +404,7 @@ impl Pipeline {
     #[allow(clippy::result_large_err)]
     fn check(&self) -> Result<(), DefinitionError> {
         let pipeline = || self.name.clone();
-        for inv in &self.invocations {
+        for inv in self.invocations.iter() {
             for input in &inv.definition.inputs {
                 let Some(source) = inv.inputs.get(&input.name) else {
                     return Err(DefinitionError::UnwiredInput {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::event::{ErrorInfo, Event};
 use super::sink::{EventListener, EventSink};
 use super::step::StepEnvironment;
-use crate::config::{ConfigSources, RunConfig};
+use crate::config::RunConfig;
 use crate::definition::repository::Repository;
 use crate::plan::ExecutionPlan;
 use crate::storage::registry::StorageContext;
@@ -127,32 +127,49 @@ pub fn run_invocation(
             3,
         );
     };
-    let config = match RunConfig::validate(
+    // The parent validated the config; re-validating and planning the whole pipeline in
+    // every step process would cost time in proportion to the pipeline's size per step.
+    let config = match RunConfig::from_validated(
         pipeline,
-        Some(&invocation.mode),
-        &ConfigSources::from_value(invocation.run_config.clone()),
+        &invocation.mode,
+        invocation.run_config.clone(),
     ) {
         Ok(c) => Arc::new(c),
-        Err(e) => return fail(&writer, e.to_string(), 3),
+        Err(e) => return fail(&writer, e, 3),
     };
-    let plan = Arc::new(ExecutionPlan::compile(pipeline, &config));
-    let Some(index) = plan.index_of(&invocation.step_key) else {
+    let Some(plan) = ExecutionPlan::for_step(pipeline, &config, &invocation.step_key) else {
         return fail(
             &writer,
             format!(
-                "pipeline `{}` has no step `{}`",
+                "pipeline `{}` has no step `{}`; is it the right executable?",
                 pipeline.name(),
                 invocation.step_key
             ),
             3,
         );
     };
-    let mode = pipeline
-        .mode(Some(&invocation.mode))
-        .expect("mode validated");
-    let storage_def = mode
-        .storage(&config.storage.name)
-        .expect("storage validated");
+    let (plan, index) = (Arc::new(plan), 0);
+    let Some(mode) = pipeline.mode(Some(&invocation.mode)) else {
+        return fail(
+            &writer,
+            format!(
+                "pipeline `{}` has no mode `{}`",
+                pipeline.name(),
+                invocation.mode
+            ),
+            3,
+        );
+    };
+    let Some(storage_def) = mode.storage(&config.storage.name) else {
+        return fail(
+            &writer,
+            format!(
+                "mode `{}` has no storage `{}`",
+                mode.name, config.storage.name
+            ),
+            3,
+        );
+    };
     let storage = match (storage_def.build)(
         &config.storage.config,
         &StorageContext {

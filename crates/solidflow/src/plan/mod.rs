@@ -9,7 +9,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::config::RunConfig;
-use crate::definition::pipeline::{InputSource, Pipeline};
+use crate::definition::pipeline::{InputSource, Invocation, Pipeline};
 use crate::definition::retry::RetryPolicy;
 
 /// Where a step input's value comes from.
@@ -106,7 +106,7 @@ impl ExecutionPlan {
         let mut level = vec![usize::MAX; invs.len()];
         fn level_of(
             i: usize,
-            invs: &[crate::definition::pipeline::Invocation],
+            invs: &[Invocation],
             index: &HashMap<&str, usize>,
             level: &mut [usize],
         ) -> usize {
@@ -137,59 +137,8 @@ impl ExecutionPlan {
         let mut steps: Vec<ExecutionStep> = order
             .iter()
             .map(|&i| {
-                let inv = &invs[i];
-                let def = &inv.definition;
-                let mut upstream = Vec::new();
-                let inputs = def
-                    .inputs
-                    .iter()
-                    .map(|input| {
-                        let source = match &inv.inputs[&input.name] {
-                            InputSource::Output { solid, output } => {
-                                upstream.push(position[&index[solid.as_str()]]);
-                                StepInputSource::Step {
-                                    step_key: step_key(solid),
-                                    output: output.clone(),
-                                }
-                            }
-                            InputSource::Config => StepInputSource::Config,
-                        };
-                        StepInput {
-                            name: input.name.clone(),
-                            type_name: input.ty.name,
-                            source,
-                        }
-                    })
-                    .collect();
-                upstream.sort_unstable();
-                upstream.dedup();
-                let retry_policy = config
-                    .solids
-                    .get(&inv.alias)
-                    .and_then(|s| s.retry.clone())
-                    .or_else(|| def.retry_policy.clone())
-                    .unwrap_or_default();
-                ExecutionStep {
-                    key: step_key(&inv.alias),
-                    solid: inv.alias.clone(),
-                    solid_definition: def.name.clone(),
-                    inputs,
-                    outputs: def
-                        .outputs
-                        .iter()
-                        .map(|o| StepOutput {
-                            name: o.name.clone(),
-                            type_name: o.ty.name,
-                        })
-                        .collect(),
-                    required_resources: def.required_resources.clone(),
-                    tags: def.tags.clone(),
-                    retry_policy,
-                    level: level[i],
-                    invocation: i,
-                    upstream,
-                    downstream: Vec::new(),
-                }
+                let upstream_of = |solid: &str| Some(position[&index[solid]]);
+                build_step(&invs[i], i, config, level[i], upstream_of)
             })
             .collect();
         for i in 0..steps.len() {
@@ -201,6 +150,21 @@ impl ExecutionPlan {
             pipeline: pipeline.name().to_string(),
             steps,
         }
+    }
+
+    /// A plan holding only the step `key`, for a step process that runs just that step.
+    /// Upstream indices are empty: the step reads its inputs by step key from storage.
+    pub fn for_step(pipeline: &Pipeline, config: &RunConfig, key: &str) -> Option<Self> {
+        let (i, inv) = pipeline
+            .invocations()
+            .iter()
+            .enumerate()
+            .find(|(_, inv)| step_key(&inv.alias) == key)?;
+        let step = build_step(inv, i, config, 0, |_| None);
+        Some(Self {
+            pipeline: pipeline.name().to_string(),
+            steps: vec![step],
+        })
     }
 
     /// Looks up a step by key.
@@ -216,6 +180,69 @@ impl ExecutionPlan {
     /// The number of topological levels.
     pub fn depth(&self) -> usize {
         self.steps.iter().map(|s| s.level + 1).max().unwrap_or(0)
+    }
+}
+
+/// Builds the step of invocation `inv` (index `i` in the pipeline). `upstream_of` maps
+/// an upstream alias to its step index in the plan being built, if it has one.
+fn build_step(
+    inv: &Invocation,
+    i: usize,
+    config: &RunConfig,
+    level: usize,
+    upstream_of: impl Fn(&str) -> Option<usize>,
+) -> ExecutionStep {
+    let def = &inv.definition;
+    let mut upstream = Vec::new();
+    let inputs = def
+        .inputs
+        .iter()
+        .map(|input| {
+            let source = match &inv.inputs[&input.name] {
+                InputSource::Output { solid, output } => {
+                    upstream.extend(upstream_of(solid));
+                    StepInputSource::Step {
+                        step_key: step_key(solid),
+                        output: output.clone(),
+                    }
+                }
+                InputSource::Config => StepInputSource::Config,
+            };
+            StepInput {
+                name: input.name.clone(),
+                type_name: input.ty.name,
+                source,
+            }
+        })
+        .collect();
+    upstream.sort_unstable();
+    upstream.dedup();
+    let retry_policy = config
+        .solids
+        .get(&inv.alias)
+        .and_then(|s| s.retry.clone())
+        .or_else(|| def.retry_policy.clone())
+        .unwrap_or_default();
+    ExecutionStep {
+        key: step_key(&inv.alias),
+        solid: inv.alias.clone(),
+        solid_definition: def.name.clone(),
+        inputs,
+        outputs: def
+            .outputs
+            .iter()
+            .map(|o| StepOutput {
+                name: o.name.clone(),
+                type_name: o.ty.name,
+            })
+            .collect(),
+        required_resources: def.required_resources.clone(),
+        tags: def.tags.clone(),
+        retry_policy,
+        level,
+        invocation: i,
+        upstream,
+        downstream: Vec::new(),
     }
 }
 
