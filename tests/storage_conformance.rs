@@ -729,96 +729,158 @@ mod s3_only {
         drop(runtime);
     }
 
-    /// A whole pipeline on `storage: s3` from run config, with credentials from the standard
-    /// AWS env vars. Env vars are process-wide, so the pipeline runs in a child process: this
-    /// test binary re-executed with only `pipeline_child` selected and the vars set.
-    #[test]
-    fn pipeline_runs_on_s3_with_env_credentials() {
-        let server = S3Server::start();
-        server.create_bucket("pipeline-bkt");
-        let home = tempfile::tempdir().unwrap();
-        let output = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "s3_only::pipeline_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("SOLIDFLOW_TEST_S3_ENDPOINT", server.endpoint())
-            .env("SOLIDFLOW_HOME", home.path())
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
+    /// The conformance pipeline binary, run through its CLI.
+    fn pipeline_binary() -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_conformance"));
+        // Only what the test sets: no credentials, profile or region from the machine.
+        for var in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+        ] {
+            command.env_remove(var);
+        }
+        command.env("NO_COLOR", "1");
+        command
+    }
+
+    fn text_of(output: &std::process::Output) -> String {
+        format!(
+            "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            output.status.code(),
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
+        )
+    }
+
+    /// A whole pipeline on `storage: s3` from run config: the conformance binary's
+    /// `success` pipeline (numbers → sum_evens, sum_odds → total) run through its CLI, with
+    /// credentials only in the child's standard AWS env vars. Also checks that `plan`,
+    /// `config-schema`, `runs` and `logs` never show them, and that a wrong secret stops
+    /// the run before its first step without being printed.
+    #[test]
+    fn pipeline_binary_runs_on_s3_with_env_credentials() {
+        let server = S3Server::start();
+        server.create_bucket("pipeline-bkt");
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("home");
+        let config = tmp.path().join("s3.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "storage: {{s3: {{config: {{s3_bucket: pipeline-bkt, s3_prefix: e2e, endpoint_url: '{}', allow_http: true}}}}}}\n\
+                 execution: {{in_process: {{}}}}\n",
+                server.endpoint()
+            ),
+        )
+        .unwrap();
+        let cli = |args: &[&str], secret: &str| {
+            pipeline_binary()
+                .args(args)
+                .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", secret)
+                .env("SOLIDFLOW_HOME", &home)
+                .output()
+                .expect("start the conformance binary")
+        };
+        let config_arg = config.to_str().unwrap();
+
+        let output = cli(
+            &["execute", "success", "-c", config_arg, "--json"],
+            SECRET_KEY,
         );
-        assert!(output.status.success(), "pipeline child failed:\n{text}");
+        let text = text_of(&output);
+        assert!(output.status.success(), "the run failed:\n{text}");
+        assert_no_secrets("execute output", &text);
+        let events: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let run_id = events[0]["run_id"].as_str().expect("run id").to_string();
+        assert_eq!(events[0]["data"]["storage"], "s3", "{text}");
+        // Every output went to the bucket, under the prefix and the run.
+        let locations: Vec<&str> = events
+            .iter()
+            .filter(|e| e["event_type"] == "STEP_OUTPUT")
+            .map(|e| e["data"]["location"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(locations.len(), 4, "{text}");
+        for step in ["numbers", "sum_evens", "sum_odds", "total"] {
+            let expected =
+                format!("s3://pipeline-bkt/e2e/{run_id}/intermediates/{step}.compute/result");
+            assert!(
+                locations.contains(&expected.as_str()),
+                "{expected} not among {locations:?}"
+            );
+        }
+        // `total` read both sums back from S3.
         assert!(
-            text.contains("1 passed"),
-            "the child test did not run:\n{text}"
+            events
+                .iter()
+                .any(|e| e["step_key"] == "total.compute" && e["message"] == "total=55"),
+            "{text}"
         );
-        assert_no_secrets("pipeline output", &text);
-        // The intermediates are in the bucket, under the configured prefix.
+        // The intermediates are in the bucket: listed through the S3 API and on the server's disk.
+        let mut settings = server.config("pipeline-bkt");
+        settings.prefix = "e2e".into();
+        let keys = S3Storage::new(settings).unwrap().list_run(&run_id).unwrap();
+        let steps: Vec<&str> = keys.iter().map(|k| k.step_key.as_str()).collect();
+        assert_eq!(
+            steps,
+            [
+                "numbers.compute",
+                "sum_evens.compute",
+                "sum_odds.compute",
+                "total.compute"
+            ]
+        );
+        assert!(
+            server
+                .data_dir()
+                .join(format!(
+                    "pipeline-bkt/e2e/{run_id}/intermediates/total.compute/result"
+                ))
+                .is_file()
+        );
+
+        // Inspection commands, with the credentials in the environment, never show them.
+        for args in [
+            vec!["plan", "success", "-c", config_arg],
+            vec!["plan", "success", "-c", config_arg, "--json"],
+            vec!["config-schema", "success"],
+            vec!["config-schema", "success", "--json"],
+            vec!["runs", "--json"],
+            vec!["logs", run_id.as_str()],
+        ] {
+            let output = cli(&args, SECRET_KEY);
+            let text = text_of(&output);
+            assert!(output.status.success(), "{args:?}:\n{text}");
+            assert_no_secrets(&format!("`{}`", args.join(" ")), &text);
+        }
+
+        // A wrong secret: rejected by the preflight before any step, and not printed.
+        let output = cli(
+            &["execute", "success", "-c", config_arg, "--json"],
+            "wrong-secret-do-not-print",
+        );
+        let text = text_of(&output);
+        assert!(
+            !output.status.success(),
+            "a wrong secret was accepted:\n{text}"
+        );
+        assert!(!text.contains("STEP_START"), "a step ran:\n{text}");
+        assert!(
+            text.contains("credentials"),
+            "the error should point at the credentials:\n{text}"
+        );
+        assert_no_secrets("output of a run with a wrong secret", &text);
         let runs = std::fs::read_dir(server.data_dir().join("pipeline-bkt/e2e"))
             .unwrap()
             .count();
-        assert_eq!(runs, 1, "one run directory under the prefix");
-    }
-
-    #[solidflow::prelude::solid]
-    fn numbers(_ctx: &solidflow::prelude::SolidContext) -> Vec<i64> {
-        (1..=1000).collect()
-    }
-
-    #[solidflow::prelude::solid]
-    fn total(_ctx: &solidflow::prelude::SolidContext, numbers: Vec<i64>) -> i64 {
-        numbers.iter().sum()
-    }
-
-    #[test]
-    #[ignore = "run by pipeline_runs_on_s3_with_env_credentials in a child process"]
-    fn pipeline_child() {
-        use solidflow::prelude::*;
-        let endpoint = std::env::var("SOLIDFLOW_TEST_S3_ENDPOINT")
-            .expect("run through pipeline_runs_on_s3_with_env_credentials (needs SOLIDFLOW_TEST_S3_ENDPOINT)");
-        let pipeline = Pipeline::build("s3_sum", |p| {
-            let n = p.invoke(numbers, ());
-            p.invoke(total, (n,));
-        })
-        .unwrap();
-        let config = serde_json::json!({
-            "storage": {"s3": {"config": {
-                "s3_bucket": "pipeline-bkt", "s3_prefix": "e2e", "endpoint_url": endpoint, "allow_http": true
-            }}},
-            "execution": {"in_process": {}}
-        });
-        let result = execute_pipeline(&pipeline, config).expect("run starts");
-        let events = serde_json::to_string(result.events()).unwrap();
-        assert!(result.success(), "pipeline failed: {events}");
-        assert_eq!(result.result::<i64>("total").unwrap(), 500_500);
-        assert!(
-            events.contains("s3://pipeline-bkt/e2e/"),
-            "events should name the S3 locations: {events}"
-        );
-        assert_no_secrets("events", &events);
-        // What the run wrote is listable through a storage built the same way.
-        let storage = S3Storage::new({
-            let mut c = solidflow::storage::S3Config::new("pipeline-bkt");
-            c.prefix = "e2e".into();
-            c.endpoint_url = Some(endpoint.clone());
-            c.allow_http = true;
-            c
-        })
-        .unwrap();
-        let keys = storage.list_run(result.run_id()).unwrap();
-        assert!(
-            keys.iter().any(|k| k.step_key == "numbers.compute"),
-            "numbers' output is in the bucket: {keys:?}"
-        );
+        assert_eq!(runs, 1, "only the first run wrote under the prefix");
     }
 
     #[test]

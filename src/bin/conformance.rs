@@ -366,16 +366,29 @@ fn cancel_pipeline() -> Pipeline {
     .expect("valid pipeline")
 }
 
+/// Every pipeline runs with the default executors plus Dask, so the one binary serves
+/// the conformance suite on `in_process`, `multiprocess` and `dask`.
+fn with_dask(pipeline: Pipeline) -> Pipeline {
+    let mut executors = default_executors();
+    executors.push(dask_executor());
+    pipeline.with_executors(executors)
+}
+
 fn main() {
-    Repository::new("conformance")
-        .with_pipeline(success())
-        .with_pipeline(failure())
-        .with_pipeline(panics())
-        .with_pipeline(retries())
-        .with_pipeline(pair())
-        .with_pipeline(live())
-        .with_pipeline(noisy_pipeline())
-        .with_pipeline(crash_pipeline())
-        .with_pipeline(cancel_pipeline())
-        .main();
+    [
+        success(),
+        failure(),
+        panics(),
+        retries(),
+        pair(),
+        live(),
+        noisy_pipeline(),
+        crash_pipeline(),
+        cancel_pipeline(),
+    ]
+    .into_iter()
+    .fold(Repository::new("conformance"), |repo, p| {
+        repo.with_pipeline(with_dask(p))
+    })
+    .main();
 }

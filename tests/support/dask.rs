@@ -104,6 +104,9 @@ pub struct WorkerSpec {
     pub resources: Option<String>,
     /// `--nthreads` (default 1).
     pub nthreads: u32,
+    /// Extra environment variables for the worker process (and so for the step
+    /// processes it starts), e.g. the worker's own AWS credentials.
+    pub env: Vec<(String, String)>,
 }
 
 impl WorkerSpec {
@@ -113,6 +116,7 @@ impl WorkerSpec {
             name: name.into(),
             resources: None,
             nthreads: 1,
+            env: Vec::new(),
         }
     }
 
@@ -122,7 +126,14 @@ impl WorkerSpec {
             name: name.into(),
             resources: Some(resources.into()),
             nthreads: 1,
+            env: Vec::new(),
         }
+    }
+
+    /// Adds an environment variable for this worker.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
     }
 }
 
@@ -130,8 +141,9 @@ impl WorkerSpec {
 pub struct DaskCluster {
     scheduler: Proc,
     workers: Vec<(WorkerSpec, Proc, String)>,
-    /// `tcp://127.0.0.1:<port>`.
+    /// `tcp://<host>:<port>` (`tcp://127.0.0.1:<port>` unless started with [`DaskCluster::start_on`]).
     pub address: String,
+    host: String,
     dir: tempfile::TempDir,
 }
 
@@ -173,21 +185,28 @@ fn wait_for_log(proc: &mut Proc, needle: &str, what: &str) -> String {
 }
 
 impl DaskCluster {
-    /// Starts a scheduler and these workers, and waits until every worker registered.
+    /// Starts a scheduler and these workers on 127.0.0.1, and waits until every worker
+    /// registered.
     pub fn start(workers: &[WorkerSpec]) -> Self {
+        Self::start_on("127.0.0.1", workers)
+    }
+
+    /// Like [`start`](Self::start), with scheduler and workers listening on `host` (e.g.
+    /// [`non_loopback_ipv4`], so that the cluster's address looks remote to solidflow).
+    pub fn start_on(host: &str, workers: &[WorkerSpec]) -> Self {
         let dask = dask_cli();
         let dir = tempfile::Builder::new()
             .prefix("solidflow-dask-")
             .tempdir()
             .expect("temp dir");
         let port = free_port();
-        let address = format!("tcp://127.0.0.1:{port}");
+        let address = format!("tcp://{host}:{port}");
         let mut scheduler = spawn(
             Command::new(&dask)
                 .args([
                     "scheduler",
                     "--host",
-                    "127.0.0.1",
+                    host,
                     "--port",
                     &port.to_string(),
                     "--dashboard-address",
@@ -202,6 +221,7 @@ impl DaskCluster {
             scheduler,
             workers: Vec::new(),
             address,
+            host: host.to_string(),
             dir,
         };
         for spec in workers {
@@ -218,7 +238,7 @@ impl DaskCluster {
             "worker",
             &self.address,
             "--host",
-            "127.0.0.1",
+            &self.host,
             "--no-dashboard",
             "--death-timeout",
             "60",
@@ -233,6 +253,7 @@ impl DaskCluster {
         if let Some(r) = &spec.resources {
             cmd.args(["--resources", r]);
         }
+        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
         let mut proc = spawn(&mut cmd, &log);
         let line = wait_for_log(
             &mut proc,
@@ -302,6 +323,33 @@ impl Drop for DaskCluster {
         }
         self.scheduler.kill();
     }
+}
+
+/// An IPv4 address of this machine that is not loopback (the one its default route
+/// uses). Panics, saying why, on a machine without one: tests that need an address that
+/// looks remote cannot run there, and must not pass silently.
+pub fn non_loopback_ipv4() -> String {
+    // Connecting a UDP socket sends nothing; it only picks the outgoing interface.
+    let candidates = ["192.0.2.1:9", "10.255.255.255:9", "8.8.8.8:53"];
+    for target in candidates {
+        let Ok(socket) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+            continue;
+        };
+        if socket.connect(target).is_err() {
+            continue;
+        }
+        if let Ok(addr) = socket.local_addr()
+            && let std::net::IpAddr::V4(ip) = addr.ip()
+            && !ip.is_loopback()
+            && !ip.is_unspecified()
+        {
+            return ip.to_string();
+        }
+    }
+    panic!(
+        "this test needs a non-loopback IPv4 address on this machine (to start a Dask cluster whose \
+         address is not 127.x), but no interface has one"
+    );
 }
 
 /// Whether a process is running (a zombie counts as exited).
