@@ -107,6 +107,9 @@ enum Command {
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
+        /// Keep printing new events until the run ends (watch a run live).
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Run one step from a step invocation on stdin (used by out-of-process executors).
     #[command(hide = true)]
@@ -203,17 +206,11 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
             }
             Ok(EXIT_SUCCESS)
         }),
-        Command::Logs { run_id, json } => with_history(|h| {
-            let run = h
-                .run(&run_id)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("no run `{run_id}` in run history"))?;
-            let console = Console::new(json, Level::Debug, 0);
-            for (_, event) in h.events(&run.run_id, 0).map_err(|e| e.to_string())? {
-                crate::execution::sink::EventListener::on_event(&console, &event);
-            }
-            Ok(EXIT_SUCCESS)
-        }),
+        Command::Logs {
+            run_id,
+            json,
+            follow,
+        } => with_history(|h| print_logs(h, &run_id, json, follow)),
         Command::Step => step_mode(repository),
     }
 }
@@ -252,6 +249,31 @@ fn with_history(f: impl FnOnce(&RunHistory) -> Result<i32, String>) -> i32 {
             eprintln!("error: {e}");
             EXIT_FAILURE
         }
+    }
+}
+
+/// Prints a run's events; with `follow`, polls for new ones until the run ends.
+fn print_logs(history: &RunHistory, run_id: &str, json: bool, follow: bool) -> Result<i32, String> {
+    let run = history
+        .run(run_id)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no run `{run_id}` in run history"))?;
+    let console = Console::new(json, Level::Debug, 0);
+    let mut last = 0;
+    loop {
+        let events = history
+            .events(&run.run_id, last)
+            .map_err(|e| e.to_string())?;
+        let mut ended = false;
+        for (id, event) in events {
+            last = id;
+            ended |= event.is_pipeline_end();
+            crate::execution::sink::EventListener::on_event(&console, &event);
+        }
+        if !follow || ended {
+            return Ok(EXIT_SUCCESS);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 
