@@ -57,6 +57,15 @@ pub(crate) fn local_config_schema() -> ConfigType {
     ])
 }
 
+/// Reads a validated [`local_config_schema`] block: `(max_concurrent, resources)`.
+pub(crate) fn local_config(config: &Value) -> (usize, Option<Resources>) {
+    let max_concurrent = config
+        .get("max_concurrent")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    (max_concurrent as usize, declared_resources(config))
+}
+
 /// The `in_process` executor definition.
 pub fn definition() -> ExecutorDefinition {
     ExecutorDefinition {
@@ -64,12 +73,9 @@ pub fn definition() -> ExecutorDefinition {
         description: "Run steps on threads of the current process (the embedded default).",
         config: local_config_schema,
         build: |config: &Value| {
-            let n = config
-                .get("max_concurrent")
-                .and_then(Value::as_u64)
-                .unwrap_or(0) as usize;
-            let mut executor = InProcessExecutor::new(n);
-            executor.resources = declared_resources(config);
+            let (max_concurrent, resources) = local_config(config);
+            let mut executor = InProcessExecutor::new(max_concurrent);
+            executor.resources = resources;
             Ok(Arc::new(executor))
         },
     }

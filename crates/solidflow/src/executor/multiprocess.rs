@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 use serde_json::{Value, json};
 
-use super::in_process::{effective_concurrency, local_config_schema};
-use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError, declared_resources};
+use super::in_process::{effective_concurrency, local_config, local_config_schema};
+use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
 use crate::execution::event::{ErrorInfo, EventKind, Level};
 use crate::execution::protocol::{PROTOCOL_VERSION, StepInvocation, StepMessage};
 use crate::execution::scheduler::{Resources, Scheduler, Summary, check_resources};
@@ -102,12 +102,9 @@ pub fn definition() -> ExecutorDefinition {
         description: "Run every step in its own child process of this binary (needs filesystem or s3 storage).",
         config: local_config_schema,
         build: |config: &Value| {
-            let n = config
-                .get("max_concurrent")
-                .and_then(Value::as_u64)
-                .unwrap_or(0) as usize;
-            let mut executor = MultiprocessExecutor::new(n);
-            executor.resources = declared_resources(config);
+            let (max_concurrent, resources) = local_config(config);
+            let mut executor = MultiprocessExecutor::new(max_concurrent);
+            executor.resources = resources;
             Ok(Arc::new(executor))
         },
     }
