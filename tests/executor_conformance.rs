@@ -9,12 +9,29 @@
 //! An executor joins with one line at the bottom of this file:
 //!
 //! ```ignore
-//! conformance_suite!(dask, "execution: {dask: {}}\nstorage: {s3: {...}}", isolated);
+//! conformance_suite!(multiprocess, "execution: {multiprocess: {}}\nstorage: {filesystem: {}}\n",
+//!     scheduling_cases, isolated_cases);
 //! ```
 //!
 //! The module name is the executor's config key (used to add `resources` to its config).
-//! `isolated` adds the cases that need each step in its own process (crash containment,
-//! captured stdout/stderr, killing a step's process group).
+//! Every executor gets the core cases; the names after the config add groups of cases:
+//!
+//! - `scheduling_cases`: executors that schedule steps themselves, with `max_concurrent`
+//!   and a `resources:` pool for the whole run (`in_process`, `multiprocess`).
+//! - `worker_resource_cases`: executors whose resources belong to each worker and whose
+//!   concurrency is the workers' threads (`dask`). The same three questions (do resources
+//!   serialize steps, do independent steps overlap, is an impossible requirement refused
+//!   before any step runs) asked with `n_workers`/`threads_per_worker`/per-worker
+//!   `resources`.
+//! - `isolated_cases`: executors that run each step in its own process (crash
+//!   containment, captured stdout/stderr, killing a step's process group, refusing
+//!   `in_memory` storage).
+//! - `escalating_cancel_cases` / `grace_cancel_cases`: how steps that ignore SIGTERM end
+//!   on Ctrl-C: on a second Ctrl-C (`multiprocess`), or after a grace period (`dask`).
+//!
+//! The Dask cases need the venv from `scripts/python-env.sh` (or `SOLIDFLOW_PYTHON`);
+//! without it they fail and say so. Each Dask case starts a local cluster (about a
+//! second), so the Dask module sticks to 2 workers × 1 thread.
 //!
 //! Run: `cargo test --test executor_conformance`.
 
@@ -25,6 +42,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+#[path = "support/dask.rs"]
+mod dask_support;
 
 /// Generous upper bound for any single run; a hang fails the test instead of blocking CI.
 const RUN_DEADLINE: Duration = Duration::from_secs(120);
@@ -52,13 +72,19 @@ impl Harness {
         std::fs::create_dir_all(&work).expect("work dir");
         let base = tmp.path().join("base.yaml");
         std::fs::write(&base, base_config).expect("write base config");
+        let mut env = Vec::new();
+        if executor == "dask" {
+            // The interpreter with dask + distributed (panics naming the fix if missing).
+            let python = dask_support::python();
+            env.push(("SOLIDFLOW_PYTHON".into(), python.display().to_string()));
+        }
         Self {
             _tmp: tmp,
             home,
             work,
             executor,
             base,
-            env: Vec::new(),
+            env,
         }
     }
 
@@ -489,11 +515,12 @@ pub mod cases {
         )
     }
 
-    pub fn resources_serialize_steps(h: &Harness) {
+    /// `executor_config` gives room for both steps but only one GPU.
+    pub fn resources_serialize_steps(h: &Harness, executor_config: &str) {
         // Two GPU:1 steps, plenty of slots, one GPU: they must not overlap. Each waits up
         // to 1 s for the other to start, so an overlapping scheduler would be caught by
         // the `saw_peer` flag as well as by the recorded intervals.
-        let extra = h.executor_config("{max_concurrent: 4, resources: {GPU: 1}}")
+        let extra = h.executor_config(executor_config)
             + "solids: {left: {config: {wait_secs: 1}}, right: {config: {wait_secs: 1}}}\n";
         let out = h.run("pair", &extra);
         out.expect_code(0);
@@ -506,9 +533,10 @@ pub mod cases {
         );
     }
 
-    pub fn concurrency_overlaps_independent_steps(h: &Harness) {
+    /// `executor_config` gives room for both steps and two GPUs.
+    pub fn concurrency_overlaps_independent_steps(h: &Harness, executor_config: &str) {
         // With two GPUs both start together: each waits (up to 60 s) for the other.
-        let extra = h.executor_config("{max_concurrent: 2, resources: {GPU: 2}}")
+        let extra = h.executor_config(executor_config)
             + "solids: {left: {config: {wait_secs: 60}}, right: {config: {wait_secs: 60}}}\n";
         let out = h.run("pair", &extra);
         out.expect_code(0);
@@ -524,8 +552,9 @@ pub mod cases {
         );
     }
 
-    pub fn impossible_resources_rejected_before_the_run(h: &Harness) {
-        let extra = h.executor_config("{resources: {CPU: 8}}")
+    /// `executor_config` offers no GPU at all.
+    pub fn impossible_resources_rejected_before_the_run(h: &Harness, executor_config: &str) {
+        let extra = h.executor_config(executor_config)
             + "solids: {left: {config: {wait_secs: 1}}, right: {config: {wait_secs: 1}}}\n";
         let out = h.run("pair", &extra);
         assert_ne!(out.code, Some(0));
@@ -594,6 +623,26 @@ pub mod cases {
 
     // --- cases for executors that run each step in its own process ----------------------
 
+    /// `in_memory` lives in one process: refused before the run, naming what to pick.
+    pub fn in_memory_storage_is_refused_up_front(h: &Harness) {
+        let h = Harness::new(
+            h.executor,
+            &format!(
+                "execution: {{{}: {{}}}}\nstorage: {{in_memory: {{}}}}\n",
+                h.executor
+            ),
+        );
+        let out = h.run("success", "");
+        out.expect_code(2);
+        assert!(out.stderr.contains("`in_memory` storage"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("storage: {filesystem: {}}") && out.stderr.contains("s3"),
+            "the error names the fix: {}",
+            out.stderr
+        );
+        assert!(out.of_type("PIPELINE_START").next().is_none());
+    }
+
     pub fn crash_is_contained(h: &Harness, how: &str, signal: &str) {
         let out = h.run(
             "crash",
@@ -628,21 +677,28 @@ pub mod cases {
         );
         assert!(out.has_message("noisy.compute", "[stderr] noisy says hello on stderr"));
         assert!(out.has_message("noisy.compute", "noisy logged normally"));
-        let launch = out
-            .step("noisy.compute", "ENGINE_EVENT")
-            .into_iter()
-            .find(|e| e["data"]["details"]["log_file"].is_string())
-            .expect("an ENGINE_EVENT naming the step's log file");
-        let path = launch["data"]["details"]["log_file"].as_str().unwrap();
-        assert!(
-            path.ends_with("noisy.compute.log") && path.contains("/logs/"),
-            "{path}"
-        );
-        let log = std::fs::read_to_string(path).unwrap();
+        // The complete output is also kept in the run's log directory, in files named
+        // after the step (the live stream may drop lines; the files do not).
+        let run_id = out.of_type("PIPELINE_START").next().unwrap()["run_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let log_dir = h.home.join("logs").join(&run_id);
+        let mut log = String::new();
+        for entry in std::fs::read_dir(&log_dir)
+            .unwrap_or_else(|e| panic!("no step logs in {}: {e}", log_dir.display()))
+        {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("noisy.compute.") {
+                log.push_str(&std::fs::read_to_string(&path).unwrap());
+            }
+        }
         assert!(
             log.contains("noisy says hello on stderr")
                 && log.contains("noisy says hello on stdout"),
-            "{log}"
+            "the step's log files in {} lack its output: {log}",
+            log_dir.display()
         );
         // Every step ran in its own process, not in the parent.
         let parent = out.of_type("PIPELINE_START").next().unwrap()["pid"].clone();
@@ -680,6 +736,41 @@ pub mod cases {
         }
     }
 
+    /// For executors that kill a step's process group after a grace period on their own
+    /// (Dask: SIGTERM, then SIGKILL after the grace): one Ctrl-C takes down steps that
+    /// ignore SIGTERM, and the run ends canceled.
+    pub fn term_ignoring_steps_die_after_one_interrupt(h: &Harness) {
+        let mut run = h.start("cancel", "");
+        for who in ["sleep_a", "sleep_b"] {
+            run.wait_event("both sleepers", |e| {
+                e["message"] == format!("{who} sleeping")
+            });
+        }
+        let pids = [
+            read_pid(&h.work("sleep_a.pid")),
+            read_pid(&h.work("sleep_b.pid")),
+        ];
+        run.signal(libc::SIGINT);
+        let out = run.finish();
+        out.expect_code(130);
+        assert_eq!(
+            out.of_type("PIPELINE_CANCELED").count(),
+            1,
+            "{}",
+            out.describe()
+        );
+        for step in ["sleep_a.compute", "sleep_b.compute"] {
+            assert_eq!(
+                out.one(step, "STEP_FAILURE")["data"]["error"]["kind"],
+                "interrupted"
+            );
+        }
+        for pid in pids {
+            assert_dies(pid, "a step process that ignores SIGTERM");
+        }
+    }
+
+    /// For executors that wait for SIGTERM'd steps until a second Ctrl-C (multiprocess).
     pub fn second_interrupt_kills_at_once(h: &Harness) {
         let mut run = h.start("cancel", "");
         for who in ["sleep_a", "sleep_b"] {
@@ -712,7 +803,7 @@ pub mod cases {
 }
 
 /// Tests for every executor; expects `fn harness() -> Harness` in the enclosing module.
-macro_rules! common_cases {
+macro_rules! core_cases {
     () => {
         #[test]
         fn success() {
@@ -735,18 +826,6 @@ macro_rules! common_cases {
             cases::retries_exhausted_fail(&harness());
         }
         #[test]
-        fn resources_serialize_steps() {
-            cases::resources_serialize_steps(&harness());
-        }
-        #[test]
-        fn concurrency_overlaps_independent_steps() {
-            cases::concurrency_overlaps_independent_steps(&harness());
-        }
-        #[test]
-        fn impossible_resources_rejected_before_the_run() {
-            cases::impossible_resources_rejected_before_the_run(&harness());
-        }
-        #[test]
         fn events_are_live() {
             cases::events_are_live(&harness());
         }
@@ -757,9 +836,70 @@ macro_rules! common_cases {
     };
 }
 
+/// Resources and concurrency for executors with `max_concurrent` and one `resources:`
+/// pool for the run.
+macro_rules! scheduling_cases {
+    () => {
+        #[test]
+        fn resources_serialize_steps() {
+            cases::resources_serialize_steps(
+                &harness(),
+                "{max_concurrent: 4, resources: {GPU: 1}}",
+            );
+        }
+        #[test]
+        fn concurrency_overlaps_independent_steps() {
+            cases::concurrency_overlaps_independent_steps(
+                &harness(),
+                "{max_concurrent: 2, resources: {GPU: 2}}",
+            );
+        }
+        #[test]
+        fn impossible_resources_rejected_before_the_run() {
+            cases::impossible_resources_rejected_before_the_run(
+                &harness(),
+                "{resources: {CPU: 8}}",
+            );
+        }
+    };
+}
+
+/// The same three questions for an executor whose resources are per worker and whose
+/// concurrency is the workers' threads (Dask's local cluster). One worker with two
+/// threads has room for both steps; only its `GPU` amount decides whether they overlap.
+macro_rules! worker_resource_cases {
+    () => {
+        #[test]
+        fn resources_serialize_steps() {
+            cases::resources_serialize_steps(
+                &harness(),
+                "{n_workers: 1, threads_per_worker: 2, resources: {GPU: 1}}",
+            );
+        }
+        #[test]
+        fn concurrency_overlaps_independent_steps() {
+            cases::concurrency_overlaps_independent_steps(
+                &harness(),
+                "{n_workers: 1, threads_per_worker: 2, resources: {GPU: 2}}",
+            );
+        }
+        #[test]
+        fn impossible_resources_rejected_before_the_run() {
+            cases::impossible_resources_rejected_before_the_run(
+                &harness(),
+                "{resources: {CPU: 8}}",
+            );
+        }
+    };
+}
+
 /// Tests for executors that run every step in its own process.
 macro_rules! isolated_cases {
     () => {
+        #[test]
+        fn in_memory_storage_is_refused_up_front() {
+            cases::in_memory_storage_is_refused_up_front(&harness());
+        }
         #[test]
         fn abort_is_contained() {
             cases::crash_is_contained(&harness(), "abort", "6");
@@ -782,6 +922,13 @@ macro_rules! isolated_cases {
                 &harness().env("SF_CONFORMANCE_GRANDCHILD", "1"),
             );
         }
+    };
+}
+
+/// Cancellation that waits for steps to exit on SIGTERM, and kills them at once on a
+/// second Ctrl-C (multiprocess).
+macro_rules! escalating_cancel_cases {
+    () => {
         #[test]
         fn second_interrupt_kills_at_once() {
             cases::second_interrupt_kills_at_once(
@@ -791,16 +938,22 @@ macro_rules! isolated_cases {
     };
 }
 
-/// Instantiates the suite for one executor: `conformance_suite!(<config key>, "<base
-/// run config>")`, plus `isolated` for executors that run each step in its own process.
+/// Cancellation that SIGKILLs steps by itself after a grace period (Dask).
+macro_rules! grace_cancel_cases {
+    () => {
+        #[test]
+        fn term_ignoring_steps_die_after_one_interrupt() {
+            cases::term_ignoring_steps_die_after_one_interrupt(
+                &harness().env("SF_CONFORMANCE_IGNORE_TERM", "1"),
+            );
+        }
+    };
+}
+
+/// Instantiates the suite for one executor: `conformance_suite!(<config key>, "<base run
+/// config>", <case groups>...)`; see the module docs for the groups.
 macro_rules! conformance_suite {
-    ($name:ident, $config:expr) => {
-        conformance_suite!(@module $name, $config, common_cases!(););
-    };
-    ($name:ident, $config:expr, isolated) => {
-        conformance_suite!(@module $name, $config, common_cases!(); isolated_cases!(););
-    };
-    (@module $name:ident, $config:expr, $($cases:tt)*) => {
+    ($name:ident, $config:expr $(, $group:ident)* $(,)?) => {
         mod $name {
             use super::*;
 
@@ -808,40 +961,57 @@ macro_rules! conformance_suite {
                 Harness::new(stringify!($name), $config)
             }
 
-            $($cases)*
+            core_cases!();
+            $($group!();)*
         }
     };
 }
 
 conformance_suite!(
     in_process,
-    "execution: {in_process: {config: {max_concurrent: 4}}}\nstorage: {in_memory: {}}\n"
+    "execution: {in_process: {config: {max_concurrent: 4}}}\nstorage: {in_memory: {}}\n",
+    scheduling_cases
 );
 conformance_suite!(
     multiprocess,
     "execution: {multiprocess: {config: {max_concurrent: 4}}}\nstorage: {filesystem: {}}\n",
-    isolated
+    scheduling_cases,
+    isolated_cases,
+    escalating_cancel_cases
+);
+conformance_suite!(
+    dask,
+    "execution: {dask: {config: {n_workers: 2, threads_per_worker: 1}}}\nstorage: {filesystem: {}}\n",
+    worker_resource_cases,
+    isolated_cases,
+    grace_cancel_cases
 );
 
 /// Behaviour specific to the multiprocess executor and the step protocol.
 mod multiprocess_only {
     use super::*;
 
+    /// The step's stderr file is named in an event as soon as its process starts.
     #[test]
-    fn in_memory_storage_is_refused_up_front() {
+    fn step_log_file_is_announced() {
         let h = Harness::new(
             "multiprocess",
-            "execution: {multiprocess: {}}\nstorage: {in_memory: {}}\n",
+            "execution: {multiprocess: {}}\nstorage: {filesystem: {}}\n",
         );
-        let out = h.run("success", "");
-        out.expect_code(2);
-        assert!(out.stderr.contains("`in_memory` storage"), "{}", out.stderr);
+        let out = h.run("noisy", "");
+        out.expect_code(0);
+        let launch = out
+            .step("noisy.compute", "ENGINE_EVENT")
+            .into_iter()
+            .find(|e| e["data"]["details"]["log_file"].is_string())
+            .expect("an ENGINE_EVENT naming the step's log file");
+        let path = launch["data"]["details"]["log_file"].as_str().unwrap();
         assert!(
-            out.stderr.contains("filesystem") && out.stderr.contains("s3"),
-            "the error names the fix: {}",
-            out.stderr
+            path.ends_with("noisy.compute.log") && path.contains("/logs/"),
+            "{path}"
         );
-        assert!(out.of_type("PIPELINE_START").next().is_none());
+        let log = std::fs::read_to_string(path).unwrap();
+        assert!(log.contains("noisy says hello on stderr"), "{log}");
     }
 
     #[test]
