@@ -1150,3 +1150,73 @@ mod multiprocess_only {
         );
     }
 }
+
+/// Behaviour specific to the Dask executor: which storage it accepts for which cluster.
+mod dask_only {
+    use super::dask_support::{DaskCluster, WorkerSpec, non_loopback_ipv4};
+    use super::*;
+
+    /// A cluster given by an address that is not loopback may have workers on other
+    /// machines, so plain `filesystem` storage (this machine's disk) is refused before the
+    /// run, with both fixes named; `shared: true` declares the directory a shared mount
+    /// and the run works. The scheduler and worker listen on this machine's non-loopback
+    /// address, so the run is real while the address looks remote.
+    #[test]
+    fn filesystem_on_a_remote_cluster_must_be_declared_shared() {
+        let cluster = DaskCluster::start_on(&non_loopback_ipv4(), &[WorkerSpec::plain("w1")]);
+        let h = Harness::new(
+            "dask",
+            &format!(
+                "execution: {{dask: {{config: {{address: '{}'}}}}}}\n",
+                cluster.address
+            ),
+        );
+
+        let out = h.run("success", "storage: {filesystem: {}}\n");
+        out.expect_code(2);
+        for needle in [
+            cluster.address.as_str(),
+            "`filesystem` storage",
+            "shared: true",
+            "storage: {s3:",
+        ] {
+            assert!(
+                out.stderr.contains(needle),
+                "the error should mention {needle:?}: {}",
+                out.stderr
+            );
+        }
+        assert!(out.of_type("PIPELINE_START").next().is_none());
+
+        // Workers on other machines may start in another directory: base_dir is absolute.
+        let shared = h.work("shared-storage");
+        let out = h.run(
+            "success",
+            &format!(
+                "storage: {{filesystem: {{config: {{base_dir: '{}', shared: true}}}}}}\n",
+                shared.display()
+            ),
+        );
+        out.expect_code(0);
+        assert!(
+            out.has_message("total.compute", "total=55"),
+            "{}",
+            out.describe()
+        );
+        let worker = cluster.worker_address(0);
+        assert_eq!(
+            out.one("total.compute", "STEP_SUCCESS")["worker"],
+            worker,
+            "{}",
+            out.describe()
+        );
+        let run_id = out.of_type("PIPELINE_START").next().unwrap()["run_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        for step in ["numbers", "sum_evens", "sum_odds", "total"] {
+            let path = shared.join(format!("{run_id}/intermediates/{step}.compute/result"));
+            assert!(path.is_file(), "{} is missing", path.display());
+        }
+    }
+}
