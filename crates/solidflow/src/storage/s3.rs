@@ -458,6 +458,13 @@ impl S3Storage {
             _ if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") => {
                 " (the credentials were rejected: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
             }
+            // No credentials anywhere else, so object_store asked the EC2 / ECS metadata
+            // endpoints, and they are absent or refused.
+            _ if text.contains("169.254.169.254") || text.contains("169.254.170.2") => {
+                " (found no AWS credentials in this process's environment or profile, and the instance metadata service \
+                 gave none: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or attach an instance role; \
+                 on a Dask cluster every worker needs them in its own environment)"
+            }
             _ if text.contains("error sending request") || text.contains("timed out") => {
                 " (the endpoint did not answer: check endpoint_url / region and that the server is reachable)"
             }
@@ -1241,6 +1248,20 @@ mod tests {
         let tiny_parts = serde_json::json!({"s3_bucket": "b", "part_size_mb": 1});
         assert!(S3Storage::new(S3Config::from_run_config(&tiny_parts).unwrap()).is_err());
         assert!(S3Config::from_run_config(&serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn missing_credentials_get_a_hint() {
+        let storage = S3Storage::with_env(S3Config::new("bucket"), &env_of(&[])).unwrap();
+        let error = object_store::Error::Generic {
+            store: "S3",
+            source: "Error performing PUT http://169.254.169.254/latest/api/token in 2ms - 403 Forbidden".into(),
+        };
+        let text = storage.describe(&error);
+        assert!(
+            text.contains("found no AWS credentials") && text.contains("every worker"),
+            "{text}"
+        );
     }
 
     #[test]
