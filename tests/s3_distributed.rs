@@ -26,7 +26,7 @@ mod s3_support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use dask_support::{DaskCluster, WorkerSpec, non_loopback_ipv4, python};
+use dask_support::{DaskCluster, WorkerSpec, python};
 use s3_support::{ACCESS_KEY, S3Server, SECRET_KEY};
 use serde_json::Value;
 use solidflow::storage::{IntermediateStorage, S3Storage};
@@ -290,11 +290,10 @@ fn dask_local_cluster_run_on_s3() {
     }
 }
 
-/// An existing cluster (real `dask scheduler` and two `dask worker` processes) at this
-/// machine's non-loopback address, so solidflow treats it as remote: S3 is accepted
-/// where plain `filesystem` storage would be refused. Each worker has the credentials in
-/// its own environment, as a worker machine would (or an instance role); the pipeline
-/// process needs them for its preflight check.
+/// An existing cluster (real `dask scheduler` and two `dask worker` processes, started
+/// apart from the pipeline process as on other machines, on loopback). Each worker has
+/// the credentials in its own environment, as a worker machine would (or an instance
+/// role); the pipeline process needs them for its preflight check.
 #[test]
 fn dask_external_cluster_run_on_s3() {
     let world = World::new();
@@ -303,7 +302,7 @@ fn dask_external_cluster_run_on_s3() {
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     };
-    let cluster = DaskCluster::start_on(&non_loopback_ipv4(), &[worker("w1"), worker("w2")]);
+    let cluster = DaskCluster::start(&[worker("w1"), worker("w2")]);
     let out = world.run(&format!(
         "{{dask: {{config: {{address: '{}'}}}}}}",
         cluster.address

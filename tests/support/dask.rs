@@ -191,9 +191,14 @@ impl DaskCluster {
         Self::start_on("127.0.0.1", workers)
     }
 
-    /// Like [`start`](Self::start), with scheduler and workers listening on `host` (e.g.
-    /// [`non_loopback_ipv4`], so that the cluster's address looks remote to solidflow).
+    /// Like [`start`](Self::start), with scheduler and workers listening on `host`, which
+    /// must be a loopback address (tests never listen elsewhere).
     pub fn start_on(host: &str, workers: &[WorkerSpec]) -> Self {
+        let ip: std::net::IpAddr = host.parse().expect("start_on takes an IP address");
+        assert!(
+            ip.is_loopback(),
+            "tests only listen on loopback, not {host}"
+        );
         let dask = dask_cli();
         let dir = tempfile::Builder::new()
             .prefix("solidflow-dask-")
@@ -323,33 +328,6 @@ impl Drop for DaskCluster {
         }
         self.scheduler.kill();
     }
-}
-
-/// An IPv4 address of this machine that is not loopback (the one its default route
-/// uses). Panics, saying why, on a machine without one: tests that need an address that
-/// looks remote cannot run there, and must not pass silently.
-pub fn non_loopback_ipv4() -> String {
-    // Connecting a UDP socket sends nothing; it only picks the outgoing interface.
-    let candidates = ["192.0.2.1:9", "10.255.255.255:9", "8.8.8.8:53"];
-    for target in candidates {
-        let Ok(socket) = std::net::UdpSocket::bind("0.0.0.0:0") else {
-            continue;
-        };
-        if socket.connect(target).is_err() {
-            continue;
-        }
-        if let Ok(addr) = socket.local_addr()
-            && let std::net::IpAddr::V4(ip) = addr.ip()
-            && !ip.is_loopback()
-            && !ip.is_unspecified()
-        {
-            return ip.to_string();
-        }
-    }
-    panic!(
-        "this test needs a non-loopback IPv4 address on this machine (to start a Dask cluster whose \
-         address is not 127.x), but no interface has one"
-    );
 }
 
 /// Whether a process is running (a zombie counts as exited).
