@@ -126,16 +126,26 @@ fn split(events: &[Event]) -> (f64, f64, f64) {
     (spawn / n, startup / n, in_step / n)
 }
 
-/// Repository build + config validation + plan compilation, as a step process does it.
-fn child_setup(pipeline: &str, config: &Value) -> f64 {
+/// What a step process does before its step starts: build the binary's repository, take
+/// over the parent's validated config and plan its one step. Returns
+/// `(total, repository build)` in µs.
+fn child_setup(pipeline: &str, config: &Value) -> (f64, f64) {
+    let validated = {
+        let repo = repository();
+        let p = repo.pipeline(pipeline).expect("pipeline");
+        RunConfig::validate(p, None, &ConfigSources::from_value(config.clone()))
+            .expect("valid config")
+            .value
+    };
     let t = Instant::now();
     let repo = repository();
+    let built = t.elapsed().as_secs_f64() * 1e6;
     let p = repo.pipeline(pipeline).expect("pipeline");
-    let c = RunConfig::validate(p, None, &ConfigSources::from_value(config.clone()))
-        .expect("valid config");
-    let plan = ExecutionPlan::compile(p, &c);
-    assert!(!plan.steps.is_empty());
-    t.elapsed().as_secs_f64() * 1e6
+    let c = RunConfig::from_validated(p, "default", validated).expect("validated config");
+    let key = &p.invocations()[0].alias;
+    let plan = ExecutionPlan::for_step(p, &c, &format!("{key}.compute")).expect("step");
+    assert_eq!(plan.steps.len(), 1);
+    (t.elapsed().as_secs_f64() * 1e6, built)
 }
 
 fn main() {
@@ -185,19 +195,20 @@ fn main() {
             let per_step = wall.as_secs_f64() * 1e6 / steps as f64;
             if label.starts_with("multiprocess") {
                 let (spawn, startup, in_step) = split(result.events());
-                let setup = child_setup(name, config);
+                let (setup, repository_build) = child_setup(name, config);
                 let rest = if shape == "chain" {
                     us(per_step - spawn - startup - in_step)
                 } else {
                     "—".into()
                 };
                 println!(
-                    "| {shape} | {label} | {steps} | {} | {} | {} | {} ({}) | {} | {rest} |",
+                    "| {shape} | {label} | {steps} | {} | {} | {} | {} ({}; repository {}) | {} | {rest} |",
                     fmt(wall),
                     us(per_step),
                     us(spawn),
                     us(startup),
                     us(setup),
+                    us(repository_build),
                     us(in_step)
                 );
             } else {
