@@ -5,6 +5,7 @@
 //! scripts/python-env.sh          # once: the venv with dask + distributed
 //! cargo bench --bench dask_overhead
 //! SOLIDFLOW_BENCH_REPS=5 cargo bench --bench dask_overhead
+//! SOLIDFLOW_BENCH_ONLY=chain,fan cargo bench --bench dask_overhead   # parts: chain,fan,big,critical,first
 //! ```
 //!
 //! It starts one real cluster (`dask scheduler` + 2 × `dask worker --nthreads 1` on
@@ -270,6 +271,12 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    // SOLIDFLOW_BENCH_ONLY=chain,fan,big,critical,first: run only these parts.
+    let only = std::env::var("SOLIDFLOW_BENCH_ONLY").ok();
+    let wanted = |part: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|p| p.trim() == part))
+    };
     // SAFETY: single-threaded at this point; the executor reads it for the bridge.
     unsafe { std::env::set_var("SOLIDFLOW_PYTHON", dask_support::python()) };
     let repo = repository();
@@ -304,6 +311,9 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (name, steps) in [("chain", 100usize), ("fan", 202), ("big", 5)] {
+        if !wanted(name) {
+            continue;
+        }
         let mut best: Option<Timing> = None;
         for _ in 0..reps {
             let t = run_solidflow(&repo, name, address.clone(), home.path());
@@ -329,12 +339,17 @@ fn main() {
         );
     }
 
-    println!();
-    println!(
-        "| critical (20 leaves + 8-step chain, 0.2 s each) | after connect (best of {reps}) |"
-    );
-    println!("|---|---|");
-    for priority in [true, false] {
+    let priorities: &[bool] = if wanted("critical") {
+        println!();
+        println!(
+            "| critical (20 leaves + 8-step chain, 0.2 s each) | after connect (best of {reps}) |"
+        );
+        println!("|---|---|");
+        &[true, false]
+    } else {
+        &[]
+    };
+    for &priority in priorities {
         let config =
             json!({"config": {"address": cluster.address, "critical_path_priority": priority}});
         let best = (0..reps)
@@ -348,6 +363,9 @@ fn main() {
     }
 
     drop(cluster);
+    if !wanted("first") {
+        return;
+    }
     println!();
     println!(
         "| time to first step, `execution: {{dask: {{}}}}` (local cluster start included) | best | worst |"

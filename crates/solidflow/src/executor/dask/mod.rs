@@ -35,7 +35,7 @@ use self::bridge::{
     ConnectRequest, ConnectedInfo, FailureReason, Stream, SubmitRequest, TaskDone, TlsConfig,
     WorkerInfo, WorkerResources,
 };
-use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
+use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError, PARENT_PID_ENV};
 use crate::config::schema::{ConfigType, Field};
 use crate::execution::event::{ErrorInfo, Event, EventKind, Level};
 use crate::execution::protocol::{PROTOCOL_VERSION, StepInvocation, StepMessage};
@@ -659,6 +659,9 @@ impl DaskExecutor {
                 run.cancel(&mut scheduler, rx).await;
                 return Ok(scheduler.summary());
             }
+            // Every step that is ready now goes out in one batch of submits.
+            let mut steps = Vec::new();
+            let mut requests = Vec::new();
             while let Some((step, attempt)) = scheduler.next() {
                 let s = &plan.steps[step];
                 let key = format!("{}-{}-a{attempt}", s.key, env.run_id);
@@ -682,6 +685,10 @@ impl DaskExecutor {
                 request.cwd = cwd.clone();
                 request.resources = s.required_resources.clone();
                 request.priority = priorities[step];
+                // Step mode makes itself die with the worker process (PR_SET_PDEATHSIG)
+                // when it finds the worker's pid here, so the bridge can start it
+                // without a preexec_fn (vfork instead of fork: ~10 ms less per step).
+                request.parent_pid_env = Some(PARENT_PID_ENV.to_string());
                 request.log_files = BTreeMap::from([
                     (
                         "stdout".to_string(),
@@ -693,7 +700,7 @@ impl DaskExecutor {
                     ),
                 ]);
                 run.inflight.insert(
-                    key.clone(),
+                    key,
                     InFlight {
                         step,
                         attempt,
@@ -703,13 +710,19 @@ impl DaskExecutor {
                         seen: HashSet::new(),
                     },
                 );
-                if let Err(e) = bridge.submit(&request).await {
+                steps.push(step);
+                requests.push(request);
+            }
+            if !requests.is_empty() {
+                let results = bridge.submit_many(&requests).await;
+                for ((step, request), result) in steps.into_iter().zip(&requests).zip(results) {
+                    let Err(e) = result else { continue };
                     if matches!(e, BridgeError::BridgeDied { .. }) {
                         return Err(engine("the Dask bridge died", e));
                     }
-                    run.inflight.remove(&key);
+                    run.inflight.remove(&request.key);
                     let error = ErrorInfo {
-                        message: format!("could not submit {key} to Dask: {e}"),
+                        message: format!("could not submit {} to Dask: {e}", request.key),
                         causes: vec![],
                         kind: "error".into(),
                         location: None,
