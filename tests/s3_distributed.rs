@@ -330,3 +330,22 @@ fn dask_external_cluster_run_on_s3() {
         cluster.logs().as_bytes(),
     );
 }
+
+/// Workers without credentials of their own: `forward_env` names the variables the
+/// pipeline process hands to each step process at submit time. The values never enter
+/// the config, so run history and events stay free of them (`World::check` reads every
+/// file under the home, the history database included).
+#[test]
+fn dask_forward_env_hands_credentials_to_workers_without_recording_them() {
+    let world = World::new();
+    let cluster = DaskCluster::start(&[WorkerSpec::plain("w1")]);
+    let out = world.run(&format!(
+        "{{dask: {{config: {{address: '{}', forward_env: [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]}}}}}}",
+        cluster.address
+    ));
+    world.check(&out, "dask");
+    assert_no_secrets(
+        "the Dask scheduler and worker logs",
+        cluster.logs().as_bytes(),
+    );
+}

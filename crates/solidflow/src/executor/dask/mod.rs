@@ -129,8 +129,12 @@ pub struct DaskConfig {
     /// How many worker deaths a step survives (Dask re-runs it elsewhere) before it
     /// fails as "worker lost".
     pub allowed_failures: u32,
-    /// Extra environment variables for the step processes.
+    /// Extra environment variables for the step processes (recorded in run history:
+    /// not for secrets).
     pub env: BTreeMap<String, String>,
+    /// Names of environment variables copied from this process to the step processes at
+    /// submit time (credentials: their values never enter config or run history).
+    pub forward_env: Vec<String>,
 }
 
 impl Default for DaskConfig {
@@ -150,6 +154,7 @@ impl Default for DaskConfig {
             critical_path_priority: true,
             allowed_failures: 3,
             env: BTreeMap::new(),
+            forward_env: Vec::new(),
         }
     }
 }
@@ -204,7 +209,8 @@ pub fn config_schema() -> ConfigType {
         Field::optional("allowed_failures", ConfigType::Int)
             .default(3)
             .doc("Worker deaths a step survives (re-run on another worker) before it fails with \"worker lost\". On an existing scheduler this changes its setting for every client."),
-        Field::optional("env", ConfigType::map(ConfigType::String)).doc("Extra environment variables for the step processes."),
+        Field::optional("env", ConfigType::map(ConfigType::String)).doc("Extra environment variables for the step processes. Recorded in run history: use forward_env for secrets."),
+        Field::optional("forward_env", ConfigType::list(ConfigType::String)).doc("Names of environment variables (e.g. AWS_SECRET_ACCESS_KEY) copied from the parent to the step processes at submit time; their values are never recorded."),
     ])
 }
 
@@ -305,6 +311,13 @@ impl DaskConfig {
                         v.as_str().map_or_else(|| v.to_string(), str::to_string),
                     )
                 })
+                .collect();
+        }
+        if let Some(names) = get("forward_env").and_then(Value::as_array) {
+            out.forward_env = names
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
                 .collect();
         }
         if out.address.is_some()
@@ -653,6 +666,12 @@ impl DaskExecutor {
         };
         let mut scheduler = Scheduler::new(&plan, env.events.clone(), None);
         let topic = format!("solidflow-{}", env.run_id);
+        let mut step_env = self.config.env.clone();
+        for name in &self.config.forward_env {
+            if let Ok(value) = std::env::var(name) {
+                step_env.insert(name.clone(), value);
+            }
+        }
 
         loop {
             if ctx.cancel.is_canceled() {
@@ -681,7 +700,7 @@ impl DaskExecutor {
                     topic.clone(),
                 );
                 request.stdin = serde_json::to_string(&invocation).expect("invocations serialize");
-                request.env = self.config.env.clone();
+                request.env = step_env.clone();
                 request.cwd = cwd.clone();
                 request.resources = s.required_resources.clone();
                 request.priority = priorities[step];
