@@ -78,4 +78,52 @@ fn main() {
         score: 0.75,
     };
     report("small struct", &small, 10_000);
+    engine_path();
+}
+
+/// The engine's own path: `TypeInfo` encoding into `&mut dyn Write` and decoding from
+/// `&mut dyn Read`, as storage does.
+fn engine_path() {
+    use solidflow::definition::types::{Codec, TypeInfo, Value};
+    println!();
+    println!("| value | path | encode | decode |");
+    println!("|---|---|---|---|");
+    let cases: [(&str, Value, TypeInfo); 2] = [
+        (
+            "Vec<f64> 100 MB",
+            std::sync::Arc::new(
+                (0..12_500_000)
+                    .map(|i| i as f64 * 0.5)
+                    .collect::<Vec<f64>>(),
+            ),
+            TypeInfo::of::<Vec<f64>>(),
+        ),
+        (
+            "Vec<u8> 100 MB",
+            std::sync::Arc::new(vec![7u8; 100_000_000]),
+            TypeInfo::of::<Vec<u8>>(),
+        ),
+    ];
+    for (label, value, ty) in cases {
+        let (te, bytes) = time(3, || {
+            let mut out: Vec<u8> = Vec::new();
+            ty.encode(
+                &value,
+                Codec::MessagePack,
+                &mut out as &mut dyn std::io::Write,
+            )
+            .unwrap();
+            out
+        });
+        let (td, _) = time(3, || {
+            let mut input = std::io::Cursor::new(&bytes);
+            ty.decode(Codec::MessagePack, &mut input as &mut dyn std::io::Read)
+                .unwrap()
+        });
+        println!(
+            "| {label} | TypeInfo, messagepack | {:.1} ms | {:.1} ms |",
+            te.as_secs_f64() * 1e3,
+            td.as_secs_f64() * 1e3
+        );
+    }
 }

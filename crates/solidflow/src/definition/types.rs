@@ -5,7 +5,10 @@
 //! [`TypeInfo`] carries what is needed for both, captured once from the static type.
 
 use std::any::{Any, TypeId};
-use std::io::{Read, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
+
+/// Buffer between a codec and the storage stream.
+const CODEC_BUFFER: usize = 64 * 1024;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -115,18 +118,23 @@ fn encode<T: SolidType>(value: &Value, codec: Codec, out: &mut dyn Write) -> std
             format!("value is not a {}", std::any::type_name::<T>()),
         )
     })?;
+    // Serializers write a few bytes at a time; buffering here keeps those writes out of
+    // the `dyn Write` calls (4x faster on a 100 MB `Vec<u8>`, see docs/benchmarks.md).
+    let mut out = BufWriter::with_capacity(CODEC_BUFFER, WriteRef(out));
     match codec {
         Codec::MessagePack => {
-            rmp_serde::encode::write_named(&mut WriteRef(out), value).map_err(std::io::Error::other)
+            rmp_serde::encode::write_named(&mut out, value).map_err(std::io::Error::other)?
         }
-        Codec::Json => serde_json::to_writer(WriteRef(out), value).map_err(std::io::Error::other),
+        Codec::Json => serde_json::to_writer(&mut out, value).map_err(std::io::Error::other)?,
     }
+    out.flush()
 }
 
 fn decode<T: SolidType>(codec: Codec, input: &mut dyn Read) -> std::io::Result<Value> {
+    let input = BufReader::with_capacity(CODEC_BUFFER, ReadRef(input));
     let value: T = match codec {
-        Codec::MessagePack => rmp_serde::from_read(ReadRef(input)).map_err(invalid)?,
-        Codec::Json => serde_json::from_reader(ReadRef(input)).map_err(invalid)?,
+        Codec::MessagePack => rmp_serde::from_read(input).map_err(invalid)?,
+        Codec::Json => serde_json::from_reader(input).map_err(invalid)?,
     };
     Ok(Arc::new(value))
 }
