@@ -143,7 +143,7 @@ impl S3Config {
         }
     }
 
-    /// Reads a validated `config:` block (see [`definition`]).
+    /// Reads a validated `config:` block (see `definition()`).
     pub fn from_run_config(config: &Value) -> Result<Self, StorageError> {
         let bad = |message: String| StorageError::Unusable {
             kind: "s3",
