@@ -1,6 +1,6 @@
 //! `#[solid]`: turns a plain Rust function into a solidflow solid.
 //!
-//! ```ignore
+//! ```text
 //! /// Sums the numbers.
 //! #[solid(config = SumConfig, resources(GPU = 1), tags(team = "data"), retry(max_retries = 2, delay = 0.5))]
 //! fn total(ctx: &SolidContext, numbers: Vec<i64>) -> Result<i64, SolidError> { ... }
