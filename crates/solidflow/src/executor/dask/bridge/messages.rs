@@ -1,0 +1,303 @@
+//! Messages of the bridge protocol: what the bridge writes on its stdout (replies to
+//! requests and task events), and how a wire line is parsed. See `docs/dask-bridge.md`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The bridge's first message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadyInfo {
+    /// Protocol version.
+    pub protocol: u32,
+    /// Python version.
+    pub python: String,
+    /// `sys.executable`.
+    pub executable: String,
+    /// dask version.
+    pub dask: String,
+    /// distributed version.
+    pub distributed: String,
+    /// Bridge process id.
+    pub pid: u32,
+}
+
+/// A Dask worker as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// `tcp://host:port`.
+    pub address: String,
+    /// Resources it offers.
+    #[serde(default)]
+    pub resources: BTreeMap<String, f64>,
+    /// Threads (concurrent tasks).
+    pub nthreads: Option<u32>,
+    /// Worker name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// Reply to `connect`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectedInfo {
+    /// Scheduler address.
+    pub scheduler: String,
+    /// Dashboard URL, if any.
+    pub dashboard: Option<String>,
+    /// Whether the bridge created (and will close) the cluster.
+    pub created_cluster: bool,
+    /// Workers connected now.
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// Final message of a task whose command ran to the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskDone {
+    /// The key.
+    pub key: String,
+    /// Exit code, or `None` if killed by a signal.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the process.
+    pub signal: Option<i32>,
+    /// Worker it ran on.
+    pub worker: String,
+    /// Last stderr lines (at most 8 KiB).
+    pub stderr_tail: String,
+    /// Run time in seconds.
+    pub duration: f64,
+    /// Set when some live lines did not arrive within 5 s of the end.
+    #[serde(default)]
+    pub lines_missing: Option<u64>,
+    /// The worker-side copies of the output that were written (`stdout`, `stderr`).
+    #[serde(default)]
+    pub log_files: BTreeMap<String, String>,
+}
+
+impl TaskDone {
+    /// Exit code 0 and no signal.
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0) && self.signal.is_none()
+    }
+}
+
+/// Why a task failed without its command finishing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// Its worker died (more often than `allowed_failures`).
+    WorkerLost,
+    /// Canceled (by `cancel`, or by Dask).
+    Canceled,
+    /// No worker offers the resources it needs; it was never submitted.
+    UnsatisfiableResources,
+    /// A `dep_mode: dask` dependency failed.
+    UpstreamFailed,
+    /// The connection to the scheduler was lost.
+    SchedulerLost,
+    /// Anything else: the command could not start, bad request, task exception.
+    Error,
+    /// A reason this client does not know.
+    #[serde(other)]
+    Other,
+}
+
+/// Final message of a task that failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskFailed {
+    /// The key.
+    pub key: String,
+    /// Category.
+    pub reason: FailureReason,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Which output stream a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// The step's stdout.
+    #[default]
+    Stdout,
+    /// The step's stderr.
+    Stderr,
+}
+
+/// Reply to `upload_binary`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Uploaded {
+    /// Content hash.
+    pub sha256: String,
+    /// Path on the workers, if the same on all of them.
+    pub remote_path: Option<String>,
+    /// Path per worker.
+    #[serde(default)]
+    pub worker_paths: BTreeMap<String, String>,
+    /// What to put in `command[0]`: `{uploaded:<sha256>}`.
+    pub command0: String,
+}
+
+/// A message from the bridge. Task events (`Started`, `Line`, `Done`, `Failed`,
+/// `Skipped`) arrive on the receiver from [`Bridge::spawn`](super::Bridge::spawn); replies are returned by
+/// the request methods.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BridgeMessage {
+    /// The bridge started.
+    Ready(ReadyInfo),
+    /// Reply to `connect`.
+    Connected(ConnectedInfo),
+    /// Reply to `submit`: accepted (`held`: waiting in the bridge for its deps).
+    Submitted {
+        /// The key.
+        key: String,
+        /// Whether it waits in the bridge for dependencies.
+        #[serde(default)]
+        held: bool,
+    },
+    /// The command started on a worker. `attempt` > 1 means Dask re-ran it after
+    /// losing a worker.
+    Started {
+        /// The key.
+        key: String,
+        /// Worker address.
+        worker: String,
+        /// Process id on the worker.
+        pid: Option<u32>,
+        /// 1 for the first start.
+        attempt: u32,
+    },
+    /// One line of the command's output, live.
+    Line {
+        /// The key.
+        key: String,
+        /// Worker address.
+        worker: String,
+        /// stdout or stderr.
+        #[serde(default)]
+        stream: Stream,
+        /// The line, without its newline.
+        line: String,
+    },
+    /// The command ran to the end (any exit code).
+    Done(TaskDone),
+    /// The task failed without a result.
+    Failed(TaskFailed),
+    /// Not run because a dependency did not succeed.
+    Skipped {
+        /// The key.
+        key: String,
+        /// The dependencies that did not succeed.
+        upstream: Vec<String>,
+    },
+    /// Reply to `cancel`.
+    Canceled {
+        /// Keys asked for.
+        keys: Vec<String>,
+        /// Keys whose running process was killed, with the worker.
+        #[serde(default)]
+        killed: BTreeMap<String, String>,
+    },
+    /// Reply to `release`.
+    Released {
+        /// Keys forgotten.
+        keys: Vec<String>,
+    },
+    /// Reply to `upload_binary`.
+    Uploaded(Uploaded),
+    /// Reply to `workers`.
+    Workers {
+        /// Current workers.
+        workers: Vec<WorkerInfo>,
+    },
+    /// Reply to `ping`.
+    Pong,
+    /// Reply to `shutdown`.
+    Shutdown,
+    /// A request failed.
+    Error {
+        /// Category (`scheduler_unreachable`, `missing_package`, `bad_request`, ...).
+        kind: String,
+        /// Detail.
+        message: String,
+    },
+    /// Not from the wire: the bridge exited. Last message on the receiver.
+    #[serde(skip)]
+    Exited {
+        /// Whether it was asked to (shutdown / dropped handle).
+        expected: bool,
+        /// Exit status as text.
+        status: String,
+        /// Last lines of stderr.
+        stderr_tail: String,
+    },
+}
+
+impl BridgeMessage {
+    /// The task key, for task events.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Started { key, .. }
+            | Self::Line { key, .. }
+            | Self::Skipped { key, .. }
+            | Self::Submitted { key, .. } => Some(key),
+            Self::Done(d) => Some(&d.key),
+            Self::Failed(f) => Some(&f.key),
+            _ => None,
+        }
+    }
+
+    /// Whether this is the last message for its key (`done`, `failed`, `skipped`).
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Done(_) | Self::Failed(_) | Self::Skipped { .. })
+    }
+
+    pub(super) fn is_task_event(&self) -> bool {
+        matches!(self, Self::Started { .. } | Self::Line { .. }) || self.is_final()
+    }
+}
+
+/// Splits a wire message into its request id (if any) and typed content.
+pub(super) fn parse_message(line: &str) -> Result<(Option<u64>, BridgeMessage), serde_json::Error> {
+    let value: Value = serde_json::from_str(line)?;
+    let id = value.get("id").and_then(Value::as_u64);
+    let msg = serde_json::from_value(value)?;
+    Ok((id, msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::SubmitRequest;
+    use super::*;
+
+    #[test]
+    fn messages_parse() {
+        let (id, msg) = parse_message(
+            r#"{"type":"failed","id":7,"key":"k","reason":"worker_lost","message":"m"}"#,
+        )
+        .unwrap();
+        assert_eq!(id, Some(7));
+        assert_eq!(
+            msg,
+            BridgeMessage::Failed(TaskFailed {
+                key: "k".into(),
+                reason: FailureReason::WorkerLost,
+                message: "m".into()
+            })
+        );
+        let (_, msg) =
+            parse_message(r#"{"type":"failed","key":"k","reason":"new_reason","message":"m"}"#)
+                .unwrap();
+        assert!(matches!(
+            msg,
+            BridgeMessage::Failed(TaskFailed {
+                reason: FailureReason::Other,
+                ..
+            })
+        ));
+        let req = serde_json::to_value(SubmitRequest::new("k", vec!["x".into()], "t")).unwrap();
+        assert_eq!(req["dep_mode"], "bridge");
+        assert_eq!(req["resources"], serde_json::json!({}));
+    }
+}

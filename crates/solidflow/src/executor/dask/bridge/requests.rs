@@ -1,0 +1,179 @@
+//! Requests of the bridge protocol: what the executor asks of the bridge (`connect`,
+//! `submit`) and the cluster settings they carry. See `docs/dask-bridge.md`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Which cluster to create or join (`connect`'s `cluster`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterKind {
+    /// A `LocalCluster` (or `SpecCluster` for per-worker resources) on 127.0.0.1.
+    Local,
+    /// A running scheduler at `address`.
+    Existing,
+    /// `dask_jobqueue.SLURMCluster`.
+    Slurm,
+    /// `dask_jobqueue.PBSCluster`.
+    Pbs,
+    /// `dask_jobqueue.SGECluster`.
+    Sge,
+    /// `dask_jobqueue.LSFCluster`.
+    Lsf,
+    /// `dask_kubernetes.operator.KubeCluster`.
+    Kube,
+    /// `distributed.SSHCluster` (needs asyncssh).
+    Ssh,
+    /// `dask_yarn.YarnCluster`.
+    Yarn,
+}
+
+/// Adaptive scaling bounds for a created cluster (`cluster.adapt(...)`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AdaptSpec {
+    /// Minimum number of workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minimum: Option<u32>,
+    /// Maximum number of workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maximum: Option<u32>,
+}
+
+/// The cluster manager and its options, passed straight to its Python class.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    /// Which manager.
+    pub kind: ClusterKind,
+    /// Keyword arguments of the manager's class (e.g. `queue`, `cores`, `memory`).
+    #[serde(default)]
+    pub options: serde_json::Map<String, Value>,
+    /// Adaptive scaling instead of a fixed `n_workers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt: Option<AdaptSpec>,
+}
+
+/// TLS files for connecting to a `tls://` scheduler.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TlsConfig {
+    /// CA certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate.
+    pub cert: Option<PathBuf>,
+    /// Client private key.
+    pub key: Option<PathBuf>,
+}
+
+/// Resources of the workers of a created local cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WorkerResources {
+    /// The same resources on every worker.
+    Uniform(BTreeMap<String, f64>),
+    /// One map per worker (creates that many workers).
+    PerWorker(Vec<BTreeMap<String, f64>>),
+}
+
+/// `connect`: create a cluster or join one. All fields are optional; the default
+/// creates a LocalCluster with Dask's default size.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConnectRequest {
+    /// Scheduler address (`tcp://...`, `tls://...`) of an existing cluster.
+    pub address: Option<String>,
+    /// Seconds to wait for the scheduler (and for `wait_for_workers`).
+    pub timeout: Option<f64>,
+    /// TLS files, for `tls://` addresses.
+    pub tls: Option<TlsConfig>,
+    /// Cluster manager; `None` means `existing` if `address` is set, else `local`.
+    pub cluster: Option<ClusterSpec>,
+    /// Workers to start (local) or scale to (managers).
+    pub n_workers: Option<u32>,
+    /// Threads per worker, i.e. concurrent steps per worker.
+    pub threads_per_worker: Option<u32>,
+    /// Memory limit per worker (`"4GiB"`, bytes, or `"auto"`).
+    pub memory_limit: Option<Value>,
+    /// Worker resources for a created local cluster.
+    pub worker_resources: Option<WorkerResources>,
+    /// `distributed.scheduler.allowed-failures`: how many worker deaths a task
+    /// survives (re-run elsewhere) before it fails as `worker_lost`. On an existing
+    /// scheduler this changes the setting for all its clients.
+    pub allowed_failures: Option<u32>,
+    /// Wait until this many workers have joined before replying.
+    pub wait_for_workers: Option<u32>,
+}
+
+/// How `deps` are enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DepMode {
+    /// The bridge holds the task and submits it to Dask once every dependency is
+    /// `done` with exit code 0 (or reports it `skipped`). Siblings then spread over
+    /// all workers (see the measurements in docs/dask-bridge.md).
+    #[default]
+    Bridge,
+    /// Pass the dependencies' futures as task arguments; Dask prefers the worker that
+    /// holds them.
+    Dask,
+}
+
+/// `submit`: run one command as a Dask task.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubmitRequest {
+    /// Unique Dask key (include run id and attempt).
+    pub key: String,
+    /// argv. `command[0]` may be `{uploaded:<sha256>}` (see [`Bridge::upload_binary`](super::Bridge::upload_binary)).
+    pub command: Vec<String>,
+    /// Fed to the process's stdin, which is then closed.
+    pub stdin: String,
+    /// Added to the worker's environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory on the worker.
+    pub cwd: Option<PathBuf>,
+    /// Dask resources the task needs, e.g. `{"GPU": 1}`.
+    pub resources: BTreeMap<String, f64>,
+    /// Dask priority (higher runs first).
+    pub priority: i64,
+    /// Keys of earlier submits this one waits for.
+    pub deps: Vec<String>,
+    /// How `deps` are enforced.
+    pub dep_mode: DepMode,
+    /// Skip (report `skipped`) if a dependency did not succeed.
+    pub skip_on_upstream_failure: bool,
+    /// Event topic for live lines; use one per run.
+    pub log_topic: String,
+    /// Files on the worker (`stdout`, `stderr`) that get a complete copy of the
+    /// command's output, appended to; best effort (skipped if they can't be opened).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub log_files: BTreeMap<String, PathBuf>,
+    /// An environment variable that gets the worker process's pid, for a command that
+    /// makes itself die with its parent when it finds it (solidflow's step mode does,
+    /// with [`crate::executor::PARENT_PID_ENV`]). With it, the command starts without
+    /// a `preexec_fn` (which would make Python fork the big worker process: ~10 ms
+    /// instead of ~0.1 ms with vfork). Without it the bridge sets `PR_SET_PDEATHSIG`
+    /// itself, in a `preexec_fn`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_pid_env: Option<String>,
+}
+
+impl SubmitRequest {
+    /// A request with no stdin, env, resources or deps, skipping on upstream failure.
+    pub fn new(key: impl Into<String>, command: Vec<String>, log_topic: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            command,
+            stdin: String::new(),
+            env: BTreeMap::new(),
+            cwd: None,
+            resources: BTreeMap::new(),
+            priority: 0,
+            deps: Vec::new(),
+            dep_mode: DepMode::Bridge,
+            skip_on_upstream_failure: true,
+            log_topic: log_topic.into(),
+            log_files: BTreeMap::new(),
+            parent_pid_env: None,
+        }
+    }
+}
