@@ -137,13 +137,161 @@ impl WorkerSpec {
     }
 }
 
+/// A throwaway certificate authority and certificates signed by it, made with the
+/// `openssl` command in a temporary directory (removed on drop): `server_*` for the
+/// scheduler and workers, `client_*` for a Dask client. Both leaf certificates are for
+/// `127.0.0.1` (IP SAN) and `localhost`.
+pub struct TlsFiles {
+    /// The CA certificate (PEM).
+    pub ca_file: PathBuf,
+    /// Certificate of the scheduler and workers (server and client use).
+    pub server_cert: PathBuf,
+    /// Key of `server_cert`.
+    pub server_key: PathBuf,
+    /// Certificate for a client of the cluster.
+    pub client_cert: PathBuf,
+    /// Key of `client_cert`.
+    pub client_key: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "the Dask TLS tests need the `openssl` command to make test certificates, but it \
+                 cannot be run ({e}): install OpenSSL (e.g. `apt-get install openssl`)"
+            )
+        });
+    assert!(
+        output.status.success(),
+        "openssl {} failed ({}):\n{}{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl TlsFiles {
+    /// Makes a CA (P-256, valid one day) and a server and a client certificate signed
+    /// by it. Panics, naming the fix, when `openssl` is missing.
+    pub fn generate() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("solidflow-dask-tls-")
+            .tempdir()
+            .expect("temp dir");
+        let d = dir.path();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=solidflow test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(d, &ca);
+        for (name, cn, usage) in [
+            ("server", "127.0.0.1", "serverAuth,clientAuth"),
+            ("client", "solidflow test client", "clientAuth"),
+        ] {
+            let ext = format!("{name}.ext");
+            std::fs::write(
+                d.join(&ext),
+                format!(
+                    "basicConstraints=CA:FALSE\n\
+                     keyUsage=critical,digitalSignature,keyEncipherment\n\
+                     extendedKeyUsage={usage}\n\
+                     subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                ),
+            )
+            .expect("write openssl extensions");
+            let (key, csr, cert) = (
+                format!("{name}-key.pem"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            let subj = format!("/CN={cn}");
+            let mut req = vec!["req", "-new"];
+            req.extend(ec);
+            req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            openssl(d, &req);
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca-key.pem",
+                    "-set_serial",
+                    if name == "server" { "2" } else { "3" },
+                    "-days",
+                    "1",
+                    "-extfile",
+                    &ext,
+                    "-out",
+                    &cert,
+                ],
+            );
+        }
+        Self {
+            ca_file: d.join("ca.pem"),
+            server_cert: d.join("server.pem"),
+            server_key: d.join("server-key.pem"),
+            client_cert: d.join("client.pem"),
+            client_key: d.join("client-key.pem"),
+            dir,
+        }
+    }
+
+    /// The `--tls-*` options of `dask scheduler` / `dask worker`.
+    fn dask_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for (flag, path) in [
+            ("--tls-ca-file", &self.ca_file),
+            ("--tls-cert", &self.server_cert),
+            ("--tls-key", &self.server_key),
+        ] {
+            args.push(flag.to_string());
+            args.push(path.to_str().expect("UTF-8 temp path").to_string());
+        }
+        args
+    }
+}
+
 /// A running scheduler and its workers.
 pub struct DaskCluster {
     scheduler: Proc,
     workers: Vec<(WorkerSpec, Proc, String)>,
-    /// `tcp://<host>:<port>` (`tcp://127.0.0.1:<port>` unless started with [`DaskCluster::start_on`]).
+    /// `tcp://<host>:<port>` (`tcp://127.0.0.1:<port>` unless started with [`DaskCluster::start_on`],
+    /// `tls://...` when started with [`DaskCluster::start_tls`]).
     pub address: String,
     host: String,
+    /// `--tls-*` options for workers, empty without TLS.
+    tls_args: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -194,6 +342,17 @@ impl DaskCluster {
     /// Like [`start`](Self::start), with scheduler and workers listening on `host`, which
     /// must be a loopback address (tests never listen elsewhere).
     pub fn start_on(host: &str, workers: &[WorkerSpec]) -> Self {
+        Self::launch(host, workers, None)
+    }
+
+    /// Like [`start`](Self::start), but scheduler and workers speak TLS (`--protocol tls`)
+    /// with the server certificate of `tls`: the address is `tls://127.0.0.1:<port>`,
+    /// and clients need the CA and a client certificate of `tls`.
+    pub fn start_tls(tls: &TlsFiles, workers: &[WorkerSpec]) -> Self {
+        Self::launch("127.0.0.1", workers, Some(tls))
+    }
+
+    fn launch(host: &str, workers: &[WorkerSpec], tls: Option<&TlsFiles>) -> Self {
         let ip: std::net::IpAddr = host.parse().expect("start_on takes an IP address");
         assert!(
             ip.is_loopback(),
@@ -205,7 +364,9 @@ impl DaskCluster {
             .tempdir()
             .expect("temp dir");
         let port = free_port();
-        let address = format!("tcp://{host}:{port}");
+        let protocol = if tls.is_some() { "tls" } else { "tcp" };
+        let address = format!("{protocol}://{host}:{port}");
+        let tls_args = tls.map(TlsFiles::dask_args).unwrap_or_default();
         let mut scheduler = spawn(
             Command::new(&dask)
                 .args([
@@ -218,6 +379,8 @@ impl DaskCluster {
                     ":0",
                     "--no-show",
                 ])
+                .args(tls.map(|_| ["--protocol", "tls"]).into_iter().flatten())
+                .args(&tls_args)
                 .current_dir(dir.path()),
             &dir.path().join("scheduler.log"),
         );
@@ -227,6 +390,7 @@ impl DaskCluster {
             workers: Vec::new(),
             address,
             host: host.to_string(),
+            tls_args,
             dir,
         };
         for spec in workers {
@@ -254,6 +418,7 @@ impl DaskCluster {
             "--name",
             &spec.name,
         ])
+        .args(&self.tls_args)
         .current_dir(self.dir.path());
         if let Some(r) = &spec.resources {
             cmd.args(["--resources", r]);

@@ -598,6 +598,17 @@ class Bridge:
                     "could not reach the Dask scheduler at %s within %g s: %s"
                     % (address, timeout, e),
                 )
+            except TypeError as e:
+                # distributed's words for "tls:// without certificates" are a
+                # TypeError about a missing ssl_context.
+                if security is None and str(address).startswith("tls://"):
+                    raise BridgeError(
+                        "tls_config",
+                        "the scheduler address %s uses TLS, but no TLS certificate files "
+                        "were given: add `tls: {ca_file, cert, key}` to the dask executor "
+                        "config (distributed said: %s)" % (address, e),
+                    )
+                raise
             if allowed_failures is not None:
                 # Shared scheduler: this changes the setting for every client of it.
                 self.client.run_on_scheduler(
