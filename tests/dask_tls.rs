@@ -13,6 +13,10 @@
 
 #[path = "support/dask.rs"]
 mod dask_support;
+#[path = "support/outcome.rs"]
+mod outcome;
+
+use outcome::Outcome;
 
 use std::io::Read;
 use std::path::Path;
@@ -20,56 +24,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dask_support::{DaskCluster, TlsFiles, WorkerSpec, python};
-use serde_json::Value;
 
 const STEPS: [&str; 4] = ["numbers", "sum_evens", "sum_odds", "total"];
 
 /// How long one run may take before it is killed and the test fails.
 const RUN_DEADLINE: Duration = Duration::from_secs(60);
-
-struct Outcome {
-    code: Option<i32>,
-    events: Vec<Value>,
-    stderr: String,
-    elapsed: Duration,
-}
-
-impl Outcome {
-    fn of_type<'a>(&'a self, event_type: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-        self.events
-            .iter()
-            .filter(move |e| e["event_type"] == event_type)
-    }
-
-    fn describe(&self) -> String {
-        let events: Vec<String> = self
-            .events
-            .iter()
-            .map(|e| {
-                format!(
-                    "{} {} {} {}",
-                    e["event_type"], e["step_key"], e["worker"], e["message"]
-                )
-            })
-            .collect();
-        format!(
-            "exit {:?} after {:?}\nevents:\n{}\nstderr:\n{}",
-            self.code,
-            self.elapsed,
-            events.join("\n"),
-            self.stderr
-        )
-    }
-
-    /// The run's failure message (PIPELINE_FAILURE) and its stderr.
-    fn failure_text(&self) -> String {
-        let failures: Vec<String> = self
-            .of_type("PIPELINE_FAILURE")
-            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
-            .collect();
-        format!("{}\n{}", failures.join("\n"), self.stderr)
-    }
-}
 
 /// Runs `conformance execute success --json` with filesystem storage and `execution`,
 /// killing it after [`RUN_DEADLINE`].
@@ -118,17 +77,12 @@ fn run(dir: &Path, name: &str, execution: &str) -> Outcome {
     };
     let elapsed = started.elapsed();
     let stdout = stdout.join().unwrap_or_default();
-    let events = stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    Outcome {
-        code: status.code(),
-        events,
-        stderr: stderr.join().unwrap_or_default(),
+    Outcome::new(
+        status.code(),
+        stdout,
+        stderr.join().unwrap_or_default(),
         elapsed,
-    }
+    )
 }
 
 fn yaml_path(path: &Path) -> String {

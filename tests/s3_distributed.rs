@@ -20,8 +20,12 @@
 
 #[path = "support/dask.rs"]
 mod dask_support;
+#[path = "support/outcome.rs"]
+mod outcome;
 #[path = "support/s3.rs"]
 mod s3_support;
+
+use outcome::Outcome;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -68,6 +72,7 @@ impl World {
             ),
         )
         .unwrap();
+        let started = std::time::Instant::now();
         let mut command = Command::new(env!("CARGO_BIN_EXE_conformance"));
         for var in [
             "AWS_SESSION_TOKEN",
@@ -89,17 +94,12 @@ impl World {
             .stdin(Stdio::null())
             .output()
             .expect("start the conformance binary");
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        let events = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect();
-        Outcome {
-            code: output.status.code(),
-            events,
-            stdout,
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        Outcome::new(
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+            started.elapsed(),
+        )
     }
 
     /// Checks what every distributed run on S3 must show, and returns the run id.
@@ -195,40 +195,6 @@ impl World {
             );
         }
         run_id
-    }
-}
-
-struct Outcome {
-    code: Option<i32>,
-    events: Vec<Value>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Outcome {
-    fn of_type<'a>(&'a self, event_type: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-        self.events
-            .iter()
-            .filter(move |e| e["event_type"] == event_type)
-    }
-
-    fn describe(&self) -> String {
-        let events: Vec<String> = self
-            .events
-            .iter()
-            .map(|e| {
-                format!(
-                    "{} {} {} {}",
-                    e["event_type"], e["step_key"], e["worker"], e["message"]
-                )
-            })
-            .collect();
-        format!(
-            "exit {:?}\nevents:\n{}\nstderr:\n{}",
-            self.code,
-            events.join("\n"),
-            self.stderr
-        )
     }
 }
 
