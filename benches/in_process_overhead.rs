@@ -8,50 +8,16 @@
 //! (`execute_pipeline`), and split into config validation, plan compilation and the
 //! executor proper, so the table says where the time goes.
 
+#[path = "shapes/mod.rs"]
+mod shapes;
+
+use shapes::{chain, fan_out};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use solidflow::config::{ConfigSources, RunConfig};
-use solidflow::definition::pipeline::Pipeline;
-use solidflow::definition::solid::{Outputs, SolidDefinition};
-use solidflow::definition::types::TypeInfo;
 use solidflow::execution::run::execute_pipeline;
 use solidflow::plan::ExecutionPlan;
-
-fn source() -> SolidDefinition {
-    SolidDefinition::new("source", |_, _| Ok(Outputs::result(0i64)))
-        .output("result", TypeInfo::of::<i64>())
-}
-
-fn increment() -> SolidDefinition {
-    SolidDefinition::new("increment", |_, mut inputs| {
-        Ok(Outputs::result(inputs.take::<i64>("x")? + 1))
-    })
-    .input("x", TypeInfo::of::<i64>())
-    .output("result", TypeInfo::of::<i64>())
-}
-
-fn chain(n: usize) -> Pipeline {
-    Pipeline::build("chain", |p| {
-        p.add("s0", source(), vec![]);
-        for i in 1..n {
-            let up = p.result(&format!("s{}", i - 1));
-            p.add(&format!("s{i}"), increment(), vec![("x".into(), up)]);
-        }
-    })
-    .unwrap()
-}
-
-fn fan_out(n: usize) -> Pipeline {
-    Pipeline::build("fan_out", |p| {
-        p.add("root", source(), vec![]);
-        for i in 0..n {
-            let up = p.result("root");
-            p.add(&format!("leaf{i}"), increment(), vec![("x".into(), up)]);
-        }
-    })
-    .unwrap()
-}
 
 fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     let mut best = Duration::MAX;

@@ -21,53 +21,19 @@
 //! - **exit + bookkeeping** (chain only, where steps are sequential): the rest of the
 //!   wall time per step: process exit, reaping, event forwarding and scheduling.
 
+#[path = "shapes/mod.rs"]
+mod shapes;
+
+use shapes::{chain, fan_out};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use solidflow::config::{ConfigSources, RunConfig};
-use solidflow::definition::pipeline::Pipeline;
 use solidflow::definition::repository::Repository;
-use solidflow::definition::solid::{Outputs, SolidDefinition};
-use solidflow::definition::types::TypeInfo;
 use solidflow::execution::event::{Event, EventKind};
 use solidflow::execution::run::{RunOptions, execute_pipeline_with};
 use solidflow::plan::ExecutionPlan;
-
-fn source() -> SolidDefinition {
-    SolidDefinition::new("source", |_, _| Ok(Outputs::result(0i64)))
-        .output("result", TypeInfo::of::<i64>())
-}
-
-fn increment() -> SolidDefinition {
-    SolidDefinition::new("increment", |_, mut inputs| {
-        Ok(Outputs::result(inputs.take::<i64>("x")? + 1))
-    })
-    .input("x", TypeInfo::of::<i64>())
-    .output("result", TypeInfo::of::<i64>())
-}
-
-fn chain(n: usize) -> Pipeline {
-    Pipeline::build("chain", |p| {
-        p.add("s0", source(), vec![]);
-        for i in 1..n {
-            let up = p.result(&format!("s{}", i - 1));
-            p.add(&format!("s{i}"), increment(), vec![("x".into(), up)]);
-        }
-    })
-    .expect("valid chain")
-}
-
-fn fan_out(n: usize) -> Pipeline {
-    Pipeline::build("fan_out", |p| {
-        p.add("root", source(), vec![]);
-        for i in 0..n {
-            let up = p.result("root");
-            p.add(&format!("leaf{i}"), increment(), vec![("x".into(), up)]);
-        }
-    })
-    .expect("valid fan-out")
-}
 
 fn steps() -> usize {
     std::env::var("SF_BENCH_STEPS")
