@@ -45,8 +45,9 @@ fn steps() -> usize {
 fn repository() -> Repository {
     let n = steps();
     Repository::new("multiprocess_overhead")
-        .with_pipeline(chain(n))
-        .with_pipeline(fan_out(n))
+        // Lazy: a step process builds only the pipeline it runs.
+        .with_lazy_pipeline("chain", move || chain(n))
+        .with_lazy_pipeline("fan_out", move || fan_out(n))
 }
 
 fn us(d: f64) -> String {

@@ -221,7 +221,7 @@ fn with_pipeline(
     f: impl FnOnce(&Pipeline) -> Result<i32, String>,
 ) -> i32 {
     let Some(pipeline) = repository.pipeline(name) else {
-        let names: Vec<&str> = repository.pipelines().iter().map(|p| p.name()).collect();
+        let names = repository.pipeline_names();
         let hint = crate::config::validate::did_you_mean(name, names.iter().copied())
             .map(|m| format!(" Did you mean `{m}`?"))
             .unwrap_or_default();

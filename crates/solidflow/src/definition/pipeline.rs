@@ -404,6 +404,12 @@ impl Pipeline {
     #[allow(clippy::result_large_err)]
     fn check(&self) -> Result<(), DefinitionError> {
         let pipeline = || self.name.clone();
+        let index: HashMap<&str, usize> = self
+            .invocations
+            .iter()
+            .enumerate()
+            .map(|(i, inv)| (inv.alias.as_str(), i))
+            .collect();
         for inv in self.invocations.iter() {
             for input in &inv.definition.inputs {
                 let Some(source) = inv.inputs.get(&input.name) else {
@@ -416,14 +422,15 @@ impl Pipeline {
                 let InputSource::Output { solid, output } = source else {
                     continue;
                 };
-                let upstream =
-                    self.invocation(solid)
-                        .ok_or_else(|| DefinitionError::UnknownSolid {
-                            pipeline: pipeline(),
-                            solid: inv.alias.clone(),
-                            input: input.name.clone(),
-                            upstream: solid.clone(),
-                        })?;
+                let upstream = index
+                    .get(solid.as_str())
+                    .map(|&i| &self.invocations[i])
+                    .ok_or_else(|| DefinitionError::UnknownSolid {
+                        pipeline: pipeline(),
+                        solid: inv.alias.clone(),
+                        input: input.name.clone(),
+                        upstream: solid.clone(),
+                    })?;
                 let out = upstream.definition.find_output(output).ok_or_else(|| {
                     DefinitionError::UnknownOutput {
                         pipeline: pipeline(),
@@ -456,12 +463,6 @@ impl Pipeline {
         let mut graph = petgraph::graph::DiGraph::<usize, ()>::new();
         let nodes: Vec<_> = (0..self.invocations.len())
             .map(|i| graph.add_node(i))
-            .collect();
-        let index: HashMap<&str, usize> = self
-            .invocations
-            .iter()
-            .enumerate()
-            .map(|(i, inv)| (inv.alias.as_str(), i))
             .collect();
         for (i, inv) in self.invocations.iter().enumerate() {
             for source in inv.inputs.values() {
