@@ -315,6 +315,24 @@ impl Outcome {
         })
     }
 
+    /// The `cancel` pipeline was interrupted: exit 130, one PIPELINE_CANCELED, and both
+    /// sleeping steps failed as interrupted.
+    pub fn expect_canceled(&self) {
+        self.expect_code(130);
+        assert_eq!(
+            self.of_type("PIPELINE_CANCELED").count(),
+            1,
+            "{}",
+            self.describe()
+        );
+        for step in ["sleep_a.compute", "sleep_b.compute"] {
+            assert_eq!(
+                self.one(step, "STEP_FAILURE")["data"]["error"]["kind"],
+                "interrupted"
+            );
+        }
+    }
+
     pub fn expect_code(&self, code: i32) {
         assert_eq!(
             self.code,
@@ -351,6 +369,22 @@ fn assert_dies(pid: u32, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Starts the `cancel` pipeline and waits until both of its sleeping steps run; returns
+/// the run and the two step processes' pids.
+fn start_sleepers(h: &Harness) -> (Running, [u32; 2]) {
+    let mut run = h.start("cancel", "");
+    for who in ["sleep_a", "sleep_b"] {
+        run.wait_event("both sleepers", |e| {
+            e["message"] == format!("{who} sleeping")
+        });
+    }
+    let pids = [
+        read_pid(&h.work("sleep_a.pid")),
+        read_pid(&h.work("sleep_b.pid")),
+    ];
+    (run, pids)
 }
 
 fn read_pid(path: &Path) -> u32 {
@@ -582,31 +616,10 @@ pub mod cases {
     }
 
     pub fn cancel_stops_steps_and_leaves_no_orphans(h: &Harness) {
-        let mut run = h.start("cancel", "");
-        for who in ["sleep_a", "sleep_b"] {
-            run.wait_event("both sleepers", |e| {
-                e["message"] == format!("{who} sleeping")
-            });
-        }
-        let pids = [
-            read_pid(&h.work("sleep_a.pid")),
-            read_pid(&h.work("sleep_b.pid")),
-        ];
+        let (run, pids) = start_sleepers(h);
         run.signal(libc::SIGINT);
         let out = run.finish();
-        out.expect_code(130);
-        assert_eq!(
-            out.of_type("PIPELINE_CANCELED").count(),
-            1,
-            "{}",
-            out.describe()
-        );
-        for step in ["sleep_a.compute", "sleep_b.compute"] {
-            assert_eq!(
-                out.one(step, "STEP_FAILURE")["data"]["error"]["kind"],
-                "interrupted"
-            );
-        }
+        out.expect_canceled();
         out.one("downstream.compute", "STEP_SKIPPED");
         for pid in pids {
             assert_dies(pid, "a step process");
@@ -707,12 +720,7 @@ pub mod cases {
     }
 
     pub fn grandchildren_are_killed_on_cancel(h: &Harness) {
-        let mut run = h.start("cancel", "");
-        for who in ["sleep_a", "sleep_b"] {
-            run.wait_event("both sleepers", |e| {
-                e["message"] == format!("{who} sleeping")
-            });
-        }
+        let (run, _) = start_sleepers(h);
         let pids: Vec<u32> = [
             "sleep_a.pid",
             "sleep_b.pid",
@@ -740,31 +748,10 @@ pub mod cases {
     /// (Dask: SIGTERM, then SIGKILL after the grace): one Ctrl-C takes down steps that
     /// ignore SIGTERM, and the run ends canceled.
     pub fn term_ignoring_steps_die_after_one_interrupt(h: &Harness) {
-        let mut run = h.start("cancel", "");
-        for who in ["sleep_a", "sleep_b"] {
-            run.wait_event("both sleepers", |e| {
-                e["message"] == format!("{who} sleeping")
-            });
-        }
-        let pids = [
-            read_pid(&h.work("sleep_a.pid")),
-            read_pid(&h.work("sleep_b.pid")),
-        ];
+        let (run, pids) = start_sleepers(h);
         run.signal(libc::SIGINT);
         let out = run.finish();
-        out.expect_code(130);
-        assert_eq!(
-            out.of_type("PIPELINE_CANCELED").count(),
-            1,
-            "{}",
-            out.describe()
-        );
-        for step in ["sleep_a.compute", "sleep_b.compute"] {
-            assert_eq!(
-                out.one(step, "STEP_FAILURE")["data"]["error"]["kind"],
-                "interrupted"
-            );
-        }
+        out.expect_canceled();
         for pid in pids {
             assert_dies(pid, "a step process that ignores SIGTERM");
         }
@@ -772,16 +759,7 @@ pub mod cases {
 
     /// For executors that wait for SIGTERM'd steps until a second Ctrl-C (multiprocess).
     pub fn second_interrupt_kills_at_once(h: &Harness) {
-        let mut run = h.start("cancel", "");
-        for who in ["sleep_a", "sleep_b"] {
-            run.wait_event("both sleepers", |e| {
-                e["message"] == format!("{who} sleeping")
-            });
-        }
-        let pids = [
-            read_pid(&h.work("sleep_a.pid")),
-            read_pid(&h.work("sleep_b.pid")),
-        ];
+        let (mut run, pids) = start_sleepers(h);
         run.signal(libc::SIGINT);
         // The steps ignore SIGTERM; wait until the executor has started canceling.
         run.wait_event("the cancel notice", |e| {
@@ -1037,16 +1015,7 @@ mod multiprocess_only {
             "multiprocess",
             "execution: {multiprocess: {config: {max_concurrent: 2}}}\nstorage: {filesystem: {}}\n",
         );
-        let mut run = h.start("cancel", "");
-        for who in ["sleep_a", "sleep_b"] {
-            run.wait_event("both sleepers", |e| {
-                e["message"] == format!("{who} sleeping")
-            });
-        }
-        let pids = [
-            read_pid(&h.work("sleep_a.pid")),
-            read_pid(&h.work("sleep_b.pid")),
-        ];
+        let (run, pids) = start_sleepers(&h);
         assert!(!pids.contains(&run.pid()));
         run.signal(libc::SIGKILL);
         let out = run.finish();
