@@ -1,4 +1,5 @@
-//! The command line every pipeline binary gets from [`Repository::main`].
+//! The command line every pipeline binary gets from [`Repository::main`], which is
+//! implemented here: the repository is a definition, the command line is this module's.
 //!
 //! Exit codes: 0 success, 1 pipeline failure, 2 bad config or usage, 130 interrupted.
 
@@ -114,6 +115,16 @@ enum Command {
     /// Run one step from a step invocation on stdin (used by out-of-process executors).
     #[command(hide = true)]
     Step,
+}
+
+impl Repository {
+    /// Runs the solidflow CLI on the process arguments and exits with its code.
+    /// This is what a pipeline binary's `main` calls; it also serves step mode for the
+    /// out-of-process executors. Same as `std::process::exit(cli::run(&repo, args_os()))`.
+    pub fn main(self) -> ! {
+        let code = run(&self, std::env::args_os());
+        std::process::exit(code)
+    }
 }
 
 /// Runs the CLI with `args` (including the program name) and returns the exit code.

@@ -17,8 +17,8 @@ use super::sink::{EventListener, EventSink};
 use super::step::StepEnvironment;
 use crate::config::RunConfig;
 use crate::definition::repository::Repository;
+use crate::definition::storage::StorageContext;
 use crate::plan::ExecutionPlan;
-use crate::storage::registry::StorageContext;
 
 /// The protocol version; parent and child must agree.
 pub const PROTOCOL_VERSION: u32 = 1;

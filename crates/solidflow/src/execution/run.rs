@@ -10,15 +10,15 @@ use chrono::Utc;
 
 use super::cancel::CancelToken;
 use super::event::{ErrorInfo, Event, EventKind, Level};
+use super::executor::{ExecutionContext, ExecutorError};
 use super::sink::{EventCollector, EventListener, EventSink};
 use super::step::StepEnvironment;
 use super::values::ValueStore;
 use crate::config::{ConfigErrors, ConfigSources, RunConfig};
 use crate::definition::pipeline::Pipeline;
+use crate::definition::storage::StorageContext;
 use crate::definition::types::Codec;
-use crate::executor::{ExecutionContext, ExecutorError};
 use crate::plan::ExecutionPlan;
-use crate::storage::registry::StorageContext;
 use crate::storage::run_history::{RunHistory, RunRecord, RunStatus};
 use crate::storage::{IntermediateKey, StorageError};
 
