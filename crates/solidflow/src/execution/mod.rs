@@ -8,6 +8,7 @@ pub mod event;
 pub mod executor;
 pub mod protocol;
 pub mod run;
+pub mod run_id;
 pub mod scheduler;
 pub mod sink;
 pub mod step;
