@@ -4,7 +4,7 @@
 //! Exit codes: 0 success, 1 pipeline failure, 2 bad config or usage, 130 interrupted.
 
 mod console;
-mod schema_text;
+pub(crate) mod schema_text;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -110,6 +110,18 @@ enum Command {
         /// Keep printing new events until the run ends (watch a run live).
         #[arg(short, long)]
         follow: bool,
+    },
+    /// Serve the web page: runs, their DAGs, timelines and logs, live.
+    Ui {
+        /// The port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 3000)]
+        port: u16,
+        /// The address to listen on. Anything but a loopback address requires a token.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The access token (default: none on loopback, generated otherwise).
+        #[arg(long, env = "SOLIDFLOW_UI_TOKEN")]
+        token: Option<String>,
     },
     /// Run one step from a step invocation on stdin (used by out-of-process executors).
     #[command(hide = true)]
@@ -252,6 +264,21 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
             json,
             follow,
         } => with_history(|h| print_logs(h, &run_id, json, follow)),
+        Command::Ui { port, host, token } => {
+            let options = crate::ui::UiOptions {
+                host,
+                port,
+                token,
+                home: solidflow_home(),
+            };
+            match crate::ui::serve(repository.clone(), options) {
+                Ok(()) => EXIT_SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    EXIT_USAGE
+                }
+            }
+        }
         Command::Step => step_mode(repository),
     }
 }
