@@ -48,7 +48,7 @@ pub(crate) fn effective_concurrency(requested: usize) -> usize {
 }
 
 /// The `in_process` executor definition.
-pub fn definition() -> ExecutorDefinition {
+pub(crate) fn definition() -> ExecutorDefinition {
     ExecutorDefinition {
         name: "in_process",
         description: "Run steps on threads of the current process (the embedded default).",

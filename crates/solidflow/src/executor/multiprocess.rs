@@ -49,7 +49,7 @@ use crate::storage::Reach;
 pub const PARENT_PID_ENV: &str = "SOLIDFLOW_PARENT_PID";
 
 /// How long canceled steps get between SIGTERM and SIGKILL by default.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(2);
 
 /// How many trailing stderr lines a crash report quotes.
 const CRASH_TAIL_LINES: usize = 8;
@@ -98,7 +98,7 @@ impl MultiprocessExecutor {
 }
 
 /// The `multiprocess` executor definition.
-pub fn definition() -> ExecutorDefinition {
+pub(crate) fn definition() -> ExecutorDefinition {
     ExecutorDefinition {
         name: "multiprocess",
         description: "Run every step in its own child process of this binary (needs filesystem or s3 storage).",

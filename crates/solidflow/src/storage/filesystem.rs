@@ -88,7 +88,7 @@ fn build(
 }
 
 /// The `filesystem` storage definition.
-pub fn definition() -> StorageDefinition {
+pub(crate) fn definition() -> StorageDefinition {
     StorageDefinition {
         name: "filesystem",
         description: "Store intermediates as files on a local or shared filesystem.",

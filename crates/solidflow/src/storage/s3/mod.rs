@@ -167,7 +167,7 @@ fn build(
 }
 
 /// The `s3` storage definition.
-pub fn definition() -> StorageDefinition {
+pub(crate) fn definition() -> StorageDefinition {
     StorageDefinition {
         name: "s3",
         description: "Store intermediates as objects in an S3 (or S3-compatible) bucket; works for distributed runs.",
