@@ -36,6 +36,7 @@ const KEYS: &[&str] = &[
     "retry_timeout_secs",
     "part_size_mb",
     "concurrency",
+    "read_concurrency",
     "max_concurrent",
     "resources",
     "GPU",

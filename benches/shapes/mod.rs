@@ -43,3 +43,36 @@ pub fn fan_out(n: usize) -> Pipeline {
     })
     .expect("valid fan-out")
 }
+
+/// Sums its `n` inputs `x0`..`x{n-1}`.
+#[allow(dead_code)]
+pub fn gather(n: usize) -> SolidDefinition {
+    let mut def = SolidDefinition::new("gather", move |_, mut inputs| {
+        let mut sum = 0i64;
+        for i in 0..n {
+            sum += inputs.take::<i64>(&format!("x{i}"))?;
+        }
+        Ok(Outputs::result(sum))
+    })
+    .output("result", TypeInfo::of::<i64>());
+    for i in 0..n {
+        def = def.input(format!("x{i}"), TypeInfo::of::<i64>());
+    }
+    def
+}
+
+/// One source, `n` leaves consuming it, and one step gathering every leaf (`n + 2` steps).
+#[allow(dead_code)]
+pub fn fan_in(n: usize) -> Pipeline {
+    Pipeline::build("fan_in", |p| {
+        p.add("root", source(), vec![]);
+        let mut wires = Vec::with_capacity(n);
+        for i in 0..n {
+            let up = p.result("root");
+            p.add(&format!("leaf{i}"), increment(), vec![("x".into(), up)]);
+            wires.push((format!("x{i}"), p.result(&format!("leaf{i}"))));
+        }
+        p.add("gather", gather(n), wires);
+    })
+    .expect("valid fan-in")
+}

@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Instant;
 
@@ -18,7 +19,7 @@ use super::values::ValueStore;
 use crate::config::RunConfig;
 use crate::definition::pipeline::Pipeline;
 use crate::definition::solid::Inputs;
-use crate::definition::types::{Codec, Value};
+use crate::definition::types::{Codec, TypeInfo, Value};
 use crate::plan::{ExecutionPlan, ExecutionStep, StepInputSource};
 use crate::storage::{IntermediateKey, IntermediateStorage};
 
@@ -118,8 +119,9 @@ impl StepEnvironment {
         step: &ExecutionStep,
         def: &crate::definition::solid::SolidDefinition,
     ) -> Result<Inputs, SolidError> {
+        let mut stored = self.read_stored_inputs(step, def)?;
         let mut values = BTreeMap::new();
-        for (input, input_def) in step.inputs.iter().zip(&def.inputs) {
+        for (pos, (input, input_def)) in step.inputs.iter().zip(&def.inputs).enumerate() {
             let (value, source) = match &input.source {
                 StepInputSource::Step { step_key, output } => {
                     let value = match &self.memory {
@@ -128,21 +130,9 @@ impl StepEnvironment {
                                 "output `{output}` of `{step_key}` is not in memory"
                             ))
                         })?,
-                        None => {
-                            let key = IntermediateKey::new(&self.run_id, step_key, output);
-                            let mut reader = self.storage.read(&key)?;
-                            input_def
-                                .ty
-                                .decode(Codec::default(), &mut reader)
-                                .map_err(|e| {
-                                    SolidError::new(format!(
-                                        "cannot decode {} as {}",
-                                        self.storage.location(&key),
-                                        input_def.ty.name
-                                    ))
-                                    .caused_by(e.to_string())
-                                })?
-                        }
+                        None => stored[pos].take().ok_or_else(|| {
+                            SolidError::new(format!("input `{}` was not read", input.name))
+                        })?,
                     };
                     (value, format!("{step_key}.{output}"))
                 }
@@ -180,11 +170,58 @@ impl StepEnvironment {
         Ok(Inputs::new(values))
     }
 
+    /// Reads and decodes every input that comes from storage, by input position. A
+    /// fan-in step's inputs are independent objects, so up to the storage's
+    /// [`read_concurrency`](IntermediateStorage::read_concurrency) of them are read at
+    /// once (for S3, that many requests in flight).
+    fn read_stored_inputs(
+        &self,
+        step: &ExecutionStep,
+        def: &crate::definition::solid::SolidDefinition,
+    ) -> Result<Vec<Option<Value>>, SolidError> {
+        let mut stored: Vec<Option<Value>> = step.inputs.iter().map(|_| None).collect();
+        if self.memory.is_some() {
+            return Ok(stored);
+        }
+        let reads: Vec<(usize, IntermediateKey, TypeInfo)> = step
+            .inputs
+            .iter()
+            .zip(&def.inputs)
+            .enumerate()
+            .filter_map(|(pos, (input, input_def))| match &input.source {
+                StepInputSource::Step { step_key, output } => Some((
+                    pos,
+                    IntermediateKey::new(&self.run_id, step_key, output),
+                    input_def.ty,
+                )),
+                StepInputSource::Config => None,
+            })
+            .collect();
+        let limit = self.storage.read_concurrency().max(1);
+        let read = |(_, key, ty): &(usize, IntermediateKey, TypeInfo)| self.read_value(key, *ty);
+        for ((pos, _, _), value) in reads.iter().zip(map_bounded(&reads, limit, read)?) {
+            stored[*pos] = Some(value);
+        }
+        Ok(stored)
+    }
+
+    fn read_value(&self, key: &IntermediateKey, ty: TypeInfo) -> Result<Value, SolidError> {
+        let mut reader = self.storage.read(key)?;
+        ty.decode(Codec::default(), &mut reader).map_err(|e| {
+            SolidError::new(format!(
+                "cannot decode {} as {}",
+                self.storage.location(key),
+                ty.name
+            ))
+            .caused_by(e.to_string())
+        })
+    }
+
     fn store_output(
         &self,
         step: &ExecutionStep,
         output: &str,
-        ty: crate::definition::types::TypeInfo,
+        ty: TypeInfo,
         value: Value,
     ) -> Result<(), SolidError> {
         let (location, bytes) = match &self.memory {
@@ -213,6 +250,59 @@ impl StepEnvironment {
         );
         Ok(())
     }
+}
+
+/// `f` applied to every item, at most `limit` at a time on scoped threads; results in
+/// item order. The first error (by item order) is returned; after any error, items not
+/// yet started are skipped.
+fn map_bounded<I: Sync, T: Send, E: Send>(
+    items: &[I],
+    limit: usize,
+    f: impl Fn(&I) -> Result<T, E> + Sync,
+) -> Result<Vec<T>, E> {
+    if items.len() <= 1 || limit <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let mut results: Vec<Option<Result<T, E>>> = items.iter().map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..limit.min(items.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        let result = f(item);
+                        if result.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        done.push((i, result));
+                    }
+                    done
+                })
+            })
+            .collect();
+        for worker in workers {
+            // A panic in `f` is a bug in storage or codec code: pass it on.
+            let done = worker
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            for (i, result) in done {
+                results[i] = Some(result);
+            }
+        }
+    });
+    let mut out = Vec::with_capacity(items.len());
+    for result in results {
+        match result {
+            Some(r) => out.push(r?),
+            // Skipped after an error, which comes earlier or later in item order.
+            None => continue,
+        }
+    }
+    Ok(out)
 }
 
 thread_local! {

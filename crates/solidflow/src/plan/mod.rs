@@ -106,42 +106,17 @@ impl ExecutionPlan {
             .enumerate()
             .map(|(i, inv)| (inv.alias.as_str(), i))
             .collect();
-        // Levels by longest path from a root; the pipeline was checked to be acyclic.
-        let mut level = vec![usize::MAX; invs.len()];
-        fn level_of(
-            i: usize,
-            invs: &[Invocation],
-            index: &HashMap<&str, usize>,
-            level: &mut [usize],
-        ) -> usize {
-            if level[i] != usize::MAX {
-                return level[i];
-            }
-            let l = invs[i]
-                .inputs
-                .values()
-                .filter_map(|s| match s {
-                    InputSource::Output { solid, .. } => {
-                        Some(level_of(index[solid.as_str()], invs, index, level) + 1)
-                    }
-                    InputSource::Config => None,
-                })
-                .max()
-                .unwrap_or(0);
-            level[i] = l;
-            l
-        }
-        for i in 0..invs.len() {
-            level_of(i, invs, &index, &mut level);
-        }
+        let level = levels(invs, &index);
         let mut order: Vec<usize> = (0..invs.len()).collect();
         order.sort_by_key(|&i| (level[i], i));
-        let position: HashMap<usize, usize> =
-            order.iter().enumerate().map(|(pos, &i)| (i, pos)).collect();
+        let mut position = vec![0; invs.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            position[i] = pos;
+        }
         let mut steps: Vec<ExecutionStep> = order
             .iter()
             .map(|&i| {
-                let upstream_of = |solid: &str| Some(position[&index[solid]]);
+                let upstream_of = |solid: &str| Some(position[index[solid]]);
                 build_step(&invs[i], i, config, level[i], upstream_of)
             })
             .collect();
@@ -159,11 +134,12 @@ impl ExecutionPlan {
     /// A plan holding only the step `key`, for a step process that runs just that step.
     /// Upstream indices are empty: the step reads its inputs by step key from storage.
     pub fn for_step(pipeline: &Pipeline, config: &RunConfig, key: &str) -> Option<Self> {
+        let alias = StepKey::parse(key)?;
         let (i, inv) = pipeline
             .invocations()
             .iter()
             .enumerate()
-            .find(|(_, inv)| step_key(&inv.alias) == key)?;
+            .find(|(_, inv)| inv.alias == alias.solid())?;
         let step = build_step(inv, i, config, 0, |_| None);
         Some(Self {
             pipeline: pipeline.name().to_string(),
@@ -185,6 +161,45 @@ impl ExecutionPlan {
     pub fn depth(&self) -> usize {
         self.steps.iter().map(|s| s.level + 1).max().unwrap_or(0)
     }
+}
+
+/// Each invocation's topological level: the longest path from a root. Iterative (a
+/// 100,000-step chain is deeper than any thread's stack) and O(wires): an invocation is
+/// scanned once when first reached and once after all its upstreams have levels. The
+/// pipeline was checked to be acyclic.
+fn levels(invs: &[Invocation], index: &HashMap<&str, usize>) -> Vec<usize> {
+    let mut level = vec![usize::MAX; invs.len()];
+    let mut stack = Vec::new();
+    for root in 0..invs.len() {
+        if level[root] != usize::MAX {
+            continue;
+        }
+        stack.push(root);
+        while let Some(&i) = stack.last() {
+            if level[i] != usize::MAX {
+                stack.pop();
+                continue;
+            }
+            let mut pending = false;
+            let mut l = 0;
+            for source in invs[i].inputs.values() {
+                if let InputSource::Output { solid, .. } = source {
+                    let u = index[solid.as_str()];
+                    if level[u] == usize::MAX {
+                        stack.push(u);
+                        pending = true;
+                    } else {
+                        l = l.max(level[u] + 1);
+                    }
+                }
+            }
+            if !pending {
+                level[i] = l;
+                stack.pop();
+            }
+        }
+    }
+    level
 }
 
 /// Builds the step of invocation `inv` (index `i` in the pipeline). `upstream_of` maps

@@ -64,6 +64,13 @@ pub trait IntermediateStorage: Send + Sync + std::fmt::Debug {
     /// Opens the value stored under `key` for streaming reads.
     fn read(&self, key: &IntermediateKey) -> Result<Box<dyn Read + Send>, StorageError>;
 
+    /// How many values one step reads at once (the inputs of a fan-in step, each read and
+    /// decoded on its own thread). Local storages gain little beyond a few; remote ones
+    /// hide a round trip per value (S3 makes it configurable as `read_concurrency`).
+    fn read_concurrency(&self) -> usize {
+        8
+    }
+
     /// Whether a value is stored under `key`.
     fn exists(&self, key: &IntermediateKey) -> Result<bool, StorageError>;
 

@@ -121,6 +121,7 @@ impl S3Storage {
             endpoint,
             part_size: config.part_size,
             concurrency: config.concurrency,
+            read_concurrency: config.read_concurrency,
             redactor: Arc::new(redactor),
         })
     }

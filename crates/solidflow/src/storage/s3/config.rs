@@ -85,6 +85,9 @@ pub struct S3Config {
     pub part_size: usize,
     /// Parts uploaded, or ranges downloaded, concurrently per value (`concurrency`).
     pub concurrency: usize,
+    /// Values one step reads at once, e.g. the inputs of a fan-in step (`read_concurrency`):
+    /// this many `GET`s in flight.
+    pub read_concurrency: usize,
 }
 
 impl S3Config {
@@ -127,6 +130,9 @@ impl S3Config {
         }
         if self.concurrency == 0 {
             return bad("concurrency must be at least 1".into());
+        }
+        if self.read_concurrency == 0 {
+            return bad("read_concurrency must be at least 1".into());
         }
         if let Some(endpoint) = &self.endpoint_url {
             if endpoint.starts_with("http://") && !self.allow_http {
@@ -181,6 +187,10 @@ pub(super) struct S3Block {
     #[serde(default = "default_concurrency")]
     #[schemars(range(min = 1, max = 256))]
     concurrency: u32,
+    /// Values one step reads in parallel (a fan-in step's inputs): requests in flight at once.
+    #[serde(default = "default_read_concurrency")]
+    #[schemars(range(min = 1, max = 1024))]
+    read_concurrency: u32,
 }
 
 fn default_prefix() -> String {
@@ -198,6 +208,9 @@ fn default_part_size_mb() -> u32 {
 fn default_concurrency() -> u32 {
     4
 }
+fn default_read_concurrency() -> u32 {
+    32
+}
 
 impl S3Block {
     fn with_bucket(s3_bucket: String) -> Self {
@@ -211,6 +224,7 @@ impl S3Block {
             retry_timeout_secs: default_retry_timeout_secs(),
             part_size_mb: default_part_size_mb(),
             concurrency: default_concurrency(),
+            read_concurrency: default_read_concurrency(),
         }
     }
 
@@ -226,6 +240,7 @@ impl S3Block {
             retry_timeout: Duration::from_secs(self.retry_timeout_secs.into()),
             part_size: self.part_size_mb as usize * MIB,
             concurrency: self.concurrency as usize,
+            read_concurrency: self.read_concurrency as usize,
         }
     }
 }

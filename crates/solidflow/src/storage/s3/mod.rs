@@ -91,6 +91,7 @@ pub struct S3Storage {
     endpoint: String,
     part_size: usize,
     concurrency: usize,
+    read_concurrency: usize,
     redactor: Arc<Redactor>,
 }
 
@@ -287,6 +288,10 @@ impl IntermediateStorage for S3Storage {
         };
         reader.request_ahead();
         Ok(Box::new(reader))
+    }
+
+    fn read_concurrency(&self) -> usize {
+        self.read_concurrency
     }
 
     fn exists(&self, key: &IntermediateKey) -> Result<bool, StorageError> {
