@@ -5,6 +5,7 @@ pub mod cancel;
 pub mod context;
 pub mod error;
 pub mod event;
+pub mod launcher;
 pub mod protocol;
 pub mod run;
 pub mod scheduler;

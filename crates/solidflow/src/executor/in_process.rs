@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError, declared_resources};
 use crate::config::schema::{ConfigType, Field};
 use crate::execution::error::SolidError;
-use crate::execution::scheduler::{Resources, Scheduler, Summary, check_resources};
+use crate::execution::scheduler::{Resources, Scheduler, StepOutcome, Summary, check_resources};
 
 /// Runs steps on up to `max_concurrent` threads of the current process.
 #[derive(Debug, Clone)]
@@ -113,11 +113,8 @@ impl Executor for InProcessExecutor {
             });
         }
         let mut in_flight: Vec<usize> = Vec::new();
-        let handle = |scheduler: &mut Scheduler, (step, result): Done| match result {
-            Ok(()) => scheduler.succeeded(step),
-            Err(e) => {
-                scheduler.failed(step, e.info(), e.retry_requested);
-            }
+        let handle = |scheduler: &mut Scheduler, (step, result): Done| {
+            scheduler.finished(step, StepOutcome::of(result));
         };
         loop {
             if ctx.cancel.is_canceled() {

@@ -113,7 +113,15 @@ pub enum BridgeError {
         /// What came back.
         reply: Box<BridgeMessage>,
     },
-    /// Writing the bridge program to a temporary file failed.
-    #[error("could not write the Dask bridge program to a temporary file: {0}")]
-    Script(std::io::Error),
+    /// Unpacking the bridge's Python package failed.
+    #[error(
+        "could not unpack the Dask bridge's Python package under {}: {source}; set SOLIDFLOW_HOME to a writable directory",
+        root.display()
+    )]
+    Package {
+        /// Where it was to be unpacked.
+        root: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
