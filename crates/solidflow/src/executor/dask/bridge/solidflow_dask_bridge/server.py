@@ -18,7 +18,8 @@ import sys
 import threading
 import traceback
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import cluster, worker
 from .protocol import OPS, PROTOCOL_VERSION, BridgeError, Done, causes_of, error, failed
@@ -353,7 +354,13 @@ class Bridge:
                     if token not in tokens:
                         tokens.append(token)
                     self.emit(
-                        {"type": "started", "key": key, "worker": address, "pid": start.get("pid"), "attempt": len(tokens)}
+                        {
+                            "type": "started",
+                            "key": key,
+                            "worker": address,
+                            "pid": start.get("pid"),
+                            "attempt": len(tokens),
+                        }
                     )
                 for stream, text, more in msg.get("lines") or ():
                     parts = self.partial.setdefault((token, stream), [])
@@ -541,4 +548,3 @@ def main() -> None:
         sys.stderr.flush()
         # distributed may leave non-daemon threads behind; do not wait for them.
         os._exit(code)
-

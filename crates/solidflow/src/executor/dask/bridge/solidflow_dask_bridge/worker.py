@@ -9,6 +9,7 @@ once, as a worker plugin; each task then ships only the small `task` trampoline.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import signal
@@ -59,10 +60,8 @@ def worker_bin_path(sha: str) -> str:
 
 
 def kill_group(proc: Any, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def kill_keys(keys: list[str], grace: float, dask_worker: Any = None) -> list[str]:
@@ -261,18 +260,13 @@ def run_command(spec: dict[str, Any]) -> dict[str, Any]:
     def tee_line(stream: str, text: str) -> None:
         f = tee.get(stream)
         if f is not None:
-            with tee_locks[stream]:
-                try:
-                    f.write(text + "\n")
-                except (OSError, ValueError):
-                    pass
+            with tee_locks[stream], contextlib.suppress(OSError, ValueError):
+                f.write(text + "\n")
 
     def close_tees() -> None:
         for f in tee.values():
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
 
     started = time.time()
     with state["lock"]:
@@ -310,10 +304,8 @@ def run_command(spec: dict[str, Any]) -> dict[str, Any]:
         except OSError:
             pass
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 proc.stdin.close()
-            except OSError:
-                pass
 
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
 
@@ -375,7 +367,9 @@ def task(spec: dict[str, Any]) -> Any:
     worker = get_worker()
     run = worker.__dict__.get(spec["impl"]) if spec.get("impl") else None
     if run is None:
-        raise RuntimeError("solidflow's task code %r is not installed on worker %s" % (spec.get("impl"), worker.address))
+        raise RuntimeError(
+            "solidflow's task code %r is not installed on worker %s" % (spec.get("impl"), worker.address)
+        )
     return run(spec)
 
 
@@ -424,10 +418,8 @@ def make_binary_plugin(data: bytes, sha: str) -> Any:
                 os.chmod(tmp, 0o755)
                 os.replace(tmp, target)
             except BaseException:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp)
-                except OSError:
-                    pass
                 raise
 
     return SolidflowBinary(data, sha)
