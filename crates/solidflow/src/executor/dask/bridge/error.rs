@@ -57,7 +57,7 @@ pub enum BridgeError {
         /// Last lines of the bridge's stderr.
         stderr_tail: String,
     },
-    /// The bridge speaks another protocol version (a stale bridge.py?).
+    /// The bridge speaks another protocol version (a stale bridge package?).
     #[error("the Dask bridge speaks protocol {found}, this solidflow speaks {PROTOCOL_VERSION}")]
     ProtocolMismatch {
         /// The version the bridge reported.
