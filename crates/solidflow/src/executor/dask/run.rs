@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::DaskExecutor;
 use super::bridge::{
     Bridge, BridgeError, BridgeMessage, BridgeOptions, ClusterKind, ConnectRequest, ConnectedInfo,
-    WorkerResources,
+    ErrorKind, WorkerResources,
 };
 use super::launcher::{DaskLauncher, TaskTemplate};
 use super::placement::{critical_path, unsatisfiable_resources};
@@ -89,7 +89,10 @@ impl DaskExecutor {
                      raise `timeout`.{dashboard_hint}"
                 ))
             }
-            BridgeError::Remote { ref kind, .. } if kind == "workers_timeout" => ExecutorError::Engine(format!(
+            BridgeError::Remote {
+                kind: ErrorKind::WorkersTimeout,
+                ..
+            } => ExecutorError::Engine(format!(
                 "dask executor: {e}. Start workers with `dask worker {}`.",
                 self.config.address.as_deref().unwrap_or("<scheduler address>")
             )),

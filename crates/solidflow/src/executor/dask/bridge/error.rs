@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{BridgeMessage, PROTOCOL_VERSION};
+use super::{BridgeMessage, ErrorKind, PROTOCOL_VERSION};
 
 /// Errors of the bridge client. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +96,11 @@ pub enum BridgeError {
         /// How long we waited.
         timeout: Duration,
     },
-    /// The bridge reported an error for a request (`kind` is e.g. `bad_request`,
-    /// `not_connected`, `workers_timeout`, `internal`).
+    /// The bridge reported an error for a request.
     #[error("Dask bridge error ({kind}): {message}")]
     Remote {
         /// The error kind.
-        kind: String,
+        kind: ErrorKind,
         /// The error message.
         message: String,
     },

@@ -133,3 +133,20 @@ fn every_fixture_message_parses_and_keeps_its_content() {
         }
     }
 }
+
+#[test]
+fn every_fixture_reason_and_error_kind_is_a_known_code() {
+    use super::{ErrorKind, FailureReason};
+    for golden in fixture("bridge-messages.jsonl") {
+        let (_, message) = parse_message(&golden.to_string()).unwrap();
+        match message {
+            super::BridgeMessage::Failed(f) => {
+                assert_ne!(f.reason, FailureReason::Other, "{golden}")
+            }
+            super::BridgeMessage::Error { kind, .. } => {
+                assert_ne!(kind, ErrorKind::Other, "{golden}")
+            }
+            _ => {}
+        }
+    }
+}

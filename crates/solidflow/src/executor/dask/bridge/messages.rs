@@ -100,6 +100,40 @@ pub enum FailureReason {
     Other,
 }
 
+/// What kind of request failed (an `error` message's `kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request was malformed (unknown op, missing field, duplicate key).
+    BadRequest,
+    /// `connect` has not succeeded yet.
+    NotConnected,
+    /// A second `connect`.
+    AlreadyConnected,
+    /// The scheduler did not answer within the timeout.
+    SchedulerUnreachable,
+    /// A `tls://` scheduler without certificate files.
+    TlsConfig,
+    /// Workers did not join within the timeout.
+    WorkersTimeout,
+    /// A cluster manager's package is not installed.
+    MissingPackage,
+    /// `distributed` is not importable (only in place of `ready`).
+    DistributedMissing,
+    /// An unexpected exception in the bridge.
+    Internal,
+    /// A kind this client does not know.
+    #[serde(other)]
+    Other,
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(value.as_str().unwrap_or("other"))
+    }
+}
+
 /// Final message of a task that failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskFailed {
@@ -208,8 +242,8 @@ pub enum BridgeMessage {
     Shutdown,
     /// A request failed.
     Error {
-        /// Category (`scheduler_unreachable`, `missing_package`, `bad_request`, ...).
-        kind: String,
+        /// Category.
+        kind: ErrorKind,
         /// Detail.
         message: String,
         /// The causes, outermost first (Python's exception chain).

@@ -39,8 +39,8 @@ mod tests;
 
 pub use self::error::BridgeError;
 pub use self::messages::{
-    BridgeMessage, ConnectedInfo, FailureReason, ReadyInfo, Stream, TaskDone, TaskFailed, Uploaded,
-    WorkerInfo,
+    BridgeMessage, ConnectedInfo, ErrorKind, FailureReason, ReadyInfo, Stream, TaskDone,
+    TaskFailed, Uploaded, WorkerInfo,
 };
 pub use self::requests::{
     AdaptSpec, ClusterKind, ClusterSpec, ConnectRequest, Request, SubmitRequest, TlsConfig,
@@ -221,8 +221,8 @@ impl Bridge {
                 causes,
             })) => {
                 let message = with_causes(message, &causes);
-                Err(match kind.as_str() {
-                    "missing_package" => BridgeError::MissingPackage { message },
+                Err(match kind {
+                    ErrorKind::MissingPackage => BridgeError::MissingPackage { message },
                     _ => BridgeError::Remote { kind, message },
                 })
             }
@@ -255,13 +255,14 @@ impl Bridge {
                 op: "connect".into(),
                 reply: Box::new(other),
             }),
-            Err(BridgeError::Remote { kind, message }) if kind == "scheduler_unreachable" => {
-                Err(BridgeError::SchedulerUnreachable {
-                    address: request.address.clone().unwrap_or_default(),
-                    timeout: dask_timeout,
-                    message,
-                })
-            }
+            Err(BridgeError::Remote {
+                kind: ErrorKind::SchedulerUnreachable,
+                message,
+            }) => Err(BridgeError::SchedulerUnreachable {
+                address: request.address.clone().unwrap_or_default(),
+                timeout: dask_timeout,
+                message,
+            }),
             Err(e) => Err(e),
         }
     }

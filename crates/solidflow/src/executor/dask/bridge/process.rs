@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::messages::parse_message;
+use super::messages::{ErrorKind, parse_message};
 use super::{
     Bridge, BridgeError, BridgeMessage, BridgeOptions, PACKAGE, PROTOCOL_VERSION, Pending,
     ReadyInfo,
@@ -236,9 +236,11 @@ impl Bridge {
                 bridge.ready = info;
                 Ok((bridge, events_rx))
             }
-            BridgeMessage::Error { kind, message, .. } if kind == "distributed_missing" => {
-                Err(BridgeError::DistributedMissing { python, message })
-            }
+            BridgeMessage::Error {
+                kind: ErrorKind::DistributedMissing,
+                message,
+                ..
+            } => Err(BridgeError::DistributedMissing { python, message }),
             other => {
                 bridge.kill();
                 Err(BridgeError::UnexpectedReply {
