@@ -208,8 +208,33 @@ impl RunConfig {
     /// this: the parent validated the config, and validation costs time in proportion to
     /// the pipeline's size on every step.
     pub fn from_validated(pipeline: &Pipeline, mode: &str, value: Value) -> Result<Self, String> {
+        Self::from_validated_solids(pipeline.invocations(), mode, value)
+    }
+
+    /// Like [`from_validated`](Self::from_validated), but reads the block of solid
+    /// `alias` only: all a step process running that solid needs, whatever the size of
+    /// the pipeline. `None` if the pipeline has no such solid.
+    pub fn from_validated_for_solid(
+        pipeline: &Pipeline,
+        mode: &str,
+        value: Value,
+        alias: &str,
+    ) -> Option<Result<Self, String>> {
+        let inv = pipeline.invocation(alias)?;
+        Some(Self::from_validated_solids(
+            std::slice::from_ref(inv),
+            mode,
+            value,
+        ))
+    }
+
+    fn from_validated_solids(
+        invocations: &[crate::definition::pipeline::Invocation],
+        mode: &str,
+        value: Value,
+    ) -> Result<Self, String> {
         let mut solids = BTreeMap::new();
-        for inv in pipeline.invocations() {
+        for inv in invocations {
             let block = value.get("solids").and_then(|s| s.get(&inv.alias));
             let field = |key: &str| block.and_then(|b| b.get(key));
             let inputs = field("inputs")

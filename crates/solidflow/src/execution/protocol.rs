@@ -22,7 +22,7 @@ use super::step::StepEnvironment;
 use crate::config::RunConfig;
 use crate::definition::repository::Repository;
 use crate::definition::storage::StorageContext;
-use crate::plan::ExecutionPlan;
+use crate::plan::{ExecutionPlan, StepKey};
 
 /// The protocol version; parent and child must agree.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -211,25 +211,30 @@ pub fn run_invocation(
         );
     };
     // The parent validated the config; re-validating and planning the whole pipeline in
-    // every step process would cost time in proportion to the pipeline's size per step.
-    let config = match RunConfig::from_validated(
-        pipeline,
-        &invocation.mode,
-        invocation.run_config.clone(),
-    ) {
-        Ok(c) => Arc::new(c),
-        Err(e) => return fail(&writer, e, 3),
+    // every step process would cost time in proportion to the pipeline's size per step,
+    // so only this step's solid block is read.
+    let no_step = || {
+        format!(
+            "pipeline `{}` has no step `{}`; is it the right executable?",
+            pipeline.name(),
+            invocation.step_key
+        )
+    };
+    let alias = StepKey::parse(&invocation.step_key).map(|k| k.solid().to_string());
+    let config = match alias.and_then(|alias| {
+        RunConfig::from_validated_for_solid(
+            pipeline,
+            &invocation.mode,
+            invocation.run_config.clone(),
+            &alias,
+        )
+    }) {
+        Some(Ok(c)) => Arc::new(c),
+        Some(Err(e)) => return fail(&writer, e, 3),
+        None => return fail(&writer, no_step(), 3),
     };
     let Some(plan) = ExecutionPlan::for_step(pipeline, &config, &invocation.step_key) else {
-        return fail(
-            &writer,
-            format!(
-                "pipeline `{}` has no step `{}`; is it the right executable?",
-                pipeline.name(),
-                invocation.step_key
-            ),
-            3,
-        );
+        return fail(&writer, no_step(), 3);
     };
     let (plan, index) = (Arc::new(plan), 0);
     let Some(mode) = pipeline.mode(Some(&invocation.mode)) else {
