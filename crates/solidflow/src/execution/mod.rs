@@ -12,4 +12,5 @@ pub mod run_id;
 pub mod scheduler;
 pub mod sink;
 pub mod step;
+pub mod supervisor;
 pub mod values;

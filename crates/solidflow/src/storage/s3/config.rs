@@ -83,11 +83,15 @@ pub struct S3Config {
     pub part_size: usize,
     /// Parts uploaded, or ranges downloaded, concurrently per value (`concurrency`).
     pub concurrency: usize,
+    /// Ask the EC2 instance metadata service for credentials when no other source has
+    /// them (`instance_metadata`, default true). `false`, like the AWS convention
+    /// `AWS_EC2_METADATA_DISABLED=true`, fails at once instead of contacting 169.254.169.254.
+    pub instance_metadata: bool,
 }
 
 impl S3Config {
     /// Defaults for `bucket`: prefix `solidflow`, credentials and region from the environment,
-    /// 10 retries within 3 minutes, 16 MiB parts, 4 in flight.
+    /// 50 retries within 3 minutes, 16 MiB parts, 4 in flight.
     pub fn new(bucket: impl Into<String>) -> Self {
         Self {
             bucket: bucket.into(),
@@ -96,10 +100,11 @@ impl S3Config {
             endpoint_url: None,
             allow_http: false,
             credentials: None,
-            max_retries: 10,
+            max_retries: 50,
             retry_timeout: Duration::from_secs(180),
             part_size: 16 * MIB,
             concurrency: 4,
+            instance_metadata: true,
         }
     }
 
@@ -142,6 +147,9 @@ impl S3Config {
         }
         if let Some(n) = int("concurrency") {
             out.concurrency = n as usize;
+        }
+        if let Some(allowed) = config.get("instance_metadata").and_then(Value::as_bool) {
+            out.instance_metadata = allowed;
         }
         Ok(out)
     }
@@ -195,8 +203,8 @@ pub(super) fn config_schema() -> ConfigType {
             .doc("Endpoint of an S3-compatible server (MinIO, Ceph, R2...); requests are path-style."),
         Field::optional("allow_http", ConfigType::Bool).default(false).doc("Allow a plain http:// endpoint_url."),
         Field::optional("max_retries", ConfigType::Int)
-            .default(10)
-            .doc("Retries per request on throttling, 5xx and connection errors, with exponential backoff."),
+            .default(50)
+            .doc("Retries per request on throttling, 5xx and connection errors, with exponential backoff; retry_timeout_secs is the budget that usually ends them."),
         Field::optional("retry_timeout_secs", ConfigType::Int)
             .default(180)
             .doc("Stop retrying a request after this many seconds."),
@@ -206,6 +214,9 @@ pub(super) fn config_schema() -> ConfigType {
         Field::optional("concurrency", ConfigType::Int)
             .default(4)
             .doc("Parts uploaded or ranges downloaded in parallel per value."),
+        Field::optional("instance_metadata", ConfigType::Bool)
+            .default(true)
+            .doc("Ask the EC2 instance metadata service for credentials when no other source has them; false (or AWS_EC2_METADATA_DISABLED=true) fails at once instead."),
     ])
 }
 
