@@ -408,17 +408,32 @@ fn execute(
         prepared.plan().steps.len(),
     ));
     options.listeners.push(console.clone());
-    options.history = Some(history);
+    options.history = Some(history.clone());
     let result = prepared.execute(options);
     console.finish();
-    match result {
-        Ok(r) => Ok(match r.status() {
+    let code = match result {
+        Ok(r) => match r.status() {
             RunStatus::Success => EXIT_SUCCESS,
             RunStatus::Canceled => EXIT_INTERRUPTED,
             _ => EXIT_FAILURE,
-        }),
-        Err(e) => Err(e.to_string()),
+        },
+        Err(e) => return Err(e.to_string()),
+    };
+    // The run's events were flushed by `execute`; a failed write means its record is
+    // incomplete, so the run does not end as a plain success.
+    if let Some(error) = history.write_error() {
+        eprintln!(
+            "error: run history is incomplete: {error}. The run's events above are complete, but `runs`, \
+             `logs` and the web page miss some of them; free space for {} and rerun to have a record",
+            home.display()
+        );
+        return Ok(if code == EXIT_SUCCESS {
+            EXIT_FAILURE
+        } else {
+            code
+        });
     }
+    Ok(code)
 }
 
 /// First Ctrl-C/SIGTERM cancels the run (executors stop their steps); a second one kills
