@@ -23,7 +23,7 @@
 //! dies without a chance to act. Everything in the group dies with it.
 
 /// The exit status of a step whose parent is gone before it started.
-pub const PARENT_GONE_EXIT: i32 = 3;
+pub(crate) const PARENT_GONE_EXIT: i32 = 3;
 
 /// Sets up supervision of the step process and returns in the runner, which then runs
 /// the step; the supervisor never returns. `parent` is the pid the executor says
@@ -32,7 +32,7 @@ pub const PARENT_GONE_EXIT: i32 = 3;
 ///
 /// Without Linux's process controls, or if the process is no longer single-threaded
 /// (forking then would be unsafe), only the parent check is done.
-pub fn supervise_step(parent: Option<i32>) {
+pub(crate) fn supervise_step(parent: Option<i32>) {
     #[cfg(target_os = "linux")]
     linux::supervise(parent);
     #[cfg(not(target_os = "linux"))]
