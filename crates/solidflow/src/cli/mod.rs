@@ -408,17 +408,32 @@ fn execute(
         prepared.plan().steps.len(),
     ));
     options.listeners.push(console.clone());
-    options.history = Some(history);
+    options.history = Some(history.clone());
     let result = prepared.execute(options);
     console.finish();
-    match result {
-        Ok(r) => Ok(match r.status() {
+    let code = match result {
+        Ok(r) => match r.status() {
             RunStatus::Success => EXIT_SUCCESS,
             RunStatus::Canceled => EXIT_INTERRUPTED,
             _ => EXIT_FAILURE,
-        }),
-        Err(e) => Err(e.to_string()),
+        },
+        Err(e) => return Err(e.to_string()),
+    };
+    // The run's events were flushed by `execute`; a failed write means its record is
+    // incomplete, so the run does not end as a plain success.
+    if let Some(error) = history.write_error() {
+        eprintln!(
+            "error: run history is incomplete: {error}. The run's events above are complete, but `runs`, \
+             `logs` and the web page miss some of them; free space for {} and rerun to have a record",
+            home.display()
+        );
+        return Ok(if code == EXIT_SUCCESS {
+            EXIT_FAILURE
+        } else {
+            code
+        });
     }
+    Ok(code)
 }
 
 /// First Ctrl-C/SIGTERM cancels the run (executors stop their steps); a second one kills
@@ -436,7 +451,7 @@ fn install_signal_handler(cancel: CancelToken) {
 }
 
 fn step_mode(repository: &Repository) -> i32 {
-    die_with_parent();
+    supervise();
     let mut input = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut input) {
         eprintln!("error: cannot read the step invocation from stdin: {e}");
@@ -461,26 +476,15 @@ fn step_mode(repository: &Repository) -> i32 {
     run_invocation(repository, invocation, events)
 }
 
-/// When started by a local executor (which sets [`PARENT_PID_ENV`]), asks the kernel to
-/// SIGKILL this step process if the parent dies, and exits if it already has.
-fn die_with_parent() {
-    use crate::executor::PARENT_PID_ENV;
-    let Some(parent) = std::env::var(PARENT_PID_ENV)
+/// Splits the step process into a supervisor and the runner that returns here, so that
+/// nothing the step starts outlives it (see [`crate::execution::supervisor`]). Local
+/// executors set [`PARENT_PID_ENV`](crate::executor::PARENT_PID_ENV) to their pid: a
+/// step whose parent is already gone does not run.
+fn supervise() {
+    let parent = std::env::var(crate::executor::PARENT_PID_ENV)
         .ok()
-        .and_then(|p| p.parse::<libc::pid_t>().ok())
-    else {
-        return;
-    };
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's own attributes.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-    }
-    // SAFETY: getppid(2) has no preconditions.
-    if unsafe { libc::getppid() } != parent {
-        eprintln!("error: the parent process {parent} is gone; not running the step");
-        std::process::exit(3);
-    }
+        .and_then(|p| p.parse::<libc::pid_t>().ok());
+    crate::execution::supervisor::supervise_step(parent);
 }
 
 /// Keeps the real stdout for protocol messages and points fd 1 at stderr, so whatever

@@ -123,11 +123,28 @@ fn encode<T: SolidType>(value: &Value, codec: Codec, out: &mut dyn Write) -> std
     let mut out = BufWriter::with_capacity(CODEC_BUFFER, WriteRef(out));
     match codec {
         Codec::MessagePack => {
-            rmp_serde::encode::write_named(&mut out, value).map_err(std::io::Error::other)?
+            rmp_serde::encode::write_named(&mut out, value).map_err(msgpack_write_error)?
         }
-        Codec::Json => serde_json::to_writer(&mut out, value).map_err(std::io::Error::other)?,
+        // A failed write comes back as the original io::Error (kind and all).
+        Codec::Json => serde_json::to_writer(&mut out, value).map_err(std::io::Error::from)?,
     }
     out.flush()
+}
+
+/// The I/O error under a MessagePack write error, so that a full disk reads as
+/// "No space left on device" first, not under the serializer's message.
+fn msgpack_write_error(e: rmp_serde::encode::Error) -> std::io::Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return match io.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(io.kind(), io.to_string()),
+            };
+        }
+        cause = c.source();
+    }
+    std::io::Error::other(e)
 }
 
 fn decode<T: SolidType>(codec: Codec, input: &mut dyn Read) -> std::io::Result<Value> {

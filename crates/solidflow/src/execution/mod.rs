@@ -13,6 +13,7 @@ pub mod run_id;
 pub(crate) mod scheduler;
 pub mod sink;
 pub(crate) mod step;
+pub(crate) mod supervisor;
 pub(crate) mod values;
 
 pub use scheduler::{Resources, Summary};

@@ -96,6 +96,8 @@ pub struct RunHistory {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
     writer: Sender<Message>,
+    /// The first error of the background writer: events after it may be missing.
+    write_error: Arc<Mutex<Option<String>>>,
     _thread: Arc<WriterThread>,
 }
 
@@ -135,14 +137,17 @@ impl RunHistory {
         .map_err(err)?;
         let writer_conn = open_conn(path).map_err(err)?;
         let (tx, rx) = unbounded();
+        let write_error = Arc::new(Mutex::new(None));
+        let errors = write_error.clone();
         let thread = std::thread::Builder::new()
             .name("solidflow-history".into())
-            .spawn(move || write_loop(writer_conn, rx))
+            .spawn(move || write_loop(writer_conn, rx, &errors))
             .expect("spawn history writer");
         Ok(Self {
             path: path.to_path_buf(),
             conn: Arc::new(Mutex::new(conn)),
             writer: tx.clone(),
+            write_error,
             _thread: Arc::new(WriterThread(Some(thread), tx)),
         })
     }
@@ -175,6 +180,15 @@ impl RunHistory {
             )
             .map(drop)
             .map_err(self.err())
+    }
+
+    /// The first failure to write events (a full disk, a removed file), if any: the
+    /// record of the runs written since is incomplete. Check it after [`flush`](Self::flush).
+    pub fn write_error(&self) -> Option<String> {
+        let error = self.write_error.lock().unwrap_or_else(|e| e.into_inner());
+        error
+            .as_ref()
+            .map(|e| format!("run history {}: {e}", self.path.display()))
     }
 
     /// Waits until every event handed to the writer is on disk.
@@ -281,7 +295,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
     })
 }
 
-fn write_loop(mut conn: Connection, rx: Receiver<Message>) {
+fn write_loop(mut conn: Connection, rx: Receiver<Message>, errors: &Mutex<Option<String>>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -333,6 +347,10 @@ fn write_loop(mut conn: Connection, rx: Receiver<Message>) {
         })();
         if let Err(e) = result {
             tracing::error!("writing run history failed: {e}");
+            errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| e.to_string());
         }
         for f in flushes {
             let _ = f.send(());
