@@ -312,6 +312,7 @@ fn execute(
         history: Some(history),
         cancel,
         parent_run_id: None,
+        tags: Default::default(),
     };
     let result = execute_pipeline_with(pipeline, &sources, options);
     console.finish();

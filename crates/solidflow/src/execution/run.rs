@@ -2,11 +2,10 @@
 //! report. This is the programmatic API behind `execute`, mirroring the seed's
 //! `execute_pipeline(pipeline, env_config)`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-
-use chrono::Utc;
 
 use super::cancel::CancelToken;
 use super::event::{ErrorInfo, Event, EventKind, Level};
@@ -19,7 +18,7 @@ use crate::definition::types::Codec;
 use crate::executor::{ExecutionContext, ExecutorError};
 use crate::plan::ExecutionPlan;
 use crate::storage::registry::StorageContext;
-use crate::storage::run_history::{RunHistory, RunRecord, RunStatus};
+use crate::storage::run_history::{HistoryError, RunHistory, RunRecord, RunStatus};
 use crate::storage::{IntermediateKey, StorageError};
 
 /// The solidflow home: `$SOLIDFLOW_HOME`, else `~/.solidflow`. Holds run history and
@@ -48,6 +47,9 @@ pub enum RunError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// Run history refused the run (e.g. its `--run-id` is taken) or failed.
+    #[error(transparent)]
+    History(#[from] HistoryError),
 }
 
 /// Options for [`execute_pipeline_with`].
@@ -67,6 +69,8 @@ pub struct RunOptions {
     pub cancel: CancelToken,
     /// The run this one re-executes.
     pub parent_run_id: Option<String>,
+    /// Tags recorded with the run (`execute --tag team=ml`).
+    pub tags: BTreeMap<String, String>,
 }
 
 /// The outcome of a run: status, events, and typed access to outputs.
@@ -229,6 +233,16 @@ pub fn execute_pipeline_with(
         options.mode.as_deref(),
         sources,
     )?);
+    if let (Some(h), Some(id)) = (&options.history, &options.run_id)
+        && let Some(existing) = h.run_exact(id)?
+    {
+        return Err(RunError::History(HistoryError::RunExists {
+            run_id: existing.run_id,
+            pipeline: existing.pipeline,
+            status: existing.status,
+            started_at: existing.started_at,
+        }));
+    }
     let plan = Arc::new(ExecutionPlan::compile(pipeline, &config));
     let mode = pipeline
         .mode(options.mode.as_deref())
@@ -280,18 +294,17 @@ pub fn execute_pipeline_with(
     };
     executor.check(&ctx).map_err(|e| setup(e.to_string()))?;
     if let Some(h) = &options.history {
-        h.create_run(&RunRecord {
-            run_id: run_id.clone(),
-            pipeline: pipeline.name().into(),
-            mode: config.mode.clone(),
-            status: RunStatus::Started,
-            config: config.value.clone(),
-            parent_run_id: options.parent_run_id.clone(),
-            started_at: Utc::now(),
-            ended_at: None,
-        })
-        .map_err(|e| setup(e.to_string()))?;
+        let mut record = RunRecord::new(
+            run_id.clone(),
+            pipeline.name(),
+            config.mode.clone(),
+            config.value.clone(),
+        );
+        record.parent_run_id = options.parent_run_id.clone();
+        record.tags = options.tags.clone();
+        h.create_run(&record)?;
     }
+    let _heartbeat = options.history.as_ref().map(|h| h.start_heartbeat(&run_id));
     let started = Instant::now();
     events.emit(
         None,
