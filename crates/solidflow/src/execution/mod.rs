@@ -1,12 +1,14 @@
-//! Execution: the run context, running one step, shared step scheduling, events and
-//! the programmatic API ([`execute_pipeline`](run::execute_pipeline)).
+//! Execution: the run context, running one step, shared step scheduling, the executor
+//! seam, events and the programmatic API ([`execute_pipeline`](run::execute_pipeline)).
 
 pub mod cancel;
 pub mod context;
 pub mod error;
 pub mod event;
+pub mod executor;
 pub mod protocol;
 pub mod run;
+pub mod run_id;
 pub mod scheduler;
 pub mod sink;
 pub mod step;

@@ -13,12 +13,13 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::event::{ErrorInfo, Event};
+use super::run_id::RunId;
 use super::sink::{EventListener, EventSink};
 use super::step::StepEnvironment;
 use crate::config::RunConfig;
 use crate::definition::repository::Repository;
+use crate::definition::storage::StorageContext;
 use crate::plan::ExecutionPlan;
-use crate::storage::registry::StorageContext;
 
 /// The protocol version; parent and child must agree.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -116,6 +117,10 @@ pub fn run_invocation(
             ),
             3,
         );
+    }
+    // The run id names directories and object keys this process writes.
+    if let Err(e) = RunId::parse(&invocation.run_id) {
+        return fail(&writer, format!("step invocation: {e}"), 3);
     }
     let Some(pipeline) = repository.pipeline(&invocation.pipeline) else {
         return fail(

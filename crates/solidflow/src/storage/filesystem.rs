@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::registry::{StorageContext, StorageDefinition};
 use super::{IntermediateKey, IntermediateStorage, Reach, StorageError, WriteFn};
 use crate::config::schema::{ConfigType, Field};
+use crate::definition::storage::{StorageContext, StorageDefinition};
 
 /// Intermediates stored as files: `<base_dir>/<run_id>/intermediates/<step_key>/<output>`.
 #[derive(Debug, Clone)]

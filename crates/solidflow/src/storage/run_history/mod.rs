@@ -309,6 +309,30 @@ impl RunHistory {
         }
     }
 
+    /// The runs whose id starts with `prefix` (taken literally), newest first, at most
+    /// `limit`. A run whose id is exactly `prefix` comes first, whatever its age, so a
+    /// whole id is never ambiguous.
+    pub fn runs_with_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, HistoryError> {
+        self.mark_dead_runs()?;
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 ORDER BY run_id = ?1 DESC, started_at DESC LIMIT ?2"))
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![prefix, limit as i64], row_to_record)
+            .map_err(self.err())?;
+        let mut runs: Vec<RunRecord> = rows.collect::<Result<_, _>>().map_err(self.err())?;
+        drop(stmt);
+        for run in &mut runs {
+            run.tags = tags_of(&conn, &run.run_id).map_err(self.err())?;
+        }
+        Ok(runs)
+    }
+
     /// The run with exactly this id, without checking whether it is still alive.
     pub fn run_exact(&self, run_id: &str) -> Result<Option<RunRecord>, HistoryError> {
         let conn = self.lock();

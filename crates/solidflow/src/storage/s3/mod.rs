@@ -59,8 +59,8 @@ use self::engine::Engine;
 use self::reader::{Chunk, RangeReader, is_invalid_range};
 use self::redact::Redactor;
 use self::upload::Upload;
-use super::registry::{StorageContext, StorageDefinition};
 use super::{IntermediateKey, IntermediateStorage, Reach, StorageError, WriteFn};
+use crate::definition::storage::{StorageContext, StorageDefinition};
 
 /// Intermediates stored as S3 objects: `s3://<bucket>/<prefix>/<run_id>/intermediates/<step_key>/<output>`.
 ///
