@@ -7,6 +7,7 @@ pub mod error;
 pub mod event;
 pub mod executor;
 pub mod protocol;
+pub mod reexecution;
 pub mod run;
 pub mod run_id;
 pub mod scheduler;

@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::cancel::CancelToken;
 use super::event::{ErrorInfo, Event, EventKind, Level};
 use super::executor::{ExecutionContext, Executor, ExecutorError};
+use super::reexecution::{self, ParentRun, ReexecutionError, StepsToRun};
 use super::run_id::RunId;
 use super::sink::{EventCollector, EventListener, EventSink};
 use super::step::StepEnvironment;
@@ -51,6 +52,15 @@ pub enum RunError {
     /// Run history refused the run (its run id is taken) or could not be used.
     #[error(transparent)]
     History(#[from] HistoryError),
+    /// The parent run cannot be re-executed, or the step selection is unusable.
+    #[error("cannot run pipeline `{pipeline}`: {source}")]
+    Reexecution {
+        /// The pipeline.
+        pipeline: String,
+        /// What is wrong.
+        #[source]
+        source: ReexecutionError,
+    },
 }
 
 /// Options for [`execute_pipeline_with`].
@@ -68,8 +78,13 @@ pub struct RunOptions {
     pub history: Option<RunHistory>,
     /// Cancellation token, e.g. set by a Ctrl-C handler.
     pub cancel: CancelToken,
-    /// The run this one re-executes.
+    /// The run this one re-executes (needs `history`). Its validated config is the
+    /// base the run's config sources merge over, and the steps that are not run read
+    /// their outputs from it.
     pub parent_run_id: Option<String>,
+    /// Which steps to run: all (the default), a selection, or (with a parent) the
+    /// steps that did not succeed in the parent.
+    pub steps: StepsToRun,
     /// Tags recorded with the run (`execute --tag team=ml`).
     pub tags: BTreeMap<String, String>,
 }
@@ -79,6 +94,7 @@ pub struct ExecutionResult {
     status: RunStatus,
     events: Vec<Event>,
     env: StepEnvironment,
+    reused: BTreeMap<String, String>,
 }
 
 /// An output could not be read from a finished run.
@@ -168,7 +184,17 @@ impl ExecutionResult {
             });
         }
         let step_key = crate::plan::step_key(solid);
-        let value = match &self.env.memory {
+        // A step this run reused (did not re-run) has its value in an earlier run.
+        let run_id = match self.reused.get(&step_key) {
+            Some(run) if self.env.plan.step(&step_key).is_none() => run.as_str(),
+            _ => self.env.run_id.as_str(),
+        };
+        let memory = self
+            .env
+            .memory
+            .as_ref()
+            .filter(|_| run_id == self.env.run_id);
+        let value = match memory {
             Some(mem) => mem
                 .get(&step_key, output)
                 .ok_or_else(|| StorageError::NotFound {
@@ -178,7 +204,7 @@ impl ExecutionResult {
                     ),
                 })?,
             None => {
-                let key = IntermediateKey::new(&self.env.run_id, &step_key, output);
+                let key = IntermediateKey::new(run_id, &step_key, output);
                 let mut reader = self.env.storage.read(&key)?;
                 def.ty
                     .decode(Codec::default(), &mut reader)
@@ -245,6 +271,9 @@ pub struct PreparedRun {
     executor: Arc<dyn Executor>,
     home: PathBuf,
     run_id: String,
+    parent: Option<ParentRun>,
+    reused: BTreeMap<String, String>,
+    warnings: Vec<String>,
 }
 
 impl PreparedRun {
@@ -256,16 +285,50 @@ impl PreparedRun {
         sources: &ConfigSources,
         options: &RunOptions,
     ) -> Result<Self, RunError> {
-        let config = RunConfig::validate(pipeline, options.mode.as_deref(), sources)?;
-        Self::from_config(pipeline, config, options)
+        let parent = Self::parent(pipeline, options)?;
+        let Some(parent) = parent else {
+            let config = RunConfig::validate(pipeline, options.mode.as_deref(), sources)?;
+            return Self::build(pipeline, config, options, None);
+        };
+        let layered = sources.layered_over(parent.record.config.clone());
+        let mode = options.mode.as_deref().unwrap_or(&parent.record.mode);
+        let config = RunConfig::validate(pipeline, Some(mode), &layered)?;
+        Self::build(pipeline, config, options, Some(parent))
     }
 
-    /// Like [`new`](Self::new), for a config that is already validated.
+    fn parent(pipeline: &Pipeline, options: &RunOptions) -> Result<Option<ParentRun>, RunError> {
+        let Some(id) = &options.parent_run_id else {
+            return Ok(None);
+        };
+        reexecution::load_parent(options.history.as_ref(), pipeline, id)
+            .map(Some)
+            .map_err(|source| RunError::Reexecution {
+                pipeline: pipeline.name().into(),
+                source,
+            })
+    }
+
+    /// Like [`new`](Self::new), for a config that is already validated (with a parent
+    /// run, `config` is used as is: it is not merged over the parent's).
     pub fn from_config(
         pipeline: &Pipeline,
         config: RunConfig,
         options: &RunOptions,
     ) -> Result<Self, RunError> {
+        let parent = Self::parent(pipeline, options)?;
+        Self::build(pipeline, config, options, parent)
+    }
+
+    fn build(
+        pipeline: &Pipeline,
+        config: RunConfig,
+        options: &RunOptions,
+        parent: Option<ParentRun>,
+    ) -> Result<Self, RunError> {
+        let reexecution_error = |source| RunError::Reexecution {
+            pipeline: pipeline.name().into(),
+            source,
+        };
         let setup = |message: String| RunError::Setup {
             pipeline: pipeline.name().into(),
             message,
@@ -285,7 +348,26 @@ impl PreparedRun {
             }));
         }
         let config = Arc::new(config);
-        let plan = Arc::new(ExecutionPlan::compile(pipeline, &config));
+        let steps = reexecution::plan_steps(
+            ExecutionPlan::compile(pipeline, &config),
+            &options.steps,
+            parent.as_ref(),
+        )
+        .map_err(reexecution_error)?;
+        if let Some(p) = &parent
+            && !steps.reused.is_empty()
+            && config.storage.name == "in_memory"
+        {
+            return Err(reexecution_error(ReexecutionError::InMemoryChild {
+                parent: p.record.run_id.clone(),
+                parent_storage: p.storage().unwrap_or("its").to_string(),
+            }));
+        }
+        let warnings = parent
+            .as_ref()
+            .map(|p| reexecution::config_warnings(p, &config, &steps.reused))
+            .unwrap_or_default();
+        let (plan, reused) = (Arc::new(steps.plan), steps.reused);
         let mode = pipeline
             .mode(Some(&config.mode))
             .ok_or_else(|| setup(format!("no mode `{}`", config.mode)))?;
@@ -311,6 +393,9 @@ impl PreparedRun {
             executor,
             home,
             run_id,
+            parent,
+            reused,
+            warnings,
         };
         // Checks look at the plan, config and storage only: no listener hears this sink.
         let probe = prepared.context(
@@ -332,6 +417,17 @@ impl PreparedRun {
     /// The compiled plan.
     pub fn plan(&self) -> &ExecutionPlan {
         &self.plan
+    }
+
+    /// The steps not run whose outputs are read from earlier runs (step key → run id).
+    pub fn reused(&self) -> &BTreeMap<String, String> {
+        &self.reused
+    }
+
+    /// Warnings about the run as prepared (config changed on steps that are not
+    /// re-run); also emitted as `ENGINE_EVENT`s when it starts.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// The run id the run will have (`options.run_id`, or a fresh one).
@@ -376,6 +472,12 @@ impl PreparedRun {
         let ctx = self.context(events.clone(), options.cancel.clone());
         let env = ctx.env.clone();
         let executor = self.executor;
+        reexecution::check_reused_outputs(&plan, &*self.storage).map_err(|source| {
+            RunError::Reexecution {
+                pipeline: pipeline.name().into(),
+                source,
+            }
+        })?;
         if let Some(h) = &options.history {
             let mut record = RunRecord::new(
                 run_id.clone(),
@@ -383,9 +485,10 @@ impl PreparedRun {
                 config.mode.clone(),
                 config.value.clone(),
             );
-            record.parent_run_id = options.parent_run_id.clone();
+            record.parent_run_id = self.parent.as_ref().map(|p| p.record.run_id.clone());
+            record.root_run_id = self.parent.as_ref().map(ParentRun::root_run_id);
             record.tags = options.tags.clone();
-            h.create_run(&record)?;
+            h.create_run_reusing(&record, &self.reused)?;
         }
         let _heartbeat = options.history.as_ref().map(|h| h.start_heartbeat(&run_id));
         let started = Instant::now();
@@ -404,6 +507,36 @@ impl PreparedRun {
                 steps: plan.steps.len(),
             },
         );
+        if let Some(parent) = &self.parent {
+            events.emit(
+                None,
+                Level::Info,
+                format!(
+                    "re-executing run {}: {} step(s) to run, {} reused from earlier runs",
+                    parent.record.run_id,
+                    plan.steps.len(),
+                    self.reused.len()
+                ),
+                EventKind::EngineEvent {
+                    details: serde_json::json!({
+                        "parent_run_id": parent.record.run_id,
+                        "root_run_id": parent.root_run_id(),
+                        "steps_to_run": plan.steps.len(),
+                        "steps_reused": self.reused.len(),
+                    }),
+                },
+            );
+        }
+        for warning in &self.warnings {
+            events.emit(
+                None,
+                Level::Warning,
+                warning.clone(),
+                EventKind::EngineEvent {
+                    details: serde_json::json!({"warning": "config_changed_on_reused_step"}),
+                },
+            );
+        }
         let outcome = env
             .storage
             .preflight()
@@ -473,6 +606,7 @@ impl PreparedRun {
             status,
             events: collector.events(),
             env,
+            reused: self.reused,
         })
     }
 }

@@ -241,6 +241,7 @@ impl MultiprocessExecutor {
             attempt,
             run_config: env.config.value.clone(),
             home: ctx.home.clone(),
+            input_runs: env.plan.steps[step].input_runs(),
         };
         let input = serde_json::to_vec(&invocation).map_err(std::io::Error::other)?;
         let log_path = log_dir.join(format!("{key}.log"));

@@ -233,6 +233,7 @@ impl DaskExecutor {
                     attempt,
                     run_config: env.config.value.clone(),
                     home: ctx.home.clone(),
+                    input_runs: s.input_runs(),
                 };
                 let mut request = SubmitRequest::new(
                     key.clone(),
