@@ -278,14 +278,31 @@ fn from_failure_on_dask_and_s3_reuses_the_succeeded_steps() {
     );
 }
 
-#[test]
-fn a_run_killed_with_sigkill_is_shown_as_failure_and_resumed_from_failure() {
-    let world = World::new();
+/// The command line of process `pid`, with spaces between arguments.
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Step processes (`<binary> step`) among the descendants of `roots`.
+fn step_processes(roots: &[u32]) -> Vec<u32> {
+    roots
+        .iter()
+        .flat_map(|&r| dask_support::descendants(r))
+        .filter(|&p| cmdline(p).contains("reexecution step"))
+        .collect()
+}
+
+/// Starts a run whose `publish` waits for a file, SIGKILLs the pipeline process while
+/// it waits, checks that the run shows as FAILURE and that no process of it keeps
+/// running, then resumes it from failure.
+fn kill_mid_run_and_resume(world: &World, storage_and_execution: &str, workers: &[u32]) {
     let go = world.tmp.path().join("go");
     let config = world.file(
         "wait.yaml",
         &format!(
-            "storage: {{filesystem: {{}}}}\nexecution: {{multiprocess: {{}}}}\nsolids: {{publish: {{config: {{wait_for: '{}'}}}}}}",
+            "{storage_and_execution}\nsolids: {{publish: {{config: {{wait_for: '{}'}}}}}}",
             go.display()
         ),
     );
@@ -327,22 +344,35 @@ fn a_run_killed_with_sigkill_is_shown_as_failure_and_resumed_from_failure() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Everything the run started: step processes (here or under the Dask workers) and
+    // any helper (the Dask bridge).
+    let mut spawned = dask_support::descendants(child.id());
+    spawned.extend(step_processes(workers));
+    assert!(
+        !step_processes(&[&[child.id()], workers].concat()).is_empty(),
+        "a step process runs"
+    );
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
-    // The step process dies with its parent (PR_SET_PDEATHSIG): wait until it is gone.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let runs = loop {
-        let runs = world.runs();
-        let run = runs
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let alive: Vec<String> = spawned
             .iter()
-            .find(|r| r["run_id"] == parent.as_str())
-            .unwrap();
-        if run["status"] == "FAILURE" || Instant::now() > deadline {
-            break runs;
+            .filter(|&&p| dask_support::pid_alive(p))
+            .map(|&p| format!("{p}: {}", cmdline(p)))
+            .collect();
+        if alive.is_empty() {
+            break;
         }
+        assert!(
+            Instant::now() < deadline,
+            "outlived the killed run: {alive:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+
+    let runs = world.runs();
     let run = runs
         .iter()
         .find(|r| r["run_id"] == parent.as_str())
@@ -364,7 +394,32 @@ fn a_run_killed_with_sigkill_is_shown_as_failure_and_resumed_from_failure() {
     );
 
     std::fs::write(&go, "").unwrap();
-    resume_and_check(&world, &parent, &[]);
+    resume_and_check(world, &parent, &[]);
+}
+
+#[test]
+fn a_multiprocess_run_killed_with_sigkill_is_shown_as_failure_and_resumed() {
+    let world = World::new();
+    kill_mid_run_and_resume(
+        &world,
+        "storage: {filesystem: {}}\nexecution: {multiprocess: {}}",
+        &[],
+    );
+}
+
+#[test]
+fn a_dask_run_killed_with_sigkill_leaves_no_task_running_and_is_resumed() {
+    let server = S3Server::start();
+    server.create_bucket("recovery");
+    let cluster = DaskCluster::start(&[WorkerSpec::plain("w1")]);
+    let world = World::new();
+    let config = format!(
+        "storage: {{s3: {{config: {{s3_bucket: recovery, endpoint_url: '{}', allow_http: true}}}}}}\n\
+         execution: {{dask: {{config: {{address: '{}', forward_env: [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]}}}}}}",
+        server.endpoint(),
+        cluster.address
+    );
+    kill_mid_run_and_resume(&world, &config, &cluster.pids());
 }
 
 #[test]

@@ -248,8 +248,59 @@ pub fn execute_pipeline(
 }
 
 /// Runs `pipeline` with merged config sources and options. Returns `Err` only when the
-/// run cannot start (bad config, unusable executor or storage); step failures are in
-/// the result.
+/// run cannot start (bad config, unusable executor or storage, a parent that cannot be
+/// re-executed, a selection that leaves an input without a value); step failures are
+/// in the result.
+///
+/// With [`RunOptions::parent_run_id`] the run re-executes a recorded run: `sources`
+/// merge over the parent's config, and the steps [`RunOptions::steps`] does not run
+/// read their outputs from the parent's intermediates. Tags go with the run record.
+///
+/// ```
+/// use solidflow::prelude::*;
+/// use solidflow::execution::reexecution::StepsToRun;
+/// use solidflow::storage::run_history::RunHistory;
+///
+/// #[solid]
+/// fn extract(_ctx: &SolidContext) -> i64 { 20 }
+/// #[solid]
+/// fn double(_ctx: &SolidContext, n: i64) -> i64 { n * 2 }
+///
+/// let pipeline = Pipeline::build("p", |p| {
+///     let n = p.invoke(extract, ());
+///     p.invoke(double, (n,));
+/// })
+/// .unwrap();
+/// let home = tempfile::tempdir().unwrap();
+/// let history = RunHistory::open(&home.path().join("history.db")).unwrap();
+/// let options = || RunOptions {
+///     home: Some(home.path().to_path_buf()),
+///     history: Some(history.clone()),
+///     ..RunOptions::default()
+/// };
+/// let filesystem = ConfigSources::from_value(serde_json::json!({"storage": {"filesystem": {}}}));
+/// let first = execute_pipeline_with(&pipeline, &filesystem, options()).unwrap();
+///
+/// // Run `double` again, reading `extract`'s output from the first run.
+/// let again = execute_pipeline_with(
+///     &pipeline,
+///     &ConfigSources::empty(),
+///     RunOptions {
+///         parent_run_id: Some(first.run_id().to_string()),
+///         steps: StepsToRun::Selection("double".into()),
+///         tags: [("reason".to_string(), "demo".to_string())].into(),
+///         ..options()
+///     },
+/// )
+/// .unwrap();
+/// assert!(again.success());
+/// assert_eq!(again.step_events("extract.compute").count(), 0, "not re-run");
+/// assert_eq!(again.result::<i64>("double").unwrap(), 40);
+/// assert_eq!(again.result::<i64>("extract").unwrap(), 20, "read from the first run");
+/// let record = history.run(again.run_id()).unwrap().unwrap();
+/// assert_eq!(record.parent_run_id.as_deref(), Some(first.run_id()));
+/// assert_eq!(record.tags["reason"], "demo");
+/// ```
 pub fn execute_pipeline_with(
     pipeline: &Pipeline,
     sources: &ConfigSources,
