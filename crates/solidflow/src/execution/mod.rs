@@ -8,6 +8,7 @@ pub mod event;
 pub mod executor;
 pub mod launcher;
 pub mod protocol;
+pub mod reexecution;
 pub mod run;
 pub mod run_id;
 pub(crate) mod scheduler;

@@ -120,16 +120,24 @@ impl StepEnvironment {
     ) -> Result<Inputs, SolidError> {
         let mut values = BTreeMap::new();
         for (input, input_def) in step.inputs.iter().zip(&def.inputs) {
-            let (value, source) = match &input.source {
-                StepInputSource::Step { step_key, output } => {
-                    let value = match &self.memory {
+            let (value, source, source_run_id) = match &input.source {
+                StepInputSource::Step {
+                    step_key,
+                    output,
+                    run_id,
+                } => {
+                    // A value from another run (a re-execution's parent) is in storage
+                    // even when this run keeps its own values in memory.
+                    let memory = self.memory.as_ref().filter(|_| run_id.is_none());
+                    let value = match memory {
                         Some(mem) => mem.get(step_key, output).ok_or_else(|| {
                             SolidError::new(format!(
                                 "output `{output}` of `{step_key}` is not in memory"
                             ))
                         })?,
                         None => {
-                            let key = IntermediateKey::new(&self.run_id, step_key, output);
+                            let run = run_id.as_deref().unwrap_or(&self.run_id);
+                            let key = IntermediateKey::new(run, step_key, output);
                             let mut reader = self.storage.read(&key)?;
                             input_def
                                 .ty
@@ -144,7 +152,11 @@ impl StepEnvironment {
                                 })?
                         }
                     };
-                    (value, format!("{step_key}.{output}"))
+                    let source = match run_id {
+                        Some(run) => format!("{step_key}.{output} of run {run}"),
+                        None => format!("{step_key}.{output}"),
+                    };
+                    (value, source, run_id.clone())
                 }
                 StepInputSource::Config => {
                     let json = self
@@ -162,6 +174,7 @@ impl StepEnvironment {
                     (
                         input_def.ty.from_json(json).map_err(SolidError::new)?,
                         "config".to_string(),
+                        None,
                     )
                 }
             };
@@ -173,6 +186,7 @@ impl StepEnvironment {
                     input: input.name.clone(),
                     type_name: input.type_name.into(),
                     source,
+                    source_run_id,
                 },
             );
             values.insert(input.name.clone(), value);
