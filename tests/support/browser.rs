@@ -253,20 +253,14 @@ impl Fixture {
 
     /// Executes `pipeline` to the end (with filesystem storage) and returns its exit code.
     pub fn execute(&self, pipeline: &str, run_id: &str) -> i32 {
-        let config = self.dir.path().join("fs.yaml");
-        self.command()
-            .args(["execute", pipeline, "-c"])
-            .arg(&config)
-            .args(["--run-id", run_id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("run the fixture")
-            .code()
-            .unwrap_or(-1)
+        let status = self
+            .spawn_execute(pipeline, run_id)
+            .wait()
+            .expect("wait for the fixture");
+        status.code().unwrap_or(-1)
     }
 
-    /// Starts `execute` in the background.
+    /// Starts `execute` of `pipeline` (with filesystem storage) in the background.
     pub fn spawn_execute(&self, pipeline: &str, run_id: &str) -> Child {
         let config = self.dir.path().join("fs.yaml");
         self.command()
