@@ -284,3 +284,39 @@ async fn a_run_started_while_the_page_is_open_grows_live() {
     assert_no_errors(&chromium);
     chromium.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_interrupts_a_running_run() {
+    let fixture = Fixture::new();
+    let ui = fixture.ui();
+    let mut run = fixture.spawn_execute_with("live", "doomed-run", "mp.yaml");
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&format!("{}/", ui.url)).await;
+    wait_for(
+        &page,
+        "the run in the list",
+        "document.querySelector('#runs-rows tr.run.started[data-run-id=\"doomed-run\"]')",
+    )
+    .await;
+    page.goto(format!("{}/runs/doomed-run", ui.url))
+        .await
+        .unwrap();
+    wait_for(&page, "the step running", "[...document.querySelectorAll('#log-rows td')].some(td => td.textContent === 'first half waiting for go')").await;
+    page.find_element("form[action$=\"/terminate\"] button")
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        &page,
+        "the run canceled",
+        "document.querySelector('#run-status .badge.canceled')",
+    )
+    .await;
+    wait_for(&page, "the notice", "(() => { const n = document.querySelector('.notice'); return n && n.textContent.includes('interrupt'); })()").await;
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "the run exits as interrupted");
+    assert_no_errors(&chromium);
+    chromium.close().await;
+}

@@ -262,7 +262,13 @@ impl Fixture {
 
     /// Starts `execute` of `pipeline` (with filesystem storage) in the background.
     pub fn spawn_execute(&self, pipeline: &str, run_id: &str) -> Child {
-        let config = self.dir.path().join("fs.yaml");
+        self.spawn_execute_with(pipeline, run_id, "fs.yaml")
+    }
+
+    /// Starts `execute` of `pipeline` with config file `config` (`fs.yaml`: filesystem
+    /// storage; `mp.yaml`: that and the multiprocess executor).
+    pub fn spawn_execute_with(&self, pipeline: &str, run_id: &str, config: &str) -> Child {
+        let config = self.dir.path().join(config);
         self.command()
             .args(["execute", pipeline, "-c"])
             .arg(&config)
