@@ -88,8 +88,13 @@ fn get(addr: &str, path: &str) -> (Duration, usize) {
     (started.elapsed(), body.len())
 }
 
-/// Follows a run's event stream until its `end` event; returns (events, latencies ms).
+/// Follows a run's event stream until its `end` event; returns each event's latency (ms).
 fn follow(addr: &str, run_id: &str) -> Vec<f64> {
+    follow_with(addr, run_id, |_| {})
+}
+
+/// [`follow`], calling `on_message` with each event's message.
+fn follow_with(addr: &str, run_id: &str, mut on_message: impl FnMut(&str)) -> Vec<f64> {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut latencies = Vec::new();
     loop {
@@ -111,6 +116,7 @@ fn follow(addr: &str, run_id: &str) -> Vec<f64> {
                     .expect("clock")
                     .as_millis() as i64;
                 latencies.push((now - t) as f64);
+                on_message(v["msg"].as_str().unwrap_or_default());
             }
         }
         assert!(
@@ -204,10 +210,43 @@ fn main() {
     );
     let n = latencies.len();
     println!(
-        "emitted -> open page's stream, {n} events: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        "busy run, emitted -> open page's stream, {n} events: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         percentile(&mut latencies, 0.5),
         percentile(&mut latencies, 0.99),
         percentile(&mut latencies, 1.0)
+    );
+
+    // 4. A quiet run: each step waits until the watcher has seen its log line, so every
+    // event is measured on its own rather than behind a backlog.
+    let dir = tempfile::tempdir().expect("dir");
+    let mut quiet = Vec::new();
+    for round in 0..5 {
+        for f in ["go", "go2"] {
+            let _ = std::fs::remove_file(dir.path().join(f));
+        }
+        let run_id = format!("quiet-{round}");
+        let mut run = fixture(home.path(), steps)
+            .env("SF_UI_DIR", dir.path())
+            .args(["execute", "live", "--run-id", &run_id])
+            .spawn()
+            .expect("start live");
+        let d = dir.path().to_path_buf();
+        quiet.extend(follow_with(&ui.addr, &run_id, |msg| {
+            let go = match msg {
+                "first half waiting for go" => "go",
+                "second half waiting for go2" => "go2",
+                _ => return,
+            };
+            std::fs::write(d.join(go), "").expect("go file");
+        }));
+        assert!(run.wait().expect("live run").success());
+    }
+    let n = quiet.len();
+    println!(
+        "quiet run, emitted -> open page's stream, {n} events: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        percentile(&mut quiet, 0.5),
+        percentile(&mut quiet, 0.99),
+        percentile(&mut quiet, 1.0)
     );
     drop(ui);
     std::process::exit(0);

@@ -233,11 +233,16 @@ impl Fixture {
             home: tempfile::tempdir().expect("home"),
             dir: tempfile::tempdir().expect("dir"),
         };
-        std::fs::write(
-            fixture.dir.path().join("fs.yaml"),
-            "storage: {filesystem: {}}\n",
-        )
-        .expect("config");
+        let configs = [
+            ("fs.yaml", "storage: {filesystem: {}}\n"),
+            (
+                "mp.yaml",
+                "storage: {filesystem: {}}\nexecution: {multiprocess: {}}\n",
+            ),
+        ];
+        for (name, text) in configs {
+            std::fs::write(fixture.dir.path().join(name), text).expect("config");
+        }
         fixture
     }
 
