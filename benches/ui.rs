@@ -3,7 +3,7 @@
 //! watched page slows a 10,000-step in-process run.
 //!
 //! ```sh
-//! cargo bench --bench ui                  # 10,000 steps, 3 rounds
+//! cargo bench --bench ui                  # 10,000 steps, 5 rounds alone/watched
 //! SF_UI_BENCH_STEPS=2000 cargo bench --bench ui
 //! ```
 //!
@@ -142,7 +142,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let rounds = 3;
+    let rounds: usize = std::env::var("SF_UI_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let home = tempfile::tempdir().expect("home");
 
     // 1. The run page of a finished run of `steps` steps.
