@@ -31,6 +31,12 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
 fi
 /usr/bin/chromium --version >&2 || { echo "error: /usr/bin/chromium does not run" >&2; exit 1; }
 
+step "ruff check (the Dask bridge's Python package)"
+"$SOLIDFLOW_PYTHON" -m ruff check crates/solidflow/src/executor/dask/bridge python
+
+step "pytest (the Dask bridge's Python package)"
+"$SOLIDFLOW_PYTHON" -m pytest -q python/tests
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
