@@ -9,6 +9,7 @@
 //! ```
 
 #[path = "shapes/mod.rs"]
+#[allow(dead_code)] // this benchmark uses only the chain
 mod shapes;
 
 use std::sync::{Arc, Mutex};

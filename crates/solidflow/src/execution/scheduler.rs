@@ -29,7 +29,7 @@ pub type Resources = BTreeMap<String, f64>;
 
 /// What the scheduler decided after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterFailure {
+pub(crate) enum AfterFailure {
     /// The step will run again after the delay.
     Retry,
     /// The step failed for good; its dependents were skipped.
@@ -48,7 +48,7 @@ pub struct Summary {
 }
 
 /// Tracks the state of every step of one run.
-pub struct Scheduler<'p> {
+pub(crate) struct Scheduler<'p> {
     plan: &'p ExecutionPlan,
     events: EventSink,
     state: Vec<State>,
@@ -64,7 +64,10 @@ pub struct Scheduler<'p> {
 
 /// Checks that every step's requirements fit in `capacity`, naming each step that can
 /// never run. With `capacity` `None` nothing is enforced.
-pub fn check_resources(plan: &ExecutionPlan, capacity: Option<&Resources>) -> Result<(), String> {
+pub(crate) fn check_resources(
+    plan: &ExecutionPlan,
+    capacity: Option<&Resources>,
+) -> Result<(), String> {
     let Some(capacity) = capacity else {
         return Ok(());
     };
@@ -93,7 +96,11 @@ pub fn check_resources(plan: &ExecutionPlan, capacity: Option<&Resources>) -> Re
 impl<'p> Scheduler<'p> {
     /// A scheduler for `plan`. With `capacity`, steps run only while their required
     /// resources fit; check them first with [`check_resources`].
-    pub fn new(plan: &'p ExecutionPlan, events: EventSink, capacity: Option<Resources>) -> Self {
+    pub(crate) fn new(
+        plan: &'p ExecutionPlan,
+        events: EventSink,
+        capacity: Option<Resources>,
+    ) -> Self {
         let waiting_on: Vec<usize> = plan.steps.iter().map(|s| s.upstream.len()).collect();
         let mut state = vec![State::Waiting; plan.steps.len()];
         let mut ready = VecDeque::new();
@@ -121,7 +128,7 @@ impl<'p> Scheduler<'p> {
     /// The next step to start and its attempt number, or `None` if nothing can start
     /// now (nothing ready, delays pending, or resources busy).
     #[allow(clippy::should_implement_trait)] // not an iterator: `None` means "not now", not "done"
-    pub fn next(&mut self) -> Option<(usize, u32)> {
+    pub(crate) fn next(&mut self) -> Option<(usize, u32)> {
         let now = Instant::now();
         let mut i = 0;
         while i < self.delayed.len() {
@@ -177,7 +184,7 @@ impl<'p> Scheduler<'p> {
     }
 
     /// Records a successful attempt; dependents whose inputs are all ready become ready.
-    pub fn succeeded(&mut self, step: usize) {
+    pub(crate) fn succeeded(&mut self, step: usize) {
         self.release(step);
         self.state[step] = State::Succeeded;
         for &d in &self.plan.steps[step].downstream {
@@ -192,7 +199,7 @@ impl<'p> Scheduler<'p> {
     /// Records a failed attempt. Retries if the step's policy (or the solid's explicit
     /// request) allows, emitting `STEP_UP_FOR_RETRY`; otherwise emits `STEP_FAILURE`
     /// and skips everything downstream.
-    pub fn failed(
+    pub(crate) fn failed(
         &mut self,
         step: usize,
         error: ErrorInfo,
@@ -274,7 +281,7 @@ impl<'p> Scheduler<'p> {
     }
 
     /// Marks the run canceled: running steps fail as interrupted; nothing else starts.
-    pub fn cancel(&mut self, running: &[usize]) {
+    pub(crate) fn cancel(&mut self, running: &[usize]) {
         self.summary.canceled = true;
         for &step in running {
             if self.state[step] == State::Running {
@@ -292,27 +299,27 @@ impl<'p> Scheduler<'p> {
     }
 
     /// How many steps are running.
-    pub fn running(&self) -> usize {
+    pub(crate) fn running(&self) -> usize {
         self.running
     }
 
     /// When the earliest delayed retry becomes ready.
-    pub fn next_wakeup(&self) -> Option<Instant> {
+    pub(crate) fn next_wakeup(&self) -> Option<Instant> {
         self.delayed.iter().map(|(t, _)| *t).min()
     }
 
     /// Whether a step is ready but waiting for resources or a free slot.
-    pub fn has_ready(&self) -> bool {
+    pub(crate) fn has_ready(&self) -> bool {
         !self.ready.is_empty()
     }
 
     /// Whether nothing is running, ready or waiting for a retry.
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.running == 0 && self.ready.is_empty() && self.delayed.is_empty()
     }
 
     /// The outcome so far.
-    pub fn summary(self) -> Summary {
+    pub(crate) fn summary(self) -> Summary {
         self.summary
     }
 }

@@ -36,8 +36,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 use serde_json::{Value, json};
 
-use super::in_process::{effective_concurrency, local_config, local_config_schema};
+use super::in_process::effective_concurrency;
+use super::local_config::LocalConfig;
 use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
+use crate::config::json_schema::config_type_of;
 use crate::execution::event::{ErrorInfo, EventKind, Level};
 use crate::execution::protocol::{PROTOCOL_VERSION, StepInvocation, StepMessage};
 use crate::execution::scheduler::{Resources, Scheduler, Summary, check_resources};
@@ -47,7 +49,7 @@ use crate::storage::Reach;
 pub const PARENT_PID_ENV: &str = "SOLIDFLOW_PARENT_PID";
 
 /// How long canceled steps get between SIGTERM and SIGKILL by default.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(2);
 
 /// How many trailing stderr lines a crash report quotes.
 const CRASH_TAIL_LINES: usize = 8;
@@ -96,15 +98,15 @@ impl MultiprocessExecutor {
 }
 
 /// The `multiprocess` executor definition.
-pub fn definition() -> ExecutorDefinition {
+pub(crate) fn definition() -> ExecutorDefinition {
     ExecutorDefinition {
         name: "multiprocess",
         description: "Run every step in its own child process of this binary (needs filesystem or s3 storage).",
-        config: local_config_schema,
+        config: config_type_of::<LocalConfig>,
         build: |config: &Value| {
-            let (max_concurrent, resources) = local_config(config);
-            let mut executor = MultiprocessExecutor::new(max_concurrent);
-            executor.resources = resources;
+            let config = LocalConfig::from_value("multiprocess", config)?;
+            let mut executor = MultiprocessExecutor::new(config.max_concurrent as usize);
+            executor.resources = config.resources;
             Ok(Arc::new(executor))
         },
     }

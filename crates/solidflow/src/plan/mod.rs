@@ -4,8 +4,10 @@
 //! (`plan` prints it as text or JSON). Executors only ever see plans.
 
 pub mod selection;
+mod step_key;
 mod subset;
 
+pub use step_key::StepKey;
 pub use subset::{UnprovidedInput, UnprovidedInputs};
 
 use std::collections::{BTreeMap, HashMap};
@@ -128,9 +130,9 @@ pub struct ExecutionPlan {
     pub steps: Vec<ExecutionStep>,
 }
 
-/// The step key of invocation `alias`.
+/// The step key of invocation `alias` (see [`StepKey`]).
 pub fn step_key(alias: &str) -> String {
-    format!("{alias}.compute")
+    StepKey::of(alias).into()
 }
 
 impl ExecutionPlan {

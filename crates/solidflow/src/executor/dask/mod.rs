@@ -2,7 +2,7 @@
 //!
 //! Dask's client protocol is pickled Python, so this executor drives a small Python
 //! program, the [`bridge`], over JSON lines (see `docs/dask-bridge.md`). The
-//! executor itself is the shared [`Scheduler`] loop that `in_process` and
+//! executor itself is the shared `Scheduler` loop that `in_process` and
 //! `multiprocess` use: it submits a step to Dask only once its upstream steps
 //! succeeded, so dependents of a failure are never submitted, retries and skips are
 //! decided (and reported) in one place, and Dask places every ready step wherever
@@ -26,7 +26,6 @@
 //! and step outcomes, `placement` decides resources and priorities, and `address`
 //! reads scheduler and worker addresses.
 //!
-//! [`Scheduler`]: crate::execution::scheduler::Scheduler
 //! [`StepInvocation`]: crate::execution::protocol::StepInvocation
 
 mod address;

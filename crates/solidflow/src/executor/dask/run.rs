@@ -18,6 +18,7 @@ use crate::execution::event::{ErrorInfo, EventKind, Level};
 use crate::execution::protocol::{PROTOCOL_VERSION, StepInvocation};
 use crate::execution::scheduler::{Scheduler, Summary};
 use crate::executor::{ExecutionContext, ExecutorError, PARENT_PID_ENV};
+use crate::plan::StepKey;
 
 /// How long canceled steps get between SIGTERM and SIGKILL on the workers.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -223,7 +224,7 @@ impl DaskExecutor {
             let mut requests = Vec::new();
             while let Some((step, attempt)) = scheduler.next() {
                 let s = &plan.steps[step];
-                let key = format!("{}-{}-a{attempt}", s.key, env.run_id);
+                let key = StepKey::dask_key(&s.key, &env.run_id, attempt);
                 let invocation = StepInvocation {
                     protocol: PROTOCOL_VERSION,
                     run_id: env.run_id.clone(),

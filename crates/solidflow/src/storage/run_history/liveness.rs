@@ -31,7 +31,7 @@ pub fn heartbeat_timeout_from_env() -> Duration {
 
 /// How often a running process writes its heartbeat for a given timeout: often enough
 /// that a few missed beats (a busy disk) do not make a live run look dead.
-pub fn heartbeat_interval(timeout: Duration) -> Duration {
+pub(super) fn heartbeat_interval(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
 }
 
@@ -114,7 +114,7 @@ fn pid_exists(pid: u32) -> bool {
 ///
 /// `last_seen` is the latest sign of life (heartbeat or event); `this_host` is the
 /// reader's host name.
-pub fn why_dead(
+pub(super) fn why_dead(
     run: &RunRecord,
     last_seen: DateTime<Utc>,
     now: DateTime<Utc>,

@@ -46,7 +46,7 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
 /// Why a database cannot be brought to [`SCHEMA_VERSION`].
 #[derive(Debug)]
-pub enum MigrateError {
+pub(super) enum MigrateError {
     /// SQLite failed.
     Sqlite(rusqlite::Error),
     /// The database was written by a newer build.
@@ -64,7 +64,7 @@ fn version(conn: &Connection) -> rusqlite::Result<u32> {
 }
 
 /// Creates or upgrades the schema in place.
-pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
     if version(conn)? == SCHEMA_VERSION {
         return Ok(());
     }
