@@ -2,11 +2,11 @@
 //!
 //! Only the parent process writes events: workers send them back over the executor's
 //! channel. Events are written by a background thread in batched transactions
-//! ([`writer`]). The schema is versioned and migrated in place when opened ([`schema`]).
+//! (`writer.rs`). The schema is versioned and migrated in place when opened (`schema.rs`).
 //!
 //! Every read ([`RunHistory::list`], [`RunHistory::run`], [`RunHistory::events`]) first
 //! marks `STARTED` runs whose process is gone as `FAILURE`, with an `ENGINE_EVENT`
-//! saying what happened and when the run was last seen alive ([`liveness`]); so no
+//! saying what happened and when the run was last seen alive (`liveness.rs`); so no
 //! view of history shows a dead run as running.
 
 mod liveness;
