@@ -6,6 +6,7 @@ pub mod context;
 pub mod error;
 pub mod event;
 pub mod executor;
+pub mod launcher;
 pub mod protocol;
 pub mod reexecution;
 pub mod run;

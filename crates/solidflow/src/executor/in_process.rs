@@ -13,7 +13,7 @@ use super::local_config::LocalConfig;
 use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
 use crate::config::json_schema::config_type_of;
 use crate::execution::error::SolidError;
-use crate::execution::scheduler::{Resources, Scheduler, Summary, check_resources};
+use crate::execution::scheduler::{Resources, Scheduler, StepOutcome, Summary, check_resources};
 
 /// Runs steps on up to `max_concurrent` threads of the current process.
 #[derive(Debug, Clone)]
@@ -94,11 +94,8 @@ impl Executor for InProcessExecutor {
             });
         }
         let mut in_flight: Vec<usize> = Vec::new();
-        let handle = |scheduler: &mut Scheduler, (step, result): Done| match result {
-            Ok(()) => scheduler.succeeded(step),
-            Err(e) => {
-                scheduler.failed(step, e.info(), e.retry_requested);
-            }
+        let handle = |scheduler: &mut Scheduler, (step, result): Done| {
+            scheduler.finished(step, StepOutcome::of(result));
         };
         loop {
             if ctx.cancel.is_canceled() {
