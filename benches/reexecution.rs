@@ -10,6 +10,7 @@
 
 #[allow(dead_code)] // this bench uses only the chain shape
 #[path = "shapes/mod.rs"]
+#[allow(dead_code)] // this benchmark uses only the chain
 mod shapes;
 
 use std::sync::{Arc, Mutex};
