@@ -66,6 +66,66 @@ fn plan_refuses_every_config_that_execute_refuses() {
 }
 
 #[test]
+fn numbers_out_of_range_are_refused_with_their_path_and_never_panic() {
+    let dask = |config: &str| {
+        format!("{{storage: {{filesystem: {{}}}}, execution: {{dask: {{config: {config}}}}}}}")
+    };
+    let retry = |retry: &str| format!("{{solids: {{hello_world: {{retry: {retry}}}}}}}");
+    let cases = [
+        (dask("{timeout: 1e30}"), "execution.dask.config.timeout"),
+        (
+            dask("{timeout: 18446744073709551616}"),
+            "execution.dask.config.timeout",
+        ),
+        (dask("{timeout: -5}"), "execution.dask.config.timeout"),
+        (
+            dask("{n_workers: -2}"),
+            "execution.dask.config.n_workers",
+        ),
+        (
+            retry("{max_retries: 1, delay: 1e30}"),
+            "solids.hello_world.retry.delay",
+        ),
+        (
+            retry("{max_retries: 1, backoff: 1e308}"),
+            "solids.hello_world.retry.backoff",
+        ),
+        (retry("{delay: -1}"), "solids.hello_world.retry.delay"),
+        (
+            "{execution: {in_process: {config: {resources: {GPU: -1}}}}}".to_string(),
+            "execution.in_process.config.resources.GPU",
+        ),
+        (
+            "{execution: {multiprocess: {config: {max_concurrent: -1}}}, storage: {filesystem: {}}}"
+                .to_string(),
+            "execution.multiprocess.config.max_concurrent",
+        ),
+        (
+            "{storage: {filesystem: {config: {base_dir: ''}}}}".to_string(),
+            "storage.filesystem.config.base_dir",
+        ),
+        (
+            "{storage: {s3: {config: {s3_bucket: b, part_size_mb: -16}}}}".to_string(),
+            "storage.s3.config.part_size_mb",
+        ),
+    ];
+    for (config, path) in cases {
+        for (command, (code, stderr)) in ["plan", "execute"].into_iter().zip(plan_and_execute(
+            "hello_world",
+            "dask_pipeline",
+            &config,
+        )) {
+            assert!(!stderr.contains("panicked"), "{command} {config}: {stderr}");
+            assert_eq!(code, Some(2), "{command} {config}: {stderr}");
+            assert!(
+                stderr.contains(path),
+                "{command} {config}: expected the path {path} in\n{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
 fn enum_values_are_checked_and_listed() {
     let home = tempfile::tempdir().unwrap();
     let (out, schema, stderr) =

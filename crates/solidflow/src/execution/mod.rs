@@ -10,7 +10,10 @@ pub mod launcher;
 pub mod protocol;
 pub mod run;
 pub mod run_id;
-pub mod scheduler;
+pub(crate) mod scheduler;
 pub mod sink;
-pub mod step;
-pub mod values;
+pub(crate) mod step;
+pub(crate) mod values;
+
+pub use scheduler::{Resources, Summary};
+pub use step::StepEnvironment;

@@ -94,7 +94,7 @@ pub enum StepMessage {
 
 impl StepMessage {
     /// The final `result` line for `outcome`.
-    pub fn result(outcome: StepOutcome) -> Self {
+    pub(crate) fn result(outcome: StepOutcome) -> Self {
         match outcome {
             StepOutcome::Succeeded => Self::Result {
                 ok: true,
@@ -116,7 +116,7 @@ impl StepMessage {
 
     /// What a `result` line reports (`None` for an event). A failure without details
     /// is described by `no_details`.
-    pub fn outcome(self, no_details: impl FnOnce() -> String) -> Option<StepOutcome> {
+    pub(crate) fn outcome(self, no_details: impl FnOnce() -> String) -> Option<StepOutcome> {
         let Self::Result {
             ok,
             error,

@@ -34,7 +34,7 @@ pub type Resources = BTreeMap<String, f64>;
 
 /// What the scheduler decided after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterFailure {
+pub(crate) enum AfterFailure {
     /// The step will run again after the delay.
     Retry,
     /// The step failed for good; its dependents were skipped.
@@ -43,7 +43,7 @@ pub enum AfterFailure {
 
 /// How one attempt of a step ended: what every executor reports to the scheduler.
 #[derive(Debug, Clone, PartialEq)]
-pub enum StepOutcome {
+pub(crate) enum StepOutcome {
     /// The step stored its outputs.
     Succeeded,
     /// The attempt failed; the step's retry policy decides what happens next.
@@ -60,7 +60,7 @@ pub enum StepOutcome {
 
 impl StepOutcome {
     /// The outcome of an attempt whose solid returned `error`.
-    pub fn from_error(error: &SolidError) -> Self {
+    pub(crate) fn from_error(error: &SolidError) -> Self {
         match error.retry_requested {
             Some(delay) => Self::RetryRequested {
                 error: error.info(),
@@ -71,7 +71,7 @@ impl StepOutcome {
     }
 
     /// The outcome of an attempt, from its result.
-    pub fn of(result: Result<(), SolidError>) -> Self {
+    pub(crate) fn of(result: Result<(), SolidError>) -> Self {
         match result {
             Ok(()) => Self::Succeeded,
             Err(e) => Self::from_error(&e),
@@ -91,7 +91,7 @@ pub struct Summary {
 }
 
 /// Tracks the state of every step of one run.
-pub struct Scheduler<'p> {
+pub(crate) struct Scheduler<'p> {
     plan: &'p ExecutionPlan,
     events: EventSink,
     state: Vec<State>,
@@ -107,7 +107,10 @@ pub struct Scheduler<'p> {
 
 /// Checks that every step's requirements fit in `capacity`, naming each step that can
 /// never run. With `capacity` `None` nothing is enforced.
-pub fn check_resources(plan: &ExecutionPlan, capacity: Option<&Resources>) -> Result<(), String> {
+pub(crate) fn check_resources(
+    plan: &ExecutionPlan,
+    capacity: Option<&Resources>,
+) -> Result<(), String> {
     let Some(capacity) = capacity else {
         return Ok(());
     };
@@ -136,7 +139,11 @@ pub fn check_resources(plan: &ExecutionPlan, capacity: Option<&Resources>) -> Re
 impl<'p> Scheduler<'p> {
     /// A scheduler for `plan`. With `capacity`, steps run only while their required
     /// resources fit; check them first with [`check_resources`].
-    pub fn new(plan: &'p ExecutionPlan, events: EventSink, capacity: Option<Resources>) -> Self {
+    pub(crate) fn new(
+        plan: &'p ExecutionPlan,
+        events: EventSink,
+        capacity: Option<Resources>,
+    ) -> Self {
         let waiting_on: Vec<usize> = plan.steps.iter().map(|s| s.upstream.len()).collect();
         let mut state = vec![State::Waiting; plan.steps.len()];
         let mut ready = VecDeque::new();
@@ -164,7 +171,7 @@ impl<'p> Scheduler<'p> {
     /// The next step to start and its attempt number, or `None` if nothing can start
     /// now (nothing ready, delays pending, or resources busy).
     #[allow(clippy::should_implement_trait)] // not an iterator: `None` means "not now", not "done"
-    pub fn next(&mut self) -> Option<(usize, u32)> {
+    pub(crate) fn next(&mut self) -> Option<(usize, u32)> {
         self.promote_due_retries();
         let pos = self.ready.iter().position(|&s| self.fits(s))?;
         let step = self.ready.remove(pos).expect("position is valid");
@@ -235,7 +242,7 @@ impl<'p> Scheduler<'p> {
     /// all ready become ready. On failure the step is retried if its policy (or the
     /// solid's explicit request) allows, emitting `STEP_UP_FOR_RETRY`; otherwise
     /// `STEP_FAILURE` is emitted and everything downstream is skipped.
-    pub fn finished(&mut self, step: usize, outcome: StepOutcome) -> Option<AfterFailure> {
+    pub(crate) fn finished(&mut self, step: usize, outcome: StepOutcome) -> Option<AfterFailure> {
         match outcome {
             StepOutcome::Succeeded => {
                 self.succeeded(step);
@@ -342,7 +349,7 @@ impl<'p> Scheduler<'p> {
     }
 
     /// Marks the run canceled: running steps fail as interrupted; nothing else starts.
-    pub fn cancel(&mut self, running: &[usize]) {
+    pub(crate) fn cancel(&mut self, running: &[usize]) {
         self.summary.canceled = true;
         for &step in running {
             if self.state[step] == State::Running {
@@ -360,27 +367,27 @@ impl<'p> Scheduler<'p> {
     }
 
     /// How many steps are running.
-    pub fn running(&self) -> usize {
+    pub(crate) fn running(&self) -> usize {
         self.running
     }
 
     /// When the earliest delayed retry becomes ready.
-    pub fn next_wakeup(&self) -> Option<Instant> {
+    pub(crate) fn next_wakeup(&self) -> Option<Instant> {
         self.delayed.iter().map(|(t, _)| *t).min()
     }
 
     /// Whether a step is ready but waiting for resources or a free slot.
-    pub fn has_ready(&self) -> bool {
+    pub(crate) fn has_ready(&self) -> bool {
         !self.ready.is_empty()
     }
 
     /// Whether nothing is running, ready or waiting for a retry.
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.running == 0 && self.ready.is_empty() && self.delayed.is_empty()
     }
 
     /// The outcome so far.
-    pub fn summary(self) -> Summary {
+    pub(crate) fn summary(self) -> Summary {
         self.summary
     }
 }

@@ -9,15 +9,15 @@
 
 pub mod dask;
 mod in_process;
+mod local_config;
 mod multiprocess;
 
 pub use in_process::InProcessExecutor;
+pub use local_config::LocalConfig;
 pub use multiprocess::{MultiprocessExecutor, PARENT_PID_ENV, kill_step_processes};
 
 pub use crate::definition::executor::{BuildExecutor, ExecutorDefinition};
 pub use crate::execution::executor::{ExecutionContext, Executor, ExecutorError};
-
-use serde_json::Value;
 
 use crate::definition::mode::Mode;
 use crate::storage::registry::default_storages;
@@ -44,13 +44,4 @@ impl Default for Mode {
     fn default() -> Self {
         Self::new("default")
     }
-}
-
-/// Reads `config.resources` (`{GPU: 2}`) into a resource map, if declared.
-pub fn declared_resources(config: &Value) -> Option<crate::execution::scheduler::Resources> {
-    config.get("resources").and_then(Value::as_object).map(|m| {
-        m.iter()
-            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
-            .collect()
-    })
 }

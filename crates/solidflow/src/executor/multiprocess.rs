@@ -35,8 +35,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 use serde_json::{Value, json};
 
-use super::in_process::{effective_concurrency, local_config, local_config_schema};
+use super::in_process::effective_concurrency;
+use super::local_config::LocalConfig;
 use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
+use crate::config::json_schema::config_type_of;
 use crate::execution::event::{EventKind, Level};
 use crate::execution::launcher::{
     Launch, LaunchError, Place, ProcessExit, Report, Reporter, RunOptions, StepLauncher,
@@ -48,7 +50,7 @@ use crate::execution::scheduler::{Resources, check_resources};
 pub const PARENT_PID_ENV: &str = "SOLIDFLOW_PARENT_PID";
 
 /// How long canceled steps get between SIGTERM and SIGKILL by default.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(2);
 
 /// How long to wait for a child's output pipes to drain after it exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -94,15 +96,15 @@ impl MultiprocessExecutor {
 }
 
 /// The `multiprocess` executor definition.
-pub fn definition() -> ExecutorDefinition {
+pub(crate) fn definition() -> ExecutorDefinition {
     ExecutorDefinition {
         name: "multiprocess",
         description: "Run every step in its own child process of this binary (needs filesystem or s3 storage).",
-        config: local_config_schema,
+        config: config_type_of::<LocalConfig>,
         build: |config: &Value| {
-            let (max_concurrent, resources) = local_config(config);
-            let mut executor = MultiprocessExecutor::new(max_concurrent);
-            executor.resources = resources;
+            let config = LocalConfig::from_value("multiprocess", config)?;
+            let mut executor = MultiprocessExecutor::new(config.max_concurrent as usize);
+            executor.resources = config.resources;
             Ok(Arc::new(executor))
         },
     }

@@ -26,7 +26,7 @@ impl InMemoryStorage {
 }
 
 /// The `in_memory` storage definition.
-pub fn definition() -> StorageDefinition {
+pub(crate) fn definition() -> StorageDefinition {
     StorageDefinition {
         name: "in_memory",
         description: "Keep intermediates in the parent process; only for the in_process executor.",

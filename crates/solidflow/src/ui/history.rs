@@ -35,7 +35,7 @@ impl RunFilter {
     }
 
     /// Whether `run` passes the filters.
-    pub fn matches(&self, run: &RunRecord) -> bool {
+    pub(crate) fn matches(&self, run: &RunRecord) -> bool {
         let status_ok = Self::non_empty(&self.status)
             .is_none_or(|s| run.status.to_string().eq_ignore_ascii_case(s));
         let pipeline_ok = Self::non_empty(&self.pipeline).is_none_or(|p| run.pipeline == p);
@@ -49,7 +49,7 @@ impl RunFilter {
     }
 
     /// The query string for `page` with the same filters.
-    pub fn query(&self, page: usize) -> String {
+    pub(crate) fn query(&self, page: usize) -> String {
         let mut parts = Vec::new();
         for (k, v) in [
             ("status", &self.status),

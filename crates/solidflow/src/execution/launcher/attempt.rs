@@ -1,7 +1,7 @@
 //! One launched attempt, as the run loop sees it: the step protocol's stdout parsed
 //! into forwarded events and a result, stderr turned into `LOG_MESSAGE`s, and a
 //! process that ended without a result described as a crash. The one place every
-//! out-of-process executor's reports become events and a [`StepOutcome`].
+//! out-of-process executor's reports become events and a `StepOutcome`.
 
 use std::collections::VecDeque;
 

@@ -4,24 +4,20 @@
 //! system) implements [`StepLauncher`]: it starts a [`Launch`] somewhere and reports
 //! what the step process does through the launch's [`Reporter`], and it terminates a
 //! set of running attempts with a grace period. Everything else is written once, in
-//! [`run_steps`]: the [`Scheduler`] (dependencies, retries with their delays, skips,
+//! [`run_steps`]: the `Scheduler` (dependencies, retries with their delays, skips,
 //! local resource limits), the number of attempts in flight, waiting, cancellation,
 //! and the translation of what a step process reported into events and a
-//! [`StepOutcome`] (the step protocol's stdout parsed, stderr turned into log
+//! `StepOutcome` (the step protocol's stdout parsed, stderr turned into log
 //! messages, a crash described; see [`attempt`]). [`check_reach`] refuses storage
 //! the step processes cannot see.
 //!
 //! Adding an executor is one module implementing the trait plus one registration line
 //! (an [`ExecutorDefinition`](crate::executor::ExecutorDefinition)).
 //!
-//! The loop hands out work one attempt at a time from [`Scheduler::next`], keyed by
+//! The loop hands out work one attempt at a time from `Scheduler::next`, keyed by
 //! [`AttemptId`], never by a fixed list of steps, so a scheduler that grows while the
 //! run goes (dynamic fan-out) needs no new loop; a launcher that keeps processes warm
 //! only changes what `launch` does.
-//!
-//! [`Scheduler`]: crate::execution::scheduler::Scheduler
-//! [`Scheduler::next`]: crate::execution::scheduler::Scheduler::next
-//! [`StepOutcome`]: crate::execution::scheduler::StepOutcome
 
 pub mod attempt;
 mod run_loop;

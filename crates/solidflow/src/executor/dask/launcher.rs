@@ -20,6 +20,7 @@ use crate::execution::launcher::{
 };
 use crate::execution::step::StepEnvironment;
 use crate::executor::PARENT_PID_ENV;
+use crate::plan::StepKey;
 
 /// Finished keys are released from the bridge (and Dask) in batches of this size.
 const RELEASE_BATCH: usize = 64;
@@ -98,10 +99,7 @@ impl<'a> DaskLauncher<'a> {
     fn request(&self, launch: &Launch) -> SubmitRequest {
         let step = &self.env.plan.steps[launch.step];
         let t = &self.template;
-        let key = format!(
-            "{}-{}-a{}",
-            step.key, self.env.run_id, launch.invocation.attempt
-        );
+        let key = StepKey::dask_key(&step.key, &self.env.run_id, launch.invocation.attempt);
         let mut request = SubmitRequest::new(
             key,
             vec![t.command0.clone(), "step".into()],

@@ -7,37 +7,42 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Which cluster to create or join (`connect`'s `cluster`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Which cluster to create or join (`connect`'s `cluster`). The one list of cluster
+/// managers: the `cluster:` selector of the Dask config block is derived from it, with
+/// these docs.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ClusterKind {
-    /// A `LocalCluster` (or `SpecCluster` for per-worker resources) on 127.0.0.1.
+    /// A LocalCluster (or SpecCluster for per-worker resources) on 127.0.0.1 created for the run (the default without address).
     Local,
-    /// A running scheduler at `address`.
+    /// A running scheduler at `address` (the default with address).
     Existing,
-    /// `dask_jobqueue.SLURMCluster`.
+    /// dask_jobqueue.SLURMCluster(**options); needs dask-jobqueue.
     Slurm,
-    /// `dask_jobqueue.PBSCluster`.
+    /// dask_jobqueue.PBSCluster(**options); needs dask-jobqueue.
     Pbs,
-    /// `dask_jobqueue.SGECluster`.
+    /// dask_jobqueue.SGECluster(**options); needs dask-jobqueue.
     Sge,
-    /// `dask_jobqueue.LSFCluster`.
+    /// dask_jobqueue.LSFCluster(**options); needs dask-jobqueue.
     Lsf,
-    /// `dask_kubernetes.operator.KubeCluster`.
+    /// dask_kubernetes.operator.KubeCluster(**options); needs dask-kubernetes.
     Kube,
-    /// `distributed.SSHCluster` (needs asyncssh).
+    /// distributed.SSHCluster(**options); needs asyncssh.
     Ssh,
-    /// `dask_yarn.YarnCluster`.
+    /// dask_yarn.YarnCluster(**options); needs dask-yarn.
     Yarn,
 }
 
 /// Adaptive scaling bounds for a created cluster (`cluster.adapt(...)`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AdaptSpec {
-    /// Minimum number of workers.
+    /// Fewest workers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub minimum: Option<u32>,
-    /// Maximum number of workers.
+    /// Most workers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub maximum: Option<u32>,
 }
@@ -56,7 +61,8 @@ pub struct ClusterSpec {
 }
 
 /// TLS files for connecting to a `tls://` scheduler.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// CA certificate.
     pub ca_file: Option<PathBuf>,
