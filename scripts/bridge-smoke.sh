@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end checks of the Dask bridge against real Dask processes (a LocalCluster
-# the bridge creates, and real `dask scheduler` / `dask worker` processes), plus the
-# deps-as-futures vs submit-when-ready probe. See scripts/bridge-smoke.py.
-#   scripts/bridge-smoke.sh [local] [real] [probe]
+# the bridge creates, and real `dask scheduler` / `dask worker` processes). See
+# scripts/bridge-smoke.py.
+#   scripts/bridge-smoke.sh [local] [real]
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${SOLIDFLOW_PYTHON:-$("$repo_root/scripts/python-env.sh")}

@@ -6,7 +6,8 @@
 #   SOLIDFLOW_PYTHON=$(scripts/python-env.sh) cargo test
 #
 # Idempotent: the venv is created once; pip only runs again when
-# python/requirements.txt changed since the last successful install.
+# python/requirements.txt or python/requirements-dev.txt (pytest, ruff for the
+# bridge's own tests) changed since the last successful install.
 # Needs python3 (>= 3.10) with the venv module, and network access to PyPI.
 # Environment: PYTHON3 (interpreter used to create the venv, default python3),
 #              SOLIDFLOW_VENV (venv location, default <repo>/.venv).
@@ -16,6 +17,7 @@ die() { printf 'python-env.sh: error: %s\n' "$*" >&2; exit 1; }
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 requirements="$repo_root/python/requirements.txt"
+requirements_dev="$repo_root/python/requirements-dev.txt"
 venv="${SOLIDFLOW_VENV:-$repo_root/.venv}"
 python3_bin="${PYTHON3:-python3}"
 
@@ -37,11 +39,11 @@ if [ ! -x "$venv_python" ] || ! "$venv_python" -c 'import sys' >/dev/null 2>&1; 
 fi
 
 stamp="$venv/.solidflow-requirements.sha256"
-want=$(sha256sum "$requirements" | cut -d' ' -f1)
+want=$(cat "$requirements" "$requirements_dev" | sha256sum | cut -d' ' -f1)
 have=$(cat "$stamp" 2>/dev/null || true)
 if [ "$want" != "$have" ] || ! "$venv_python" -c 'import distributed' >/dev/null 2>&1; then
-  "$venv_python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements" >&2 \
-    || die "pip install -r $requirements into $venv failed (see above). It needs network access to PyPI."
+  "$venv_python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements_dev" >&2 \
+    || die "pip install -r $requirements_dev into $venv failed (see above). It needs network access to PyPI."
   "$venv_python" -c 'import dask, distributed' \
     || die "dask/distributed are not importable from $venv_python after installing"
   printf '%s\n' "$want" > "$stamp"

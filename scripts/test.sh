@@ -19,6 +19,12 @@ step "S3-compatible test server (s3s-fs)"
 SOLIDFLOW_S3S_FS="$(scripts/s3-server.sh)"
 export SOLIDFLOW_S3S_FS
 
+step "ruff check (the Dask bridge's Python package)"
+"$SOLIDFLOW_PYTHON" -m ruff check crates/solidflow/src/executor/dask/bridge python
+
+step "pytest (the Dask bridge's Python package)"
+"$SOLIDFLOW_PYTHON" -m pytest -q python/tests
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -97,10 +97,10 @@ fn list_plan_and_config_schema_describe_the_pipeline() {
     let (out, schema, _) = run(example("etl", home.path()).args(["config-schema", "etl"]));
     assert!(out.status.success());
     assert!(
-        schema.contains("orders: <an integer> (required)"),
+        schema.contains("orders: <an integer ≥ 0> (required)"),
         "{schema}"
     );
-    assert!(schema.contains("seed: <an integer> = 0"), "{schema}");
+    assert!(schema.contains("seed: <an integer ≥ 0> = 0"), "{schema}");
     assert!(
         schema.contains("# one of: in_process | multiprocess"),
         "{schema}"
@@ -190,7 +190,7 @@ fn bad_config_lists_every_error_with_path_line_and_hint_and_exits_2() {
     let file = bad.display().to_string();
     for expected in [
         format!(
-            "solids.extract_orders.config.orders: expected an integer, found the string \"many\" (at {file}:4:"
+            "solids.extract_orders.config.orders: expected an integer ≥ 0, found the string \"many\" (at {file}:4:"
         ),
         format!("solids.validat: unknown key `validat` (at {file}:5:3); did you mean `validate`?"),
         "solids.write_report.config.path: missing required key `path`".to_string(),
@@ -198,7 +198,7 @@ fn bad_config_lists_every_error_with_path_line_and_hint_and_exits_2() {
             "storage.filesytem: unknown key `filesytem` (at {file}:7:3); did you mean `filesystem`?"
         ),
         format!(
-            "execution.in_process.config.max_concurrent: expected an integer, found the string \"two\" (at {file}:11:"
+            "execution.in_process.config.max_concurrent: expected an integer from 0 to 4096, found the string \"two\" (at {file}:11:"
         ),
     ] {
         assert!(

@@ -4,10 +4,10 @@
 //! outputs; pipelines wire them into DAGs whose wiring is type-checked; run config
 //! (YAML/JSON) picks how steps execute (`in_process`, `multiprocess`, `dask`) and
 //! where intermediates live (`in_memory`, `filesystem`, `s3`). Every pipeline binary
-//! gets a CLI (`list`, `plan`, `execute`, `config-schema`, `runs`, `logs`).
+//! gets a CLI (`list`, `plan`, `execute`, `config-schema`, `runs`, `logs`, `ui`).
 //!
 //! The crate mirrors the concepts: [`definition`] → [`config`] → [`plan`] →
-//! [`execution`] / [`executor`] → [`storage`] → [`cli`]. Start with the [`prelude`].
+//! [`execution`] / [`executor`] → [`storage`] → [`cli`] / [`ui`]. Start with the [`prelude`].
 
 pub mod cli;
 pub mod config;
@@ -16,6 +16,7 @@ pub mod execution;
 pub mod executor;
 pub mod plan;
 pub mod storage;
+pub mod ui;
 
 pub use solidflow_macros::solid;
 

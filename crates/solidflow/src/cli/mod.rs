@@ -1,9 +1,10 @@
-//! The command line every pipeline binary gets from [`Repository::main`].
+//! The command line every pipeline binary gets from [`Repository::main`], which is
+//! implemented here: the repository is a definition, the command line is this module's.
 //!
 //! Exit codes: 0 success, 1 pipeline failure, 2 bad config or usage, 130 interrupted.
 
 mod console;
-mod schema_text;
+pub(crate) mod schema_text;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -14,15 +15,14 @@ use clap::{Parser, Subcommand};
 
 pub use console::Console;
 
-use crate::config::{ConfigSources, RunConfig, run_config_schema};
+use crate::config::{ConfigSources, run_config_schema};
 use crate::definition::pipeline::Pipeline;
 use crate::definition::repository::Repository;
 use crate::execution::cancel::CancelToken;
 use crate::execution::event::Level;
 use crate::execution::protocol::{StepInvocation, run_invocation};
-use crate::execution::run::{RunError, RunOptions, execute_pipeline_with, solidflow_home};
-use crate::plan::ExecutionPlan;
-use crate::storage::run_history::{RunHistory, RunStatus};
+use crate::execution::run::{PreparedRun, RunOptions, solidflow_home};
+use crate::storage::run_history::{RunHistory, RunRecord, RunStatus};
 
 /// Exit code for success.
 pub const EXIT_SUCCESS: i32 = 0;
@@ -111,9 +111,56 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Serve the web page: runs, their DAGs, timelines and logs, live.
+    Ui {
+        /// The port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 3000)]
+        port: u16,
+        /// The address to listen on. Anything but a loopback address requires a token.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The access token (default: none on loopback, generated otherwise).
+        #[arg(long, env = "SOLIDFLOW_UI_TOKEN")]
+        token: Option<String>,
+    },
     /// Run one step from a step invocation on stdin (used by out-of-process executors).
     #[command(hide = true)]
     Step,
+}
+
+impl Repository {
+    /// Runs the solidflow CLI on the process arguments and exits with its code.
+    /// This is what a pipeline binary's `main` calls; it also serves step mode for the
+    /// out-of-process executors. Same as `std::process::exit(cli::run(&repo, args_os()))`.
+    pub fn main(self) -> ! {
+        let code = run(&self, std::env::args_os());
+        std::process::exit(code)
+    }
+}
+
+/// Writes to stdout. A closed stdout (`runs | head -1`, `list | grep -q`) ends the
+/// command quietly with exit 0, as for other Unix tools; another write error (a full
+/// disk behind `>`) is reported with exit 1. Only commands that run nothing print
+/// through this: `execute --json` prints events through the [`Console`].
+fn write_out(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(EXIT_SUCCESS);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(EXIT_FAILURE);
+    }
+}
+
+/// `print!` through [`write_out`].
+macro_rules! out {
+    ($($arg:tt)*) => { write_out(format_args!($($arg)*)) };
+}
+
+/// `println!` through [`write_out`].
+macro_rules! outln {
+    ($($arg:tt)*) => { write_out(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
 /// Runs the CLI with `args` (including the program name) and returns the exit code.
@@ -136,7 +183,7 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
     match cli.command {
         Command::List => {
             for p in repository.pipelines() {
-                println!(
+                outln!(
                     "{}\t{} solids\t{}",
                     p.name(),
                     p.invocations().len(),
@@ -150,16 +197,22 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
             config,
             json,
         } => with_pipeline(repository, &pipeline, |p| {
-            let (sources, run_config) = load_config(p, &config)?;
-            let _ = sources;
-            let plan = ExecutionPlan::compile(p, &run_config);
+            // The same checks as `execute`, so what `plan` accepts `execute` runs.
+            let options = RunOptions {
+                mode: config.mode.clone(),
+                home: Some(solidflow_home()),
+                ..RunOptions::default()
+            };
+            let prepared = PreparedRun::new(p, &load_sources(&config)?, &options)
+                .map_err(|e| e.to_string())?;
+            let plan = prepared.plan();
             if json {
-                println!(
+                outln!(
                     "{}",
-                    serde_json::to_string_pretty(&plan).expect("plan serializes")
+                    serde_json::to_string_pretty(plan).expect("plan serializes")
                 );
             } else {
-                print!("{plan}");
+                out!("{plan}");
             }
             Ok(EXIT_SUCCESS)
         }),
@@ -170,12 +223,12 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
         } => with_pipeline(repository, &pipeline, |p| {
             let schema = run_config_schema(p, mode.as_deref()).map_err(|e| e.to_string())?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&schema).expect("schema serializes")
                 );
             } else {
-                print!("{}", schema_text::render(&schema));
+                out!("{}", schema_text::render(&schema));
             }
             Ok(EXIT_SUCCESS)
         }),
@@ -188,13 +241,13 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
         Command::Runs { limit, json } => with_history(|h| {
             for run in h.runs(limit).map_err(|e| e.to_string())? {
                 if json {
-                    println!("{}", serde_json::to_string(&run).expect("run serializes"));
+                    outln!("{}", serde_json::to_string(&run).expect("run serializes"));
                 } else {
                     let ended = run
                         .ended_at
                         .map(|t| t.to_rfc3339())
                         .unwrap_or_else(|| "-".into());
-                    println!(
+                    outln!(
                         "{}\t{}\t{}\t{}\t{}",
                         run.run_id,
                         run.pipeline,
@@ -211,6 +264,21 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
             json,
             follow,
         } => with_history(|h| print_logs(h, &run_id, json, follow)),
+        Command::Ui { port, host, token } => {
+            let options = crate::ui::UiOptions {
+                host,
+                port,
+                token,
+                home: solidflow_home(),
+            };
+            match crate::ui::serve(repository.clone(), options) {
+                Ok(()) => EXIT_SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    EXIT_USAGE
+                }
+            }
+        }
         Command::Step => step_mode(repository),
     }
 }
@@ -252,12 +320,47 @@ fn with_history(f: impl FnOnce(&RunHistory) -> Result<i32, String>) -> i32 {
     }
 }
 
+/// The run that `prefix` names: the run with exactly this id, or the only run whose id
+/// starts with it. An ambiguous prefix is refused with the candidates listed.
+fn unique_run(history: &RunHistory, prefix: &str) -> Result<RunRecord, String> {
+    const SHOWN: usize = 10;
+    let mut candidates = history
+        .runs_with_prefix(prefix, SHOWN + 1)
+        .map_err(|e| e.to_string())?;
+    match candidates.first() {
+        None => return Err(format!("no run `{prefix}` in run history")),
+        Some(first) if first.run_id == prefix || candidates.len() == 1 => {
+            return Ok(candidates.swap_remove(0));
+        }
+        Some(_) => {}
+    }
+    let more = if candidates.len() > SHOWN {
+        candidates.truncate(SHOWN);
+        "\n  ... and more"
+    } else {
+        ""
+    };
+    let list: Vec<String> = candidates
+        .iter()
+        .map(|r| {
+            format!(
+                "  {}\t{}\t{}\t{}",
+                r.run_id,
+                r.pipeline,
+                r.status,
+                r.started_at.to_rfc3339()
+            )
+        })
+        .collect();
+    Err(format!(
+        "run id prefix `{prefix}` is ambiguous; it matches:\n{}{more}\ngive more characters of the run id",
+        list.join("\n")
+    ))
+}
+
 /// Prints a run's events; with `follow`, polls for new ones until the run ends.
 fn print_logs(history: &RunHistory, run_id: &str, json: bool, follow: bool) -> Result<i32, String> {
-    let run = history
-        .run(run_id)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no run `{run_id}` in run history"))?;
+    let run = unique_run(history, run_id)?;
     let console = Console::new(json, Level::Debug, 0);
     let mut last = 0;
     loop {
@@ -277,14 +380,8 @@ fn print_logs(history: &RunHistory, run_id: &str, json: bool, follow: bool) -> R
     }
 }
 
-fn load_config(
-    pipeline: &Pipeline,
-    args: &ConfigArgs,
-) -> Result<(ConfigSources, RunConfig), String> {
-    let sources = ConfigSources::from_files(&args.config).map_err(|e| e.to_string())?;
-    let config =
-        RunConfig::validate(pipeline, args.mode.as_deref(), &sources).map_err(|e| e.to_string())?;
-    Ok((sources, config))
+fn load_sources(args: &ConfigArgs) -> Result<ConfigSources, String> {
+    ConfigSources::from_files(&args.config).map_err(|e| e.to_string())
 }
 
 fn execute(
@@ -293,27 +390,26 @@ fn execute(
     json: bool,
     run_id: Option<String>,
 ) -> Result<i32, String> {
-    let (sources, config) = load_config(pipeline, args)?;
-    let cancel = CancelToken::new();
-    install_signal_handler(cancel.clone());
+    let sources = load_sources(args)?;
     let home = solidflow_home();
-    let history = RunHistory::open(&home.join("history.db")).map_err(|e| e.to_string())?;
-    let steps = ExecutionPlan::compile(pipeline, &config).steps.len();
-    let console = Arc::new(Console::new(
-        json,
-        Level::parse(&config.log_level).unwrap_or(Level::Info),
-        steps,
-    ));
-    let options = RunOptions {
+    let mut options = RunOptions {
         run_id,
         mode: args.mode.clone(),
-        home: Some(home),
-        listeners: vec![console.clone()],
-        history: Some(history),
-        cancel,
-        parent_run_id: None,
+        home: Some(home.clone()),
+        ..RunOptions::default()
     };
-    let result = execute_pipeline_with(pipeline, &sources, options);
+    // Validates config and run id, compiles the plan and checks the executor, once.
+    let prepared = PreparedRun::new(pipeline, &sources, &options).map_err(|e| e.to_string())?;
+    install_signal_handler(options.cancel.clone());
+    let history = RunHistory::open(&home.join("history.db")).map_err(|e| e.to_string())?;
+    let console = Arc::new(Console::new(
+        json,
+        Level::parse(&prepared.config().log_level).unwrap_or(Level::Info),
+        prepared.plan().steps.len(),
+    ));
+    options.listeners.push(console.clone());
+    options.history = Some(history);
+    let result = prepared.execute(options);
     console.finish();
     match result {
         Ok(r) => Ok(match r.status() {
@@ -321,7 +417,6 @@ fn execute(
             RunStatus::Canceled => EXIT_INTERRUPTED,
             _ => EXIT_FAILURE,
         }),
-        Err(RunError::Config(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
     }
 }

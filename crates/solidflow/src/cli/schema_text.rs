@@ -3,7 +3,7 @@
 use crate::config::schema::{ConfigType, Field};
 
 /// The schema as YAML-like text: every key with its type, default and description.
-pub fn render(schema: &ConfigType) -> String {
+pub(crate) fn render(schema: &ConfigType) -> String {
     let mut out = String::from(
         "# Run config accepted by this pipeline. `# one of:` blocks take exactly one key.\n",
     );

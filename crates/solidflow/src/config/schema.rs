@@ -14,12 +14,30 @@ pub enum ConfigType {
     Any,
     /// `true` or `false`.
     Bool,
-    /// A whole number.
-    Int,
-    /// A number (whole numbers are accepted too).
-    Float,
-    /// A string.
-    String,
+    /// A whole number, within its range.
+    Int {
+        /// The smallest accepted value.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        minimum: Option<f64>,
+        /// The largest accepted value.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        maximum: Option<f64>,
+    },
+    /// A finite number (whole numbers are accepted too), within its range.
+    Float {
+        /// The smallest accepted value.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        minimum: Option<f64>,
+        /// The largest accepted value.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        maximum: Option<f64>,
+    },
+    /// A string, at least `min_length` characters long.
+    String {
+        /// The fewest characters accepted.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        min_length: Option<u64>,
+    },
     /// One of a fixed set of strings.
     Enum {
         /// The accepted values.
@@ -103,6 +121,19 @@ impl Field {
 }
 
 impl ConfigType {
+    /// Any whole number.
+    pub const INT: Self = Self::Int {
+        minimum: None,
+        maximum: None,
+    };
+    /// Any finite number.
+    pub const FLOAT: Self = Self::Float {
+        minimum: None,
+        maximum: None,
+    };
+    /// Any string.
+    pub const STRING: Self = Self::String { min_length: None };
+
     /// A shape with the given fields.
     pub fn shape(fields: impl IntoIterator<Item = Field>) -> Self {
         Self::Shape {
@@ -171,9 +202,17 @@ impl ConfigType {
         match self {
             Self::Any => "any value".into(),
             Self::Bool => "a boolean".into(),
-            Self::Int => "an integer".into(),
-            Self::Float => "a number".into(),
-            Self::String => "a string".into(),
+            Self::Int { minimum, maximum } => format!("an integer{}", range(*minimum, *maximum)),
+            Self::Float { minimum, maximum } => format!("a number{}", range(*minimum, *maximum)),
+            Self::String {
+                min_length: None | Some(0),
+            } => "a string".into(),
+            Self::String {
+                min_length: Some(1),
+            } => "a non-empty string".into(),
+            Self::String {
+                min_length: Some(n),
+            } => format!("a string of at least {n} characters"),
             Self::Enum { values } => format!("one of {}", values.join(", ")),
             Self::List { item } => format!("a list of {}", item.describe()),
             Self::Map { value } => format!("a map of names to {}", value.describe()),
@@ -188,5 +227,15 @@ impl ConfigType {
                     .join(", ")
             ),
         }
+    }
+}
+
+/// ` from 0 to 10`, ` ≥ 0`, ` ≤ 10` or nothing.
+fn range(minimum: Option<f64>, maximum: Option<f64>) -> String {
+    match (minimum, maximum) {
+        (Some(lo), Some(hi)) => format!(" from {lo} to {hi}"),
+        (Some(lo), None) => format!(" ≥ {lo}"),
+        (None, Some(hi)) => format!(" ≤ {hi}"),
+        (None, None) => String::new(),
     }
 }

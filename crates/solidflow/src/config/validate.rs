@@ -16,9 +16,23 @@ pub fn validate(
     match (ty, value) {
         (ConfigType::Any, v) => v.clone(),
         (ConfigType::Bool, Value::Bool(_)) => value.clone(),
-        (ConfigType::Int, Value::Number(n)) if n.is_i64() || n.is_u64() => value.clone(),
-        (ConfigType::Float, Value::Number(_)) => value.clone(),
-        (ConfigType::String, Value::String(_)) => value.clone(),
+        (ConfigType::Int { minimum, maximum }, Value::Number(n))
+            if (n.is_i64() || n.is_u64())
+                && in_range(n.as_f64().unwrap_or(f64::NAN), *minimum, *maximum) =>
+        {
+            value.clone()
+        }
+        (ConfigType::Float { minimum, maximum }, Value::Number(n))
+            if n.as_f64()
+                .is_some_and(|x| x.is_finite() && in_range(x, *minimum, *maximum)) =>
+        {
+            value.clone()
+        }
+        (ConfigType::String { min_length }, Value::String(s))
+            if s.chars().count() as u64 >= min_length.unwrap_or(0) =>
+        {
+            value.clone()
+        }
         (ConfigType::Enum { values }, Value::String(s)) if values.contains(s) => value.clone(),
         (ConfigType::Enum { values }, Value::String(s)) => {
             let mut err =
@@ -185,6 +199,10 @@ pub fn did_you_mean<'a>(
         .map(|(_, c)| c)
 }
 
+fn in_range(x: f64, minimum: Option<f64>, maximum: Option<f64>) -> bool {
+    minimum.is_none_or(|lo| x >= lo) && maximum.is_none_or(|hi| x <= hi)
+}
+
 /// Appends one segment to a config path.
 pub fn child(path: &[String], segment: &str) -> Vec<String> {
     let mut p = path.to_vec();
@@ -198,6 +216,9 @@ pub fn describe_value(v: &Value) -> String {
         Value::Null => "nothing (null)".into(),
         Value::Bool(b) => format!("the boolean {b}"),
         Value::Number(n) => format!("the number {n}"),
+        Value::String(s) if s.chars().count() > 60 => {
+            format!("a string of {} characters", s.chars().count())
+        }
         Value::String(s) => format!("the string {s:?}"),
         Value::Array(_) => "a list".into(),
         Value::Object(_) => "a map".into(),
@@ -211,9 +232,15 @@ mod tests {
 
     fn schema() -> ConfigType {
         ConfigType::shape([
-            Field::required("address", ConfigType::String),
-            Field::optional("timeout", ConfigType::Float).default(30),
-            Field::optional("resources", ConfigType::map(ConfigType::Float)),
+            Field::required("address", ConfigType::STRING),
+            Field::optional("timeout", ConfigType::FLOAT).default(30),
+            Field::optional(
+                "resources",
+                ConfigType::map(ConfigType::Float {
+                    minimum: Some(0.0),
+                    maximum: None,
+                }),
+            ),
         ])
     }
 
@@ -253,6 +280,49 @@ mod tests {
         assert!(
             text.iter()
                 .any(|t| t.contains("missing required key `address`"))
+        );
+    }
+
+    #[test]
+    fn numbers_outside_their_range_are_refused_with_the_path() {
+        let mut errors = vec![];
+        validate(
+            &schema(),
+            &json!({"address": "", "timeout": 1e30, "resources": {"GPU": -1}}),
+            &[],
+            &mut errors,
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].dotted_path(), "resources.GPU");
+        assert!(
+            errors[0]
+                .message
+                .contains("expected a number ≥ 0, found the number -1")
+        );
+        let bounded = ConfigType::Int {
+            minimum: Some(0.0),
+            maximum: Some(10.0),
+        };
+        for (v, ok) in [
+            (json!(0), true),
+            (json!(10), true),
+            (json!(-1), false),
+            (json!(11), false),
+            (json!(2.5), false),
+            (json!(18446744073709551615u64), false),
+        ] {
+            let mut errors = vec![];
+            validate(&bounded, &v, &["n".into()], &mut errors);
+            assert_eq!(errors.is_empty(), ok, "{v}: {errors:?}");
+        }
+        let non_empty = ConfigType::String {
+            min_length: Some(1),
+        };
+        let mut errors = vec![];
+        validate(&non_empty, &json!(""), &["base_dir".into()], &mut errors);
+        assert_eq!(
+            errors[0].to_string(),
+            "base_dir: expected a non-empty string, found the string \"\""
         );
     }
 

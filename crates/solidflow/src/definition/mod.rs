@@ -1,9 +1,12 @@
-//! Definitions: what users write. Solids, pipelines, modes and repositories, and the
-//! runtime type information that lets the engine move typed values around.
+//! Definitions: what users write. Solids, pipelines, modes and repositories, the
+//! executor and storage choices a mode offers, and the runtime type information that
+//! lets the engine move typed values around.
 
+pub mod executor;
 pub mod mode;
 pub mod pipeline;
 pub mod repository;
 pub mod retry;
 pub mod solid;
+pub mod storage;
 pub mod types;

@@ -2,9 +2,14 @@
 //!
 //! The seed's `ModeDefinition(executor_defs=default_executors + [dask_executor])` is
 //! `Mode::new("default").executors(default_executors().with(dask_executor()))` here.
+//!
+//! This module knows the *definition* types only. [`Mode::new`] and `Mode::default()`,
+//! which fill in the standard executors and storages, are implemented in
+//! [`crate::executor`], next to the lists of built-in implementations, so that
+//! definitions never depend on how steps are executed.
 
-use crate::executor::{ExecutorDefinition, default_executors};
-use crate::storage::registry::{StorageDefinition, default_storages};
+use super::executor::ExecutorDefinition;
+use super::storage::StorageDefinition;
 
 /// A named choice of executors and storages.
 #[derive(Debug, Clone)]
@@ -17,19 +22,18 @@ pub struct Mode {
     pub storages: Vec<StorageDefinition>,
 }
 
-impl Default for Mode {
-    fn default() -> Self {
-        Self::new("default")
-    }
-}
-
 impl Mode {
-    /// A mode with [`default_executors`] and [`default_storages`].
-    pub fn new(name: impl Into<String>) -> Self {
+    /// A mode with exactly these executors and storages (the first of each is the
+    /// default choice).
+    pub fn with_choices(
+        name: impl Into<String>,
+        executors: Vec<ExecutorDefinition>,
+        storages: Vec<StorageDefinition>,
+    ) -> Self {
         Self {
             name: name.into(),
-            executors: default_executors(),
-            storages: default_storages(),
+            executors,
+            storages,
         }
     }
 

@@ -614,7 +614,7 @@ impl Pipeline {
 
     /// Convenience for the seed's `ModeDefinition(executor_defs=...)`: one default mode
     /// with these executors and the default storages.
-    pub fn with_executors(self, executors: Vec<crate::executor::ExecutorDefinition>) -> Self {
+    pub fn with_executors(self, executors: Vec<super::executor::ExecutorDefinition>) -> Self {
         self.with_modes([Mode::new("default").executors(executors)])
     }
 

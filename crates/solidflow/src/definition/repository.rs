@@ -1,4 +1,5 @@
-//! Repositories: the pipelines one binary serves, and the hand-over to the CLI.
+//! Repositories: the pipelines one binary serves. The hand-over to the command line,
+//! `Repository::main`, belongs to [`crate::cli`], which implements it.
 
 use std::sync::{Arc, OnceLock};
 
@@ -34,7 +35,8 @@ impl Entry {
     }
 }
 
-/// The pipelines served by one binary.
+/// The pipelines served by one binary. A pipeline binary's `main` builds one and hands
+/// it to the CLI with `.main()` (defined in [`crate::cli`]).
 ///
 /// ```no_run
 /// # use solidflow::prelude::*;
@@ -139,14 +141,6 @@ impl Repository {
     /// Looks up a pipeline by name, building it if it is lazy.
     pub fn pipeline(&self, name: &str) -> Option<&Pipeline> {
         self.entries.iter().find(|e| e.name == name).map(Entry::get)
-    }
-
-    /// Runs the solidflow CLI on the process arguments and exits with its code.
-    /// This is what a pipeline binary's `main` calls; it also serves step mode for the
-    /// out-of-process executors.
-    pub fn main(self) -> ! {
-        let code = crate::cli::run(&self, std::env::args_os());
-        std::process::exit(code)
     }
 }
 

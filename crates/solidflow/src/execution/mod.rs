@@ -1,13 +1,19 @@
-//! Execution: the run context, running one step, shared step scheduling, events and
-//! the programmatic API ([`execute_pipeline`](run::execute_pipeline)).
+//! Execution: the run context, running one step, shared step scheduling, the executor
+//! seam, events and the programmatic API ([`execute_pipeline`](run::execute_pipeline)).
 
 pub mod cancel;
 pub mod context;
 pub mod error;
 pub mod event;
+pub mod executor;
+pub mod launcher;
 pub mod protocol;
 pub mod run;
-pub mod scheduler;
+pub mod run_id;
+pub(crate) mod scheduler;
 pub mod sink;
-pub mod step;
-pub mod values;
+pub(crate) mod step;
+pub(crate) mod values;
+
+pub use scheduler::{Resources, Summary};
+pub use step::StepEnvironment;

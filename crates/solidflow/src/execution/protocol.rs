@@ -8,17 +8,21 @@
 //! failed, 3 for a protocol mismatch or unusable invocation. See `docs/step-protocol.md`.
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::event::{ErrorInfo, Event};
+use super::run_id::RunId;
+use super::scheduler::StepOutcome;
 use super::sink::{EventListener, EventSink};
 use super::step::StepEnvironment;
 use crate::config::RunConfig;
 use crate::definition::repository::Repository;
+use crate::definition::storage::StorageContext;
 use crate::plan::ExecutionPlan;
-use crate::storage::registry::StorageContext;
 
 /// The protocol version; parent and child must agree.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -44,6 +48,23 @@ pub struct StepInvocation {
     pub home: std::path::PathBuf,
 }
 
+impl StepInvocation {
+    /// The invocation of attempt `attempt` of step `step` of the run in `env`: the one
+    /// place every out-of-process executor builds it.
+    pub fn for_attempt(env: &StepEnvironment, home: &Path, step: usize, attempt: u32) -> Self {
+        Self {
+            protocol: PROTOCOL_VERSION,
+            run_id: env.run_id.clone(),
+            pipeline: env.pipeline.name().to_string(),
+            mode: env.config.mode.clone(),
+            step_key: env.plan.steps[step].key.clone(),
+            attempt,
+            run_config: env.config.value.clone(),
+            home: home.to_path_buf(),
+        }
+    }
+}
+
 /// One line a step process writes to stdout.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -60,10 +81,72 @@ pub enum StepMessage {
         /// The failure, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<ErrorInfo>,
-        /// Set when the solid asked for a retry; the delay in seconds, if any.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// Set when the solid asked for a retry; the delay in seconds, if any
+        /// (`null`: no particular delay).
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            deserialize_with = "present"
+        )]
         retry_requested: Option<Option<f64>>,
     },
+}
+
+impl StepMessage {
+    /// The final `result` line for `outcome`.
+    pub(crate) fn result(outcome: StepOutcome) -> Self {
+        match outcome {
+            StepOutcome::Succeeded => Self::Result {
+                ok: true,
+                error: None,
+                retry_requested: None,
+            },
+            StepOutcome::Failed(error) => Self::Result {
+                ok: false,
+                error: Some(error),
+                retry_requested: None,
+            },
+            StepOutcome::RetryRequested { error, delay } => Self::Result {
+                ok: false,
+                error: Some(error),
+                retry_requested: Some(delay.map(|d| d.as_secs_f64())),
+            },
+        }
+    }
+
+    /// What a `result` line reports (`None` for an event). A failure without details
+    /// is described by `no_details`.
+    pub(crate) fn outcome(self, no_details: impl FnOnce() -> String) -> Option<StepOutcome> {
+        let Self::Result {
+            ok,
+            error,
+            retry_requested,
+        } = self
+        else {
+            return None;
+        };
+        if ok {
+            return Some(StepOutcome::Succeeded);
+        }
+        let error = error.unwrap_or_else(|| ErrorInfo {
+            message: no_details(),
+            causes: vec![],
+            kind: "error".into(),
+            location: None,
+        });
+        Some(match retry_requested {
+            Some(delay) => StepOutcome::RetryRequested {
+                error,
+                delay: delay.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            },
+            None => StepOutcome::Failed(error),
+        })
+    }
+}
+
+/// A field that is present (even as `null`) is `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
 }
 
 struct LineWriter(Mutex<Box<dyn Write + Send>>);
@@ -100,11 +183,7 @@ pub fn run_invocation(
             kind: "error".into(),
             location: None,
         };
-        writer.send(&StepMessage::Result {
-            ok: false,
-            error: Some(error),
-            retry_requested: None,
-        });
+        writer.send(&StepMessage::result(StepOutcome::Failed(error)));
         code
     };
     if invocation.protocol != PROTOCOL_VERSION {
@@ -116,6 +195,10 @@ pub fn run_invocation(
             ),
             3,
         );
+    }
+    // The run id names directories and object keys this process writes.
+    if let Err(e) = RunId::parse(&invocation.run_id) {
+        return fail(&writer, format!("step invocation: {e}"), 3);
     }
     let Some(pipeline) = repository.pipeline(&invocation.pipeline) else {
         return fail(
@@ -193,23 +276,87 @@ pub fn run_invocation(
         memory: None,
         events,
     };
-    match env.run_step(index, invocation.attempt) {
-        Ok(()) => {
-            writer.send(&StepMessage::Result {
-                ok: true,
-                error: None,
-                retry_requested: None,
-            });
-            0
+    let outcome = StepOutcome::of(env.run_step(index, invocation.attempt));
+    let code = if outcome == StepOutcome::Succeeded {
+        0
+    } else {
+        1
+    };
+    writer.send(&StepMessage::result(outcome));
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The golden examples in `tests/fixtures/protocol/`, shared with the bridge's tests.
+    fn fixture(name: &str) -> Vec<serde_json::Value> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/protocol")
+            .join(name);
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn step_messages_round_trip_exactly() {
+        for golden in fixture("step-messages.jsonl") {
+            let message: StepMessage = serde_json::from_value(golden.clone()).unwrap();
+            assert_eq!(serde_json::to_value(&message).unwrap(), golden);
         }
-        Err(e) => {
-            let retry_requested = e.retry_requested.map(|d| d.map(|d| d.as_secs_f64()));
-            writer.send(&StepMessage::Result {
-                ok: false,
-                error: Some(e.info()),
-                retry_requested,
-            });
-            1
+    }
+
+    #[test]
+    fn result_lines_become_outcomes_and_back() {
+        let outcomes: Vec<StepOutcome> = fixture("step-messages.jsonl")
+            .into_iter()
+            .filter_map(|v| {
+                serde_json::from_value::<StepMessage>(v)
+                    .unwrap()
+                    .outcome(|| unreachable!("every failure has details"))
+            })
+            .collect();
+        assert_eq!(outcomes[0], StepOutcome::Succeeded);
+        assert!(matches!(&outcomes[1], StepOutcome::Failed(e) if e.kind == "panic"));
+        assert!(matches!(
+            &outcomes[2],
+            StepOutcome::RetryRequested { delay: Some(d), .. } if *d == Duration::from_millis(500)
+        ));
+        assert!(matches!(
+            &outcomes[3],
+            StepOutcome::RetryRequested { delay: None, .. }
+        ));
+        for (outcome, golden) in outcomes
+            .into_iter()
+            .zip(fixture("step-messages.jsonl").into_iter().skip(2))
+        {
+            assert_eq!(
+                serde_json::to_value(StepMessage::result(outcome)).unwrap(),
+                golden
+            );
+        }
+        let failed = StepMessage::Result {
+            ok: false,
+            error: None,
+            retry_requested: None,
+        };
+        assert!(matches!(
+            failed.outcome(|| "no details".into()),
+            Some(StepOutcome::Failed(e)) if e.message == "no details"
+        ));
+    }
+
+    #[test]
+    fn the_invocation_round_trips_exactly() {
+        for golden in fixture("step-invocation.jsonl") {
+            let invocation: StepInvocation = serde_json::from_value(golden.clone()).unwrap();
+            assert_eq!(invocation.protocol, PROTOCOL_VERSION);
+            assert_eq!(serde_json::to_value(&invocation).unwrap(), golden);
         }
     }
 }

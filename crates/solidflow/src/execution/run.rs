@@ -10,17 +10,18 @@ use chrono::Utc;
 
 use super::cancel::CancelToken;
 use super::event::{ErrorInfo, Event, EventKind, Level};
+use super::executor::{ExecutionContext, Executor, ExecutorError};
+use super::run_id::RunId;
 use super::sink::{EventCollector, EventListener, EventSink};
 use super::step::StepEnvironment;
 use super::values::ValueStore;
 use crate::config::{ConfigErrors, ConfigSources, RunConfig};
 use crate::definition::pipeline::Pipeline;
+use crate::definition::storage::StorageContext;
 use crate::definition::types::Codec;
-use crate::executor::{ExecutionContext, ExecutorError};
 use crate::plan::ExecutionPlan;
-use crate::storage::registry::StorageContext;
 use crate::storage::run_history::{RunHistory, RunRecord, RunStatus};
-use crate::storage::{IntermediateKey, StorageError};
+use crate::storage::{IntermediateKey, IntermediateStorage, StorageError};
 
 /// The solidflow home: `$SOLIDFLOW_HOME`, else `~/.solidflow`. Holds run history and
 /// the default filesystem storage.
@@ -224,158 +225,245 @@ pub fn execute_pipeline_with(
     sources: &ConfigSources,
     options: RunOptions,
 ) -> Result<ExecutionResult, RunError> {
-    let config = Arc::new(RunConfig::validate(
-        pipeline,
-        options.mode.as_deref(),
-        sources,
-    )?);
-    let plan = Arc::new(ExecutionPlan::compile(pipeline, &config));
-    let mode = pipeline
-        .mode(options.mode.as_deref())
-        .expect("mode validated");
-    let setup = |message: String| RunError::Setup {
-        pipeline: pipeline.name().into(),
-        message,
-    };
-    let home = options.home.clone().unwrap_or_else(solidflow_home);
-    let storage_def = mode
-        .storage(&config.storage.name)
-        .expect("storage validated");
-    let storage = (storage_def.build)(
-        &config.storage.config,
-        &StorageContext { home: home.clone() },
-    )
-    .map_err(|e| setup(e.to_string()))?;
-    let executor_def = mode
-        .executor(&config.execution.name)
-        .expect("executor validated");
-    let executor =
-        (executor_def.build)(&config.execution.config).map_err(|e| setup(e.to_string()))?;
-    let run_id = options
-        .run_id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let collector = EventCollector::default();
-    let mut listeners: Vec<Arc<dyn EventListener>> = vec![Arc::new(collector.clone())];
-    if let Some(h) = &options.history {
-        listeners.push(Arc::new(h.clone()));
+    PreparedRun::new(pipeline, sources, &options)?.execute(options)
+}
+
+/// A run that passed every check `execute` makes before it starts: config validated,
+/// run id checked, plan compiled, storage and executor built, and the executor's
+/// [`check`](super::executor::Executor::check) passed. `plan` stops here, so a config
+/// that `plan` accepts is never refused by `execute`; `execute` goes on with
+/// [`execute`](Self::execute), validating and compiling nothing twice.
+pub struct PreparedRun {
+    pipeline: Arc<Pipeline>,
+    config: Arc<RunConfig>,
+    plan: Arc<ExecutionPlan>,
+    storage: Arc<dyn IntermediateStorage>,
+    executor: Arc<dyn Executor>,
+    home: PathBuf,
+    run_id: String,
+}
+
+impl PreparedRun {
+    /// Validates `sources` for `pipeline` in `options.mode`, checks `options.run_id`,
+    /// compiles the plan, builds storage and executor from their config blocks (without
+    /// touching the network or the disk) and runs the executor's checks.
+    pub fn new(
+        pipeline: &Pipeline,
+        sources: &ConfigSources,
+        options: &RunOptions,
+    ) -> Result<Self, RunError> {
+        let config = RunConfig::validate(pipeline, options.mode.as_deref(), sources)?;
+        Self::from_config(pipeline, config, options)
     }
-    listeners.extend(options.listeners.iter().cloned());
-    let events = EventSink::new(&run_id, pipeline.name(), listeners);
-    let memory = (executor.in_process() && config.storage.name == "in_memory")
-        .then(|| Arc::new(ValueStore::new()));
-    let env = StepEnvironment {
-        run_id: run_id.clone(),
-        pipeline: Arc::new(pipeline.clone()),
-        plan: plan.clone(),
-        config: config.clone(),
-        storage,
-        memory,
-        events: events.clone(),
-    };
-    let ctx = ExecutionContext {
-        env: env.clone(),
-        cancel: options.cancel.clone(),
-        home,
-    };
-    executor.check(&ctx).map_err(|e| setup(e.to_string()))?;
-    if let Some(h) = &options.history {
-        h.create_run(&RunRecord {
-            run_id: run_id.clone(),
+
+    /// Like [`new`](Self::new), for a config that is already validated.
+    pub fn from_config(
+        pipeline: &Pipeline,
+        config: RunConfig,
+        options: &RunOptions,
+    ) -> Result<Self, RunError> {
+        let setup = |message: String| RunError::Setup {
             pipeline: pipeline.name().into(),
-            mode: config.mode.clone(),
-            status: RunStatus::Started,
-            config: config.value.clone(),
-            parent_run_id: options.parent_run_id.clone(),
-            started_at: Utc::now(),
-            ended_at: None,
-        })
+            message,
+        };
+        let run_id = match &options.run_id {
+            Some(id) => RunId::parse(id).map_err(|e| setup(e.to_string()))?.into(),
+            None => RunId::fresh().into(),
+        };
+        let config = Arc::new(config);
+        let plan = Arc::new(ExecutionPlan::compile(pipeline, &config));
+        let mode = pipeline
+            .mode(Some(&config.mode))
+            .ok_or_else(|| setup(format!("no mode `{}`", config.mode)))?;
+        let home = options.home.clone().unwrap_or_else(solidflow_home);
+        let storage_def = mode
+            .storage(&config.storage.name)
+            .ok_or_else(|| setup(format!("no storage `{}`", config.storage.name)))?;
+        let storage = (storage_def.build)(
+            &config.storage.config,
+            &StorageContext { home: home.clone() },
+        )
         .map_err(|e| setup(e.to_string()))?;
+        let executor_def = mode
+            .executor(&config.execution.name)
+            .ok_or_else(|| setup(format!("no executor `{}`", config.execution.name)))?;
+        let executor =
+            (executor_def.build)(&config.execution.config).map_err(|e| setup(e.to_string()))?;
+        let prepared = Self {
+            pipeline: Arc::new(pipeline.clone()),
+            config,
+            plan,
+            storage,
+            executor,
+            home,
+            run_id,
+        };
+        // Checks look at the plan, config and storage only: no listener hears this sink.
+        let probe = prepared.context(
+            EventSink::new(&prepared.run_id, pipeline.name(), vec![]),
+            CancelToken::new(),
+        );
+        prepared
+            .executor
+            .check(&probe)
+            .map_err(|e| setup(e.to_string()))?;
+        Ok(prepared)
     }
-    let started = Instant::now();
-    events.emit(
-        None,
-        Level::Info,
-        format!(
-            "started run {run_id} of {} on {} with {} storage",
-            pipeline.name(),
-            config.execution.name,
-            config.storage.name
-        ),
-        EventKind::PipelineStart {
-            executor: config.execution.name.clone(),
-            storage: config.storage.name.clone(),
-            steps: plan.steps.len(),
-        },
-    );
-    let outcome = env
-        .storage
-        .preflight()
-        .map_err(|e| ExecutorError::Engine(e.to_string()))
-        .and_then(|()| executor.execute(&ctx));
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let status = match outcome {
-        Ok(summary) if summary.canceled || ctx.cancel.is_canceled() => {
-            events.emit(
-                None,
-                Level::Error,
-                "run canceled",
-                EventKind::PipelineCanceled { duration_ms },
-            );
-            RunStatus::Canceled
-        }
-        Ok(summary) if summary.failed.is_empty() && summary.skipped.is_empty() => {
-            events.emit(
-                None,
-                Level::Info,
-                format!("run succeeded in {duration_ms} ms"),
-                EventKind::PipelineSuccess { duration_ms },
-            );
-            RunStatus::Success
-        }
-        Ok(summary) => {
-            events.emit(
-                None,
-                Level::Error,
-                format!(
-                    "run failed: {} step(s) failed, {} skipped",
-                    summary.failed.len(),
-                    summary.skipped.len()
-                ),
-                EventKind::PipelineFailure {
-                    duration_ms,
-                    failed_steps: summary.failed,
-                    error: None,
-                },
-            );
-            RunStatus::Failure
-        }
-        Err(e) => {
-            let error = ErrorInfo {
-                message: e.to_string(),
-                causes: vec![],
-                kind: "engine".into(),
-                location: None,
-            };
-            events.emit(
-                None,
-                Level::Error,
-                format!("run failed: {e}"),
-                EventKind::PipelineFailure {
-                    duration_ms,
-                    failed_steps: vec![],
-                    error: Some(error),
-                },
-            );
-            RunStatus::Failure
-        }
-    };
-    if let Some(h) = &options.history {
-        h.flush();
+
+    /// The validated run config, defaults filled in.
+    pub fn config(&self) -> &RunConfig {
+        &self.config
     }
-    Ok(ExecutionResult {
-        status,
-        events: collector.events(),
-        env,
-    })
+
+    /// The compiled plan.
+    pub fn plan(&self) -> &ExecutionPlan {
+        &self.plan
+    }
+
+    /// The run id the run will have (`options.run_id`, or a fresh one).
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    fn context(&self, events: EventSink, cancel: CancelToken) -> ExecutionContext {
+        let memory = (self.executor.in_process() && self.config.storage.name == "in_memory")
+            .then(|| Arc::new(ValueStore::new()));
+        let env = StepEnvironment {
+            run_id: self.run_id.clone(),
+            pipeline: self.pipeline.clone(),
+            plan: self.plan.clone(),
+            config: self.config.clone(),
+            storage: self.storage.clone(),
+            memory,
+            events,
+        };
+        ExecutionContext {
+            env,
+            cancel,
+            home: self.home.clone(),
+        }
+    }
+
+    /// Records the run (when `options.history` is set), executes every step and reports.
+    /// `options.run_id`, `mode` and `home` were used by [`new`](Self::new); the
+    /// listeners, history, cancel token and parent run are used here.
+    pub fn execute(self, options: RunOptions) -> Result<ExecutionResult, RunError> {
+        let pipeline = self.pipeline.clone();
+        let config = self.config.clone();
+        let plan = self.plan.clone();
+        let run_id = self.run_id.clone();
+        let setup = |message: String| RunError::Setup {
+            pipeline: pipeline.name().into(),
+            message,
+        };
+        let collector = EventCollector::default();
+        let mut listeners: Vec<Arc<dyn EventListener>> = vec![Arc::new(collector.clone())];
+        if let Some(h) = &options.history {
+            listeners.push(Arc::new(h.clone()));
+        }
+        listeners.extend(options.listeners.iter().cloned());
+        let events = EventSink::new(&run_id, pipeline.name(), listeners);
+        let ctx = self.context(events.clone(), options.cancel.clone());
+        let env = ctx.env.clone();
+        let executor = self.executor;
+        if let Some(h) = &options.history {
+            h.create_run(&RunRecord {
+                run_id: run_id.clone(),
+                pipeline: pipeline.name().into(),
+                mode: config.mode.clone(),
+                status: RunStatus::Started,
+                config: config.value.clone(),
+                parent_run_id: options.parent_run_id.clone(),
+                started_at: Utc::now(),
+                ended_at: None,
+            })
+            .map_err(|e| setup(e.to_string()))?;
+        }
+        let started = Instant::now();
+        events.emit(
+            None,
+            Level::Info,
+            format!(
+                "started run {run_id} of {} on {} with {} storage",
+                pipeline.name(),
+                config.execution.name,
+                config.storage.name
+            ),
+            EventKind::PipelineStart {
+                executor: config.execution.name.clone(),
+                storage: config.storage.name.clone(),
+                steps: plan.steps.len(),
+            },
+        );
+        let outcome = env
+            .storage
+            .preflight()
+            .map_err(|e| ExecutorError::Engine(e.to_string()))
+            .and_then(|()| executor.execute(&ctx));
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let status = match outcome {
+            Ok(summary) if summary.canceled || ctx.cancel.is_canceled() => {
+                events.emit(
+                    None,
+                    Level::Error,
+                    "run canceled",
+                    EventKind::PipelineCanceled { duration_ms },
+                );
+                RunStatus::Canceled
+            }
+            Ok(summary) if summary.failed.is_empty() && summary.skipped.is_empty() => {
+                events.emit(
+                    None,
+                    Level::Info,
+                    format!("run succeeded in {duration_ms} ms"),
+                    EventKind::PipelineSuccess { duration_ms },
+                );
+                RunStatus::Success
+            }
+            Ok(summary) => {
+                events.emit(
+                    None,
+                    Level::Error,
+                    format!(
+                        "run failed: {} step(s) failed, {} skipped",
+                        summary.failed.len(),
+                        summary.skipped.len()
+                    ),
+                    EventKind::PipelineFailure {
+                        duration_ms,
+                        failed_steps: summary.failed,
+                        error: None,
+                    },
+                );
+                RunStatus::Failure
+            }
+            Err(e) => {
+                let error = ErrorInfo {
+                    message: e.to_string(),
+                    causes: vec![],
+                    kind: "engine".into(),
+                    location: None,
+                };
+                events.emit(
+                    None,
+                    Level::Error,
+                    format!("run failed: {e}"),
+                    EventKind::PipelineFailure {
+                        duration_ms,
+                        failed_steps: vec![],
+                        error: Some(error),
+                    },
+                );
+                RunStatus::Failure
+            }
+        };
+        if let Some(h) = &options.history {
+            h.flush();
+        }
+        Ok(ExecutionResult {
+            status,
+            events: collector.events(),
+            env,
+        })
+    }
 }

@@ -1,14 +1,19 @@
 //! Step bookkeeping shared by every executor: which steps are ready, which wait for
 //! resources or a retry delay, and which are skipped because something upstream failed.
 //!
-//! An executor asks [`Scheduler::next`] for work, reports each attempt's outcome with
-//! [`Scheduler::succeeded`] or [`Scheduler::failed`], and stops when
+//! An executor asks [`Scheduler::next`] for work, reports each attempt's
+//! [`StepOutcome`] with [`Scheduler::finished`], and stops when
 //! [`Scheduler::is_finished`]. Events for retries, failures and skips are emitted here,
 //! so every executor reports them the same way.
+//!
+//! A retry whose delay has passed goes to the front of the ready queue: it has waited
+//! its delay already, and must not also wait behind every step that became ready
+//! meanwhile.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use super::error::SolidError;
 use super::event::{ErrorInfo, EventKind, Level};
 use super::sink::EventSink;
 use crate::plan::ExecutionPlan;
@@ -29,11 +34,49 @@ pub type Resources = BTreeMap<String, f64>;
 
 /// What the scheduler decided after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterFailure {
+pub(crate) enum AfterFailure {
     /// The step will run again after the delay.
     Retry,
     /// The step failed for good; its dependents were skipped.
     Failed,
+}
+
+/// How one attempt of a step ended: what every executor reports to the scheduler.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum StepOutcome {
+    /// The step stored its outputs.
+    Succeeded,
+    /// The attempt failed; the step's retry policy decides what happens next.
+    Failed(ErrorInfo),
+    /// The solid failed and asked for a retry (`SolidError::retry`), after `delay` if
+    /// given, else after the policy's delay.
+    RetryRequested {
+        /// The failure.
+        error: ErrorInfo,
+        /// The delay the solid asked for.
+        delay: Option<Duration>,
+    },
+}
+
+impl StepOutcome {
+    /// The outcome of an attempt whose solid returned `error`.
+    pub(crate) fn from_error(error: &SolidError) -> Self {
+        match error.retry_requested {
+            Some(delay) => Self::RetryRequested {
+                error: error.info(),
+                delay,
+            },
+            None => Self::Failed(error.info()),
+        }
+    }
+
+    /// The outcome of an attempt, from its result.
+    pub(crate) fn of(result: Result<(), SolidError>) -> Self {
+        match result {
+            Ok(()) => Self::Succeeded,
+            Err(e) => Self::from_error(&e),
+        }
+    }
 }
 
 /// How a run ended, from the scheduler's view.
@@ -48,7 +91,7 @@ pub struct Summary {
 }
 
 /// Tracks the state of every step of one run.
-pub struct Scheduler<'p> {
+pub(crate) struct Scheduler<'p> {
     plan: &'p ExecutionPlan,
     events: EventSink,
     state: Vec<State>,
@@ -64,7 +107,10 @@ pub struct Scheduler<'p> {
 
 /// Checks that every step's requirements fit in `capacity`, naming each step that can
 /// never run. With `capacity` `None` nothing is enforced.
-pub fn check_resources(plan: &ExecutionPlan, capacity: Option<&Resources>) -> Result<(), String> {
+pub(crate) fn check_resources(
+    plan: &ExecutionPlan,
+    capacity: Option<&Resources>,
+) -> Result<(), String> {
     let Some(capacity) = capacity else {
         return Ok(());
     };
@@ -93,7 +139,11 @@ pub fn check_resources(plan: &ExecutionPlan, capacity: Option<&Resources>) -> Re
 impl<'p> Scheduler<'p> {
     /// A scheduler for `plan`. With `capacity`, steps run only while their required
     /// resources fit; check them first with [`check_resources`].
-    pub fn new(plan: &'p ExecutionPlan, events: EventSink, capacity: Option<Resources>) -> Self {
+    pub(crate) fn new(
+        plan: &'p ExecutionPlan,
+        events: EventSink,
+        capacity: Option<Resources>,
+    ) -> Self {
         let waiting_on: Vec<usize> = plan.steps.iter().map(|s| s.upstream.len()).collect();
         let mut state = vec![State::Waiting; plan.steps.len()];
         let mut ready = VecDeque::new();
@@ -121,18 +171,8 @@ impl<'p> Scheduler<'p> {
     /// The next step to start and its attempt number, or `None` if nothing can start
     /// now (nothing ready, delays pending, or resources busy).
     #[allow(clippy::should_implement_trait)] // not an iterator: `None` means "not now", not "done"
-    pub fn next(&mut self) -> Option<(usize, u32)> {
-        let now = Instant::now();
-        let mut i = 0;
-        while i < self.delayed.len() {
-            if self.delayed[i].0 <= now {
-                let (_, step) = self.delayed.swap_remove(i);
-                self.state[step] = State::Ready;
-                self.ready.push_back(step);
-            } else {
-                i += 1;
-            }
-        }
+    pub(crate) fn next(&mut self) -> Option<(usize, u32)> {
+        self.promote_due_retries();
         let pos = self.ready.iter().position(|&s| self.fits(s))?;
         let step = self.ready.remove(pos).expect("position is valid");
         for (name, need) in &self.plan.steps[step].required_resources {
@@ -152,6 +192,28 @@ impl<'p> Scheduler<'p> {
             );
         }
         Some((step, attempt))
+    }
+
+    /// Moves retries whose delay has passed to the front of the ready queue, earliest
+    /// due first.
+    fn promote_due_retries(&mut self) {
+        let now = Instant::now();
+        if !self.delayed.iter().any(|(due, _)| *due <= now) {
+            return;
+        }
+        let mut due: Vec<(Instant, usize)> = Vec::new();
+        self.delayed.retain(|&(at, step)| {
+            let is_due = at <= now;
+            if is_due {
+                due.push((at, step));
+            }
+            !is_due
+        });
+        due.sort();
+        for &(_, step) in due.iter().rev() {
+            self.state[step] = State::Ready;
+            self.ready.push_front(step);
+        }
     }
 
     fn fits(&self, step: usize) -> bool {
@@ -176,8 +238,24 @@ impl<'p> Scheduler<'p> {
         }
     }
 
-    /// Records a successful attempt; dependents whose inputs are all ready become ready.
-    pub fn succeeded(&mut self, step: usize) {
+    /// Records how an attempt of `step` ended. On success, dependents whose inputs are
+    /// all ready become ready. On failure the step is retried if its policy (or the
+    /// solid's explicit request) allows, emitting `STEP_UP_FOR_RETRY`; otherwise
+    /// `STEP_FAILURE` is emitted and everything downstream is skipped.
+    pub(crate) fn finished(&mut self, step: usize, outcome: StepOutcome) -> Option<AfterFailure> {
+        match outcome {
+            StepOutcome::Succeeded => {
+                self.succeeded(step);
+                None
+            }
+            StepOutcome::Failed(error) => Some(self.failed(step, error, None)),
+            StepOutcome::RetryRequested { error, delay } => {
+                Some(self.failed(step, error, Some(delay)))
+            }
+        }
+    }
+
+    fn succeeded(&mut self, step: usize) {
         self.release(step);
         self.state[step] = State::Succeeded;
         for &d in &self.plan.steps[step].downstream {
@@ -189,10 +267,7 @@ impl<'p> Scheduler<'p> {
         }
     }
 
-    /// Records a failed attempt. Retries if the step's policy (or the solid's explicit
-    /// request) allows, emitting `STEP_UP_FOR_RETRY`; otherwise emits `STEP_FAILURE`
-    /// and skips everything downstream.
-    pub fn failed(
+    fn failed(
         &mut self,
         step: usize,
         error: ErrorInfo,
@@ -274,7 +349,7 @@ impl<'p> Scheduler<'p> {
     }
 
     /// Marks the run canceled: running steps fail as interrupted; nothing else starts.
-    pub fn cancel(&mut self, running: &[usize]) {
+    pub(crate) fn cancel(&mut self, running: &[usize]) {
         self.summary.canceled = true;
         for &step in running {
             if self.state[step] == State::Running {
@@ -292,27 +367,276 @@ impl<'p> Scheduler<'p> {
     }
 
     /// How many steps are running.
-    pub fn running(&self) -> usize {
+    pub(crate) fn running(&self) -> usize {
         self.running
     }
 
     /// When the earliest delayed retry becomes ready.
-    pub fn next_wakeup(&self) -> Option<Instant> {
+    pub(crate) fn next_wakeup(&self) -> Option<Instant> {
         self.delayed.iter().map(|(t, _)| *t).min()
     }
 
     /// Whether a step is ready but waiting for resources or a free slot.
-    pub fn has_ready(&self) -> bool {
+    pub(crate) fn has_ready(&self) -> bool {
         !self.ready.is_empty()
     }
 
     /// Whether nothing is running, ready or waiting for a retry.
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.running == 0 && self.ready.is_empty() && self.delayed.is_empty()
     }
 
     /// The outcome so far.
-    pub fn summary(self) -> Summary {
+    pub(crate) fn summary(self) -> Summary {
         self.summary
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition::retry::RetryPolicy;
+    use crate::execution::sink::EventCollector;
+    use crate::plan::ExecutionStep;
+    use std::sync::Arc;
+
+    /// `(name, upstream names, retry policy, resources)`.
+    type StepSpec<'a> = (&'a str, &'a [&'a str], RetryPolicy, &'a [(&'a str, f64)]);
+
+    fn plan(steps: &[StepSpec<'_>]) -> ExecutionPlan {
+        let index = |name: &str| steps.iter().position(|s| s.0 == name).unwrap();
+        let mut plan = ExecutionPlan {
+            pipeline: "p".into(),
+            steps: steps
+                .iter()
+                .map(|(name, up, retry, res)| ExecutionStep {
+                    key: format!("{name}.compute"),
+                    solid: name.to_string(),
+                    solid_definition: name.to_string(),
+                    inputs: vec![],
+                    outputs: vec![],
+                    required_resources: res.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                    tags: Default::default(),
+                    retry_policy: retry.clone(),
+                    level: 0,
+                    invocation: 0,
+                    upstream: up.iter().map(|u| index(u)).collect(),
+                    downstream: vec![],
+                })
+                .collect(),
+        };
+        for i in 0..plan.steps.len() {
+            for u in plan.steps[i].upstream.clone() {
+                plan.steps[u].downstream.push(i);
+            }
+        }
+        plan
+    }
+
+    fn sink() -> (EventSink, EventCollector) {
+        let collector = EventCollector::default();
+        let sink = EventSink::new("run", "p", vec![Arc::new(collector.clone())]);
+        (sink, collector)
+    }
+
+    fn error(message: &str) -> ErrorInfo {
+        ErrorInfo {
+            message: message.into(),
+            causes: vec![],
+            kind: "error".into(),
+            location: None,
+        }
+    }
+
+    fn types(collector: &EventCollector) -> Vec<String> {
+        collector
+            .events()
+            .iter()
+            .map(|e| format!("{} {}", e.kind.name(), e.step_key.as_deref().unwrap_or("")))
+            .collect()
+    }
+
+    const NONE: RetryPolicy = RetryPolicy {
+        max_retries: 0,
+        delay: 0.0,
+        backoff: 1.0,
+        jitter: 0.0,
+    };
+
+    #[test]
+    fn steps_become_ready_in_plan_order_once_their_upstreams_succeeded() {
+        let plan = plan(&[
+            ("a", &[], NONE, &[]),
+            ("b", &[], NONE, &[]),
+            ("c", &["a", "b"], NONE, &[]),
+        ]);
+        let (events, _) = sink();
+        let mut s = Scheduler::new(&plan, events, None);
+        assert_eq!(s.next(), Some((0, 1)));
+        assert_eq!(s.next(), Some((1, 1)));
+        assert_eq!(s.next(), None, "c waits for a and b");
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.next(), None, "c still waits for b");
+        s.finished(1, StepOutcome::Succeeded);
+        assert_eq!(s.next(), Some((2, 1)));
+        assert!(!s.is_finished());
+        s.finished(2, StepOutcome::Succeeded);
+        assert!(s.is_finished());
+        let summary = s.summary();
+        assert!(summary.failed.is_empty() && summary.skipped.is_empty() && !summary.canceled);
+    }
+
+    #[test]
+    fn a_failure_skips_everything_downstream_and_nothing_else() {
+        let plan = plan(&[
+            ("a", &[], NONE, &[]),
+            ("b", &["a"], NONE, &[]),
+            ("c", &["b"], NONE, &[]),
+            ("d", &[], NONE, &[]),
+        ]);
+        let (events, collector) = sink();
+        let mut s = Scheduler::new(&plan, events, None);
+        assert_eq!(s.next(), Some((0, 1)));
+        assert_eq!(s.next(), Some((3, 1)));
+        assert_eq!(
+            s.finished(0, StepOutcome::Failed(error("boom"))),
+            Some(AfterFailure::Failed)
+        );
+        s.finished(3, StepOutcome::Succeeded);
+        assert_eq!(s.next(), None);
+        assert!(s.is_finished());
+        assert_eq!(
+            types(&collector),
+            [
+                "STEP_FAILURE a.compute",
+                "STEP_SKIPPED b.compute",
+                "STEP_SKIPPED c.compute"
+            ]
+        );
+        let summary = s.summary();
+        assert_eq!(summary.failed, ["a.compute"]);
+        assert_eq!(summary.skipped, ["b.compute", "c.compute"]);
+    }
+
+    #[test]
+    fn a_retry_waits_its_delay_then_goes_before_steps_that_became_ready_meanwhile() {
+        let retry = RetryPolicy::new(1).delay(0.05);
+        let plan = plan(&[
+            ("flaky", &[], retry, &[]),
+            ("x", &[], NONE, &[]),
+            ("y", &[], NONE, &[]),
+        ]);
+        let (events, collector) = sink();
+        let mut s = Scheduler::new(&plan, events, None);
+        assert_eq!(s.next(), Some((0, 1)));
+        let failed_at = Instant::now();
+        assert_eq!(
+            s.finished(0, StepOutcome::Failed(error("flake"))),
+            Some(AfterFailure::Retry)
+        );
+        let due = s.next_wakeup().expect("a retry is pending");
+        assert!(due >= failed_at + Duration::from_millis(50));
+        // Before the delay: the other ready steps run, the retry does not.
+        assert_eq!(s.next(), Some((1, 1)));
+        while Instant::now() < due {
+            std::thread::sleep(due - Instant::now());
+        }
+        // Due now: it goes before `y`, which has been ready all along.
+        assert_eq!(s.next(), Some((0, 2)));
+        assert_eq!(s.next(), Some((2, 1)));
+        assert_eq!(
+            types(&collector),
+            [
+                "STEP_UP_FOR_RETRY flaky.compute",
+                "STEP_RESTARTED flaky.compute"
+            ]
+        );
+        // The second failure is final: max_retries is 1.
+        assert_eq!(
+            s.finished(0, StepOutcome::Failed(error("again"))),
+            Some(AfterFailure::Failed)
+        );
+    }
+
+    #[test]
+    fn a_requested_retry_uses_its_own_delay_and_retries_once_without_a_policy() {
+        let plan = plan(&[("a", &[], NONE, &[])]);
+        let (events, collector) = sink();
+        let mut s = Scheduler::new(&plan, events, None);
+        assert_eq!(s.next(), Some((0, 1)));
+        let outcome = StepOutcome::RetryRequested {
+            error: error("not yet"),
+            delay: Some(Duration::ZERO),
+        };
+        assert_eq!(s.finished(0, outcome.clone()), Some(AfterFailure::Retry));
+        assert_eq!(s.next(), Some((0, 2)));
+        assert_eq!(s.finished(0, outcome), Some(AfterFailure::Failed));
+        let up = collector
+            .events()
+            .into_iter()
+            .find(|e| e.kind.name() == "STEP_UP_FOR_RETRY")
+            .unwrap();
+        assert!(
+            matches!(up.kind, EventKind::StepUpForRetry { delay_secs, .. } if delay_secs == 0.0)
+        );
+    }
+
+    #[test]
+    fn steps_wait_while_their_resources_are_in_use() {
+        let plan = plan(&[
+            ("gpu1", &[], NONE, &[("GPU", 1.0)]),
+            ("gpu2", &[], NONE, &[("GPU", 1.0)]),
+            ("cpu", &[], NONE, &[]),
+        ]);
+        let capacity = Resources::from([("GPU".to_string(), 1.0)]);
+        assert!(check_resources(&plan, Some(&capacity)).is_ok());
+        let (events, _) = sink();
+        let mut s = Scheduler::new(&plan, events, Some(capacity));
+        assert_eq!(s.next(), Some((0, 1)));
+        assert_eq!(s.next(), Some((2, 1)), "gpu2 waits; cpu needs nothing");
+        assert_eq!(s.next(), None);
+        assert!(s.has_ready());
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.next(), Some((1, 1)));
+    }
+
+    #[test]
+    fn resources_no_machine_offers_are_named_up_front() {
+        let plan = plan(&[("big", &[], NONE, &[("GPU", 2.0)])]);
+        let capacity = Resources::from([("GPU".to_string(), 1.0)]);
+        let message = check_resources(&plan, Some(&capacity)).unwrap_err();
+        assert!(
+            message.contains("step `big.compute` requires GPU=2 but the executor declares GPU=1"),
+            "{message}"
+        );
+        assert!(check_resources(&plan, None).is_ok());
+    }
+
+    #[test]
+    fn cancel_interrupts_running_steps_without_retrying_and_starts_nothing() {
+        let plan = plan(&[
+            ("a", &[], RetryPolicy::new(3), &[]),
+            ("b", &[], NONE, &[]),
+            ("c", &["a"], NONE, &[]),
+        ]);
+        let (events, collector) = sink();
+        let mut s = Scheduler::new(&plan, events, None);
+        assert_eq!(s.next(), Some((0, 1)));
+        s.cancel(&[0]);
+        assert_eq!(s.next(), None, "nothing starts after cancel");
+        assert!(s.is_finished());
+        let failure = collector
+            .events()
+            .into_iter()
+            .find(|e| e.kind.name() == "STEP_FAILURE")
+            .unwrap();
+        assert!(
+            matches!(&failure.kind, EventKind::StepFailure { error, .. } if error.kind == "interrupted"),
+            "{failure:?}"
+        );
+        let summary = s.summary();
+        assert!(summary.canceled);
+        assert_eq!(summary.failed, ["a.compute"]);
+        assert_eq!(summary.skipped, ["c.compute"]);
     }
 }

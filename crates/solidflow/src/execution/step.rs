@@ -36,7 +36,7 @@ pub struct StepEnvironment {
     /// Where outputs go when `memory` is `None`.
     pub storage: Arc<dyn IntermediateStorage>,
     /// In-memory outputs, used instead of storage for in-process `in_memory` runs.
-    pub memory: Option<Arc<ValueStore>>,
+    pub(crate) memory: Option<Arc<ValueStore>>,
     /// The event sink.
     pub events: EventSink,
 }
@@ -269,7 +269,9 @@ thread_local! {
 }
 
 /// Calls `f`, turning a panic into a [`SolidError`] with the panic message and location.
-pub fn call_catching_panics<T>(f: impl FnOnce() -> Result<T, SolidError>) -> Result<T, SolidError> {
+pub(crate) fn call_catching_panics<T>(
+    f: impl FnOnce() -> Result<T, SolidError>,
+) -> Result<T, SolidError> {
     install_panic_hook();
     IN_STEP.with(|s| *s.borrow_mut() = true);
     let result = catch_unwind(AssertUnwindSafe(f));

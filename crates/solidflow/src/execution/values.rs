@@ -7,18 +7,18 @@ use crate::definition::types::Value;
 
 /// Output values by `(step key, output name)`.
 #[derive(Default)]
-pub struct ValueStore {
+pub(crate) struct ValueStore {
     values: RwLock<HashMap<(String, String), Value>>,
 }
 
 impl ValueStore {
     /// An empty store.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Stores an output.
-    pub fn put(&self, step_key: &str, output: &str, value: Value) {
+    pub(crate) fn put(&self, step_key: &str, output: &str, value: Value) {
         self.values
             .write()
             .expect("value lock")
@@ -26,7 +26,7 @@ impl ValueStore {
     }
 
     /// Fetches an output.
-    pub fn get(&self, step_key: &str, output: &str) -> Option<Value> {
+    pub(crate) fn get(&self, step_key: &str, output: &str) -> Option<Value> {
         self.values
             .read()
             .expect("value lock")

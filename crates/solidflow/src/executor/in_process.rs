@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, unbounded};
 use serde_json::Value;
 
-use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError, declared_resources};
-use crate::config::schema::{ConfigType, Field};
+use super::local_config::LocalConfig;
+use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
+use crate::config::json_schema::config_type_of;
 use crate::execution::error::SolidError;
-use crate::execution::scheduler::{Resources, Scheduler, Summary, check_resources};
+use crate::execution::scheduler::{Resources, Scheduler, StepOutcome, Summary, check_resources};
 
 /// Runs steps on up to `max_concurrent` threads of the current process.
 #[derive(Debug, Clone)]
@@ -46,36 +47,16 @@ pub(crate) fn effective_concurrency(requested: usize) -> usize {
     }
 }
 
-/// The schema shared by local executors: `max_concurrent` and `resources`.
-pub(crate) fn local_config_schema() -> ConfigType {
-    ConfigType::shape([
-        Field::optional("max_concurrent", ConfigType::Int)
-            .default(0)
-            .doc("Most steps running at once; 0 means one per core."),
-        Field::optional("resources", ConfigType::map(ConfigType::Float))
-            .doc("Resources this machine offers, e.g. {GPU: 1}; steps requiring them wait for a free unit."),
-    ])
-}
-
-/// Reads a validated [`local_config_schema`] block: `(max_concurrent, resources)`.
-pub(crate) fn local_config(config: &Value) -> (usize, Option<Resources>) {
-    let max_concurrent = config
-        .get("max_concurrent")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    (max_concurrent as usize, declared_resources(config))
-}
-
 /// The `in_process` executor definition.
-pub fn definition() -> ExecutorDefinition {
+pub(crate) fn definition() -> ExecutorDefinition {
     ExecutorDefinition {
         name: "in_process",
         description: "Run steps on threads of the current process (the embedded default).",
-        config: local_config_schema,
+        config: config_type_of::<LocalConfig>,
         build: |config: &Value| {
-            let (max_concurrent, resources) = local_config(config);
-            let mut executor = InProcessExecutor::new(max_concurrent);
-            executor.resources = resources;
+            let config = LocalConfig::from_value("in_process", config)?;
+            let mut executor = InProcessExecutor::new(config.max_concurrent as usize);
+            executor.resources = config.resources;
             Ok(Arc::new(executor))
         },
     }
@@ -113,11 +94,8 @@ impl Executor for InProcessExecutor {
             });
         }
         let mut in_flight: Vec<usize> = Vec::new();
-        let handle = |scheduler: &mut Scheduler, (step, result): Done| match result {
-            Ok(()) => scheduler.succeeded(step),
-            Err(e) => {
-                scheduler.failed(step, e.info(), e.retry_requested);
-            }
+        let handle = |scheduler: &mut Scheduler, (step, result): Done| {
+            scheduler.finished(step, StepOutcome::of(result));
         };
         loop {
             if ctx.cancel.is_canceled() {

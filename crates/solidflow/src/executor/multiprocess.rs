@@ -6,51 +6,51 @@
 //! result. Values travel between steps through intermediate storage, so `in_memory`
 //! storage is refused up front.
 //!
-//! Scheduling (dependencies, `max_concurrent`, resources, retries, skips) is the shared
-//! [`Scheduler`], exactly as for `in_process`. What this module adds:
+//! Scheduling, retries, cancellation and turning the child's output into events are the
+//! shared run loop ([`run_steps`]); this module is only the [`StepLauncher`] that
+//! spawns processes:
 //!
-//! - **Live events.** One thread per child reads its stdout and forwards every event into
-//!   the run's sink as it arrives; another turns each stderr line into a `LOG_MESSAGE`
-//!   (`[stderr] ...`) and appends it to `<home>/logs/<run_id>/<step_key>.log`.
-//! - **Containment.** A child that dies without reporting a result (abort, segfault,
-//!   `kill -9`, the OOM killer) becomes a `STEP_FAILURE` of kind `crash` naming the exit
-//!   status or signal. Leftover processes of a finished step (its process group) are
-//!   killed, so no step outlives its attempt.
+//! - **Streams.** One thread per child forwards its stdout lines to the loop; another
+//!   appends each stderr line to `<home>/logs/<run_id>/<step_key>.log` and forwards it.
+//! - **Containment.** When the child exits, leftover processes of its process group
+//!   are killed, so no step outlives its attempt, and the exit status is reported (a
+//!   child without a `result` line is a crash).
 //! - **Cancellation.** Each child leads its own process group, so a terminal's Ctrl-C
-//!   reaches only the parent. On cancel the parent sends SIGTERM to every group, SIGKILL
-//!   after a grace period, and marks the running steps interrupted. Live groups are kept
-//!   in a process-wide registry so a second Ctrl-C can kill them at once
-//!   ([`kill_step_processes`]). On Linux step mode also sets `PR_SET_PDEATHSIG` when
-//!   started with [`PARENT_PID_ENV`], so children die with a parent that is killed
-//!   outright (`kill -9`).
+//!   reaches only the parent. [`StepLauncher::terminate`] sends SIGTERM to the groups
+//!   and SIGKILL after the grace period. Live groups are kept in a process-wide
+//!   registry so a second Ctrl-C can kill them at once ([`kill_step_processes`]). On
+//!   Linux step mode also sets `PR_SET_PDEATHSIG` when started with
+//!   [`PARENT_PID_ENV`], so children die with a parent that is killed outright
+//!   (`kill -9`).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+use crossbeam_channel::bounded;
 use serde_json::{Value, json};
 
-use super::in_process::{effective_concurrency, local_config, local_config_schema};
+use super::in_process::effective_concurrency;
+use super::local_config::LocalConfig;
 use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
-use crate::execution::event::{ErrorInfo, EventKind, Level};
-use crate::execution::protocol::{PROTOCOL_VERSION, StepInvocation, StepMessage};
-use crate::execution::scheduler::{Resources, Scheduler, Summary, check_resources};
-use crate::storage::Reach;
+use crate::config::json_schema::config_type_of;
+use crate::execution::event::{EventKind, Level};
+use crate::execution::launcher::{
+    Launch, LaunchError, Place, ProcessExit, Report, Reporter, RunOptions, StepLauncher,
+    check_reach, run_steps,
+};
+use crate::execution::scheduler::{Resources, check_resources};
 
 /// Set on step processes to the parent's pid; step mode then dies with its parent.
 pub const PARENT_PID_ENV: &str = "SOLIDFLOW_PARENT_PID";
 
 /// How long canceled steps get between SIGTERM and SIGKILL by default.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
-
-/// How many trailing stderr lines a crash report quotes.
-const CRASH_TAIL_LINES: usize = 8;
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(2);
 
 /// How long to wait for a child's output pipes to drain after it exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -96,15 +96,15 @@ impl MultiprocessExecutor {
 }
 
 /// The `multiprocess` executor definition.
-pub fn definition() -> ExecutorDefinition {
+pub(crate) fn definition() -> ExecutorDefinition {
     ExecutorDefinition {
         name: "multiprocess",
         description: "Run every step in its own child process of this binary (needs filesystem or s3 storage).",
-        config: local_config_schema,
+        config: config_type_of::<LocalConfig>,
         build: |config: &Value| {
-            let (max_concurrent, resources) = local_config(config);
-            let mut executor = MultiprocessExecutor::new(max_concurrent);
-            executor.resources = resources;
+            let config = LocalConfig::from_value("multiprocess", config)?;
+            let mut executor = MultiprocessExecutor::new(config.max_concurrent as usize);
+            executor.resources = config.resources;
             Ok(Arc::new(executor))
         },
     }
@@ -169,83 +169,53 @@ fn wait_exited_no_reap(pid: i32) {
 }
 
 // ---------------------------------------------------------------------------------------
-// One child.
+// The launcher.
 
-/// How an attempt ended, as seen by the parent.
-struct Finished {
-    step: usize,
-    outcome: Result<(), (ErrorInfo, Option<Option<Duration>>)>,
+/// Starts step attempts as child processes of `program`.
+struct ProcessLauncher {
+    program: PathBuf,
+    log_dir: PathBuf,
 }
 
-/// What the stdout reader saw.
-#[derive(Default)]
-struct Reported {
-    result: Option<(bool, Option<ErrorInfo>, Option<Option<f64>>)>,
-}
+impl StepLauncher for ProcessLauncher {
+    /// The child's pid, also its process group id.
+    type Handle = i32;
 
-/// Describes an exit status for a crash report.
-fn describe_exit(status: ExitStatus) -> String {
-    if let Some(signal) = status.signal() {
-        // SAFETY: strsignal returns a pointer to a static (or thread-local) C string.
-        let name = unsafe {
-            let p = libc::strsignal(signal);
-            if p.is_null() {
-                String::from("unknown signal")
-            } else {
-                std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-            }
-        };
-        let core = if status.core_dumped() {
-            ", core dumped"
-        } else {
-            ""
-        };
-        let hint = if signal == libc::SIGKILL {
-            "; out of memory, or killed by another process"
-        } else {
-            ""
-        };
-        format!("was killed by signal {signal} ({name}{core}{hint})")
-    } else {
-        format!("exited with status {}", status.code().unwrap_or(-1))
+    fn launch(&mut self, launch: Launch) -> Result<i32, LaunchError> {
+        self.spawn(launch).map_err(|e| {
+            LaunchError::Step(crate::execution::event::ErrorInfo {
+                message: format!(
+                    "cannot start a step process ({} step): {e}",
+                    self.program.display()
+                ),
+                causes: vec![],
+                kind: "crash".into(),
+                location: None,
+            })
+        })
+    }
+
+    fn terminate(&mut self, handles: &[&i32], grace: Duration) {
+        let groups: Vec<i32> = handles.iter().map(|&&pid| pid).collect();
+        signal_live(&groups, libc::SIGTERM);
+        std::thread::spawn(move || {
+            std::thread::sleep(grace);
+            signal_live(&groups, libc::SIGKILL);
+        });
     }
 }
 
-struct Launch<'a> {
-    ctx: &'a ExecutionContext,
-    program: &'a Path,
-    log_dir: &'a Path,
-    step: usize,
-    attempt: u32,
-}
-
-impl MultiprocessExecutor {
-    /// Starts one attempt of one step and a monitor thread that reports its end on
-    /// `done`. Returns the child's pid (also its process group id).
-    fn launch(&self, launch: Launch<'_>, done: Sender<Finished>) -> std::io::Result<i32> {
+impl ProcessLauncher {
+    fn spawn(&self, launch: Launch) -> std::io::Result<i32> {
         let Launch {
-            ctx,
-            program,
-            log_dir,
-            step,
-            attempt,
+            invocation,
+            reporter,
+            ..
         } = launch;
-        let env = &ctx.env;
-        let key = env.plan.steps[step].key.clone();
-        let invocation = StepInvocation {
-            protocol: PROTOCOL_VERSION,
-            run_id: env.run_id.clone(),
-            pipeline: env.pipeline.name().to_string(),
-            mode: env.config.mode.clone(),
-            step_key: key.clone(),
-            attempt,
-            run_config: env.config.value.clone(),
-            home: ctx.home.clone(),
-        };
+        let (key, attempt) = (invocation.step_key.clone(), invocation.attempt);
         let input = serde_json::to_vec(&invocation).map_err(std::io::Error::other)?;
-        let log_path = log_dir.join(format!("{key}.log"));
-
-        let mut command = Command::new(program);
+        let log_path = self.log_dir.join(format!("{key}.log"));
+        let mut command = Command::new(&self.program);
         command
             .arg("step")
             .stdin(Stdio::piped())
@@ -270,147 +240,89 @@ impl MultiprocessExecutor {
         };
         let spawn_us = spawn_started.elapsed().as_micros() as u64;
         let pid = child.id() as i32;
-        env.events.emit(
-            Some(&key),
-            Level::Debug,
-            format!("started step process {pid} for {key} (attempt {attempt}); its stderr is kept in {}", log_path.display()),
-            EventKind::EngineEvent {
-                details: json!({"pid": pid, "attempt": attempt, "log_file": log_path, "spawn_us": spawn_us}),
-            },
-        );
+        reporter.send(Report::Started(Place {
+            pid: pid as u32,
+            worker: None,
+            stderr_log: Some(log_path.clone()),
+            details: json!({"spawn_us": spawn_us})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        }));
 
-        let stdin = child.stdin.take().expect("stdin is piped");
+        let mut stdin = child.stdin.take().expect("stdin is piped");
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
-        let (events, events2) = (env.events.clone(), env.events.clone());
-        let (out_tx, out_rx) = bounded::<Reported>(1);
-        let (err_tx, err_rx) = bounded::<VecDeque<String>>(1);
-        let key2 = key.clone();
+        let (drained_tx, drained_rx) = bounded::<()>(2);
+        let (out, out_done) = (reporter.clone(), drained_tx.clone());
         std::thread::spawn(move || {
-            let _ = out_tx.send(read_messages(stdout, &events, &key2));
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                out.send(Report::Stdout(line));
+            }
+            let _ = out_done.send(());
         });
-        let key3 = key.clone();
-        let log_path2 = log_path.clone();
+        let err = reporter.clone();
         std::thread::spawn(move || {
-            let _ = err_tx.send(read_stderr(
-                stderr, &events2, &key3, &log_path2, attempt, pid,
-            ));
+            forward_stderr(stderr, &err, &log_path, &key, attempt, pid);
+            let _ = drained_tx.send(());
         });
         std::thread::spawn(move || {
-            let mut stdin = stdin;
-            // A child that dies before reading its invocation is reported as a crash below.
+            // A child that dies before reading its invocation is reported as a crash.
             let _ = stdin.write_all(&input).and_then(|()| stdin.flush());
             drop(stdin);
-            let outcome = monitor(&mut child, pid, out_rx, err_rx, &key, &log_path);
-            let _ = done.send(Finished { step, outcome });
+            let exit = reap(&mut child, pid);
+            // Lines come before the exit: wait (briefly) for both readers to finish.
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            for _ in 0..2 {
+                if drained_rx.recv_deadline(deadline).is_err() {
+                    break;
+                }
+            }
+            reporter.send(Report::Exited(exit));
         });
         Ok(pid)
     }
 }
 
-/// Waits for the child to exit, cleans up its process group, reaps it and turns what
-/// it reported (or failed to report) into an outcome.
-fn monitor(
-    child: &mut Child,
-    pid: i32,
-    out_rx: Receiver<Reported>,
-    err_rx: Receiver<VecDeque<String>>,
-    key: &str,
-    log_path: &Path,
-) -> Result<(), (ErrorInfo, Option<Option<Duration>>)> {
+/// Waits for the child to exit, kills what is left of its process group, and reaps it.
+fn reap(child: &mut Child, pid: i32) -> ProcessExit {
     wait_exited_no_reap(pid);
     {
         // Leftovers of the step (processes it started in its group) die with it; that
-        // also closes the pipes they inherited so the readers below finish.
+        // also closes the pipes they inherited so the readers finish.
         let mut registry = registry();
         signal_group(pid, libc::SIGKILL);
         registry.groups.remove(&pid);
     }
-    let status = child.wait();
-    let reported = out_rx.recv_timeout(DRAIN_TIMEOUT).unwrap_or_default();
-    let tail = err_rx.recv_timeout(DRAIN_TIMEOUT).unwrap_or_default();
-    match reported.result {
-        Some((true, _, _)) => Ok(()),
-        Some((false, error, retry)) => {
-            let error = error.unwrap_or_else(|| ErrorInfo {
-                message: format!("step process {pid} reported a failure without details"),
-                causes: vec![],
-                kind: "error".into(),
-                location: None,
-            });
-            Err((
-                error,
-                retry.map(|d| d.map(|s| Duration::from_secs_f64(s.max(0.0)))),
-            ))
-        }
-        None => {
-            let how = match status {
-                Ok(status) => describe_exit(status),
-                Err(e) => format!("could not be waited for ({e})"),
-            };
-            let message = format!(
-                "step process {pid} for {key} {how} without reporting a result; its stderr is in {}",
-                log_path.display()
-            );
-            let error = ErrorInfo {
-                message,
-                causes: tail.into_iter().collect(),
-                kind: "crash".into(),
-                location: None,
-            };
-            Err((error, None))
-        }
+    match child.wait() {
+        Ok(status) => ProcessExit {
+            code: status.code(),
+            signal: status.signal(),
+            core_dumped: status.core_dumped(),
+            ..ProcessExit::default()
+        },
+        Err(e) => ProcessExit {
+            stderr_tail: vec![format!("the step process could not be waited for: {e}")],
+            ..ProcessExit::default()
+        },
     }
 }
 
-/// Reads protocol messages from a child's stdout, forwarding events live.
-fn read_messages(
-    stdout: ChildStdout,
-    events: &crate::execution::sink::EventSink,
-    key: &str,
-) -> Reported {
-    let mut reported = Reported::default();
-    for line in BufReader::new(stdout).lines() {
-        let Ok(line) = line else { break };
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<StepMessage>(&line) {
-            Ok(StepMessage::Event { event }) => events.forward(*event),
-            Ok(StepMessage::Result {
-                ok,
-                error,
-                retry_requested,
-            }) => reported.result = Some((ok, error, retry_requested)),
-            Err(e) => events.emit(
-                Some(key),
-                Level::Warning,
-                format!("[stdout] {line}"),
-                EventKind::EngineEvent {
-                    details: json!({"stream": "stdout", "unparsed": e.to_string()}),
-                },
-            ),
-        }
-    }
-    reported
-}
-
-/// Turns a child's stderr into `LOG_MESSAGE`s and the per-step log file; returns the
-/// last lines for crash reports.
-fn read_stderr(
-    stderr: ChildStderr,
-    events: &crate::execution::sink::EventSink,
-    key: &str,
+/// Appends a child's stderr to its log file and forwards every line.
+fn forward_stderr(
+    stderr: impl std::io::Read,
+    reporter: &Reporter,
     log_path: &Path,
+    key: &str,
     attempt: u32,
     pid: i32,
-) -> VecDeque<String> {
+) {
     let mut log = File::options()
         .create(true)
         .append(true)
         .open(log_path)
         .ok();
-    let mut tail = VecDeque::with_capacity(CRASH_TAIL_LINES);
     let mut reader = BufReader::new(stderr);
     let mut buf = Vec::new();
     let mut header_written = false;
@@ -429,39 +341,32 @@ fn read_stderr(
             }
             let _ = writeln!(f, "{line}");
         }
-        events.emit(
-            Some(key),
-            Level::Info,
-            format!("[stderr] {line}"),
-            EventKind::LogMessage,
-        );
-        if tail.len() == CRASH_TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(line.to_string());
+        reporter.send(Report::Stderr(line.to_string()));
     }
-    tail
 }
 
-// ---------------------------------------------------------------------------------------
-// The scheduling loop.
+/// Signals the groups that have not been reaped yet (a reaped pid may already belong
+/// to someone else).
+fn signal_live(groups: &[i32], signal: i32) {
+    let registry = registry();
+    for pid in groups {
+        if registry.groups.contains(pid) {
+            signal_group(*pid, signal);
+        }
+    }
+}
 
 impl Executor for MultiprocessExecutor {
     fn check(&self, ctx: &ExecutionContext) -> Result<(), ExecutorError> {
-        if ctx.env.storage.reach() == Reach::Process {
-            return Err(ExecutorError::Config(format!(
-                "the multiprocess executor runs every step in its own process, but `{}` storage lives inside one \
-                 process, so steps could not see each other's outputs; choose `storage: {{filesystem: {{}}}}` \
-                 (this machine) or `storage: {{s3: {{config: {{...}}}}}}`",
-                ctx.env.storage.kind()
-            )));
-        }
+        check_reach(&ctx.env, "multiprocess", None).map_err(ExecutorError::Config)?;
         check_resources(&ctx.env.plan, self.resources.as_ref()).map_err(ExecutorError::Config)
     }
 
-    fn execute(&self, ctx: &ExecutionContext) -> Result<Summary, ExecutorError> {
+    fn execute(
+        &self,
+        ctx: &ExecutionContext,
+    ) -> Result<crate::execution::scheduler::Summary, ExecutorError> {
         let env = &ctx.env;
-        let plan = env.plan.clone();
         let program = match &self.program {
             Some(p) => p.clone(),
             None => std::env::current_exe().map_err(|e| {
@@ -486,159 +391,20 @@ impl Executor for MultiprocessExecutor {
                 details: json!({"max_concurrent": slots, "program": program, "log_dir": log_dir, "resources": self.resources}),
             },
         );
-        let mut scheduler = Scheduler::new(&plan, env.events.clone(), self.resources.clone());
-        let (done_tx, done_rx) = unbounded::<Finished>();
-        // step -> pid of its running attempt
-        let mut running: BTreeMap<usize, i32> = BTreeMap::new();
-        let handle = |scheduler: &mut Scheduler, finished: Finished| match finished.outcome {
-            Ok(()) => scheduler.succeeded(finished.step),
-            Err((error, retry)) => {
-                scheduler.failed(finished.step, error, retry);
-            }
+        let mut launcher = ProcessLauncher { program, log_dir };
+        let options = RunOptions {
+            max_running: Some(slots),
+            resources: self.resources.clone(),
+            grace: self.grace,
         };
-        loop {
-            if ctx.cancel.is_canceled() {
-                self.cancel(ctx, &mut scheduler, &mut running, &done_rx);
-                break;
-            }
-            while running.len() < slots {
-                let Some((step, attempt)) = scheduler.next() else {
-                    break;
-                };
-                let launch = Launch {
-                    ctx,
-                    program: &program,
-                    log_dir: &log_dir,
-                    step,
-                    attempt,
-                };
-                match self.launch(launch, done_tx.clone()) {
-                    Ok(pid) => {
-                        running.insert(step, pid);
-                    }
-                    Err(e) => {
-                        let message = format!(
-                            "cannot start a step process ({} step): {e}",
-                            program.display()
-                        );
-                        let error = ErrorInfo {
-                            message,
-                            causes: vec![],
-                            kind: "crash".into(),
-                            location: None,
-                        };
-                        scheduler.failed(step, error, None);
-                    }
-                }
-            }
-            if scheduler.is_finished() {
-                break;
-            }
-            let timeout = scheduler
-                .next_wakeup()
-                .map_or(Duration::from_millis(50), |t| {
-                    t.saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(50))
-                });
-            match done_rx.recv_timeout(timeout) {
-                Ok(finished) => {
-                    running.remove(&finished.step);
-                    handle(&mut scheduler, finished);
-                    while let Ok(finished) = done_rx.try_recv() {
-                        running.remove(&finished.step);
-                        handle(&mut scheduler, finished);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => unreachable!("the executor holds a sender"),
-            }
-        }
-        Ok(scheduler.summary())
-    }
-}
-
-impl MultiprocessExecutor {
-    /// SIGTERM every running step's group, SIGKILL what is left after the grace period,
-    /// wait for the monitors to reap them, and mark the unfinished steps interrupted.
-    fn cancel(
-        &self,
-        ctx: &ExecutionContext,
-        scheduler: &mut Scheduler,
-        running: &mut BTreeMap<usize, i32>,
-        done_rx: &Receiver<Finished>,
-    ) {
-        if !running.is_empty() {
-            let pids: Vec<i32> = running.values().copied().collect();
-            ctx.env.events.emit(
-                None,
-                Level::Warning,
-                format!(
-                    "canceling: sending SIGTERM to {} step process group(s), SIGKILL after {:.1}s",
-                    pids.len(),
-                    self.grace.as_secs_f64()
-                ),
-                EventKind::EngineEvent {
-                    details: json!({"pids": pids, "grace_secs": self.grace.as_secs_f64()}),
-                },
-            );
-        }
-        signal_running(running, libc::SIGTERM);
-        let mut interrupted = Vec::new();
-        let mut collect = |deadline: Instant, running: &mut BTreeMap<usize, i32>| {
-            while !running.is_empty() {
-                let Ok(finished) = done_rx.recv_deadline(deadline) else {
-                    break;
-                };
-                running.remove(&finished.step);
-                match finished.outcome {
-                    // Finished in time: keep the success.
-                    Ok(()) => scheduler.succeeded(finished.step),
-                    Err(_) => interrupted.push(finished.step),
-                }
-            }
-        };
-        collect(Instant::now() + self.grace, running);
-        signal_running(running, libc::SIGKILL);
-        collect(Instant::now() + Duration::from_secs(5), running);
-        // Anything still running could not be killed (uninterruptible sleep); report it anyway.
-        interrupted.extend(running.keys().copied());
-        scheduler.cancel(&interrupted);
-    }
-}
-
-/// Signals the groups of running steps that have not been reaped yet (a reaped pid may
-/// already belong to someone else).
-fn signal_running(running: &BTreeMap<usize, i32>, signal: i32) {
-    let registry = registry();
-    for pid in running.values() {
-        if registry.groups.contains(pid) {
-            signal_group(*pid, signal);
-        }
+        run_steps(env, &ctx.cancel, &ctx.home, &mut launcher, options)
+            .map_err(ExecutorError::Engine)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exit_statuses_are_described_for_crash_reports() {
-        // Raw wait statuses: low 7 bits = signal (0x80 = core dumped), else code << 8.
-        assert_eq!(
-            describe_exit(ExitStatus::from_raw(3 << 8)),
-            "exited with status 3"
-        );
-        let killed = describe_exit(ExitStatus::from_raw(libc::SIGKILL));
-        assert!(
-            killed.starts_with("was killed by signal 9 (") && killed.contains("out of memory"),
-            "{killed}"
-        );
-        let aborted = describe_exit(ExitStatus::from_raw(libc::SIGABRT | 0x80));
-        assert!(
-            aborted.starts_with("was killed by signal 6 (") && aborted.contains("core dumped"),
-            "{aborted}"
-        );
-    }
 
     #[test]
     fn in_memory_storage_is_refused_and_resources_are_checked() {

@@ -3,6 +3,10 @@
 //! A plan is plain data, deterministic for the same pipeline and config, and printable
 //! (`plan` prints it as text or JSON). Executors only ever see plans.
 
+mod step_key;
+
+pub use step_key::StepKey;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
@@ -102,9 +106,9 @@ pub struct ExecutionPlan {
     pub steps: Vec<ExecutionStep>,
 }
 
-/// The step key of invocation `alias`.
+/// The step key of invocation `alias` (see [`StepKey`]).
 pub fn step_key(alias: &str) -> String {
-    format!("{alias}.compute")
+    StepKey::of(alias).into()
 }
 
 impl ExecutionPlan {

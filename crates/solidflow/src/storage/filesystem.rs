@@ -8,11 +8,12 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::registry::{StorageContext, StorageDefinition};
 use super::{IntermediateKey, IntermediateStorage, Reach, StorageError, WriteFn};
-use crate::config::schema::{ConfigType, Field};
+use crate::config::json_schema::{config_type_of, parse_block};
+use crate::definition::storage::{StorageContext, StorageDefinition};
 
 /// Intermediates stored as files: `<base_dir>/<run_id>/intermediates/<step_key>/<output>`.
 #[derive(Debug, Clone)]
@@ -60,37 +61,38 @@ impl FilesystemStorage {
     }
 }
 
-fn config_schema() -> ConfigType {
-    ConfigType::shape([
-        Field::optional("base_dir", ConfigType::String)
-            .doc("Directory for intermediates; defaults to $SOLIDFLOW_HOME/storage."),
-        Field::optional("shared", ConfigType::Bool)
-            .default(false)
-            .doc("Declare base_dir a shared mount (NFS) visible at the same path on every worker."),
-    ])
+/// `storage: {filesystem: {config: ...}}`: one serde type, from which its schema,
+/// defaults and parsing derive.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesystemConfig {
+    /// Directory for intermediates; defaults to $SOLIDFLOW_HOME/storage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub base_dir: Option<PathBuf>,
+    /// Declare base_dir a shared mount (NFS) visible at the same path on every worker.
+    pub shared: bool,
 }
 
 fn build(
     config: &Value,
     ctx: &StorageContext,
 ) -> Result<Arc<dyn IntermediateStorage>, StorageError> {
-    let base = match config.get("base_dir").and_then(Value::as_str) {
-        Some(dir) => PathBuf::from(dir),
-        None => ctx.home.join("storage"),
-    };
-    let shared = config
-        .get("shared")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    Ok(Arc::new(FilesystemStorage::new(base).shared(shared)))
+    let config: FilesystemConfig = parse_block(config, &["storage", "filesystem", "config"])
+        .map_err(|e| StorageError::Unusable {
+            kind: "filesystem",
+            message: e.to_string(),
+        })?;
+    let base = config.base_dir.unwrap_or_else(|| ctx.home.join("storage"));
+    Ok(Arc::new(FilesystemStorage::new(base).shared(config.shared)))
 }
 
 /// The `filesystem` storage definition.
-pub fn definition() -> StorageDefinition {
+pub(crate) fn definition() -> StorageDefinition {
     StorageDefinition {
         name: "filesystem",
         description: "Store intermediates as files on a local or shared filesystem.",
-        config: config_schema,
+        config: config_type_of::<FilesystemConfig>,
         build,
     }
 }

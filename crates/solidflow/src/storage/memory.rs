@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
 use std::sync::{Arc, Mutex};
 
-use super::registry::StorageDefinition;
 use super::{IntermediateKey, IntermediateStorage, Reach, StorageError, WriteFn};
 use crate::config::schema::ConfigType;
+use crate::definition::storage::StorageDefinition;
 
 /// Intermediates kept in a map inside the current process.
 #[derive(Debug, Default)]
@@ -26,7 +26,7 @@ impl InMemoryStorage {
 }
 
 /// The `in_memory` storage definition.
-pub fn definition() -> StorageDefinition {
+pub(crate) fn definition() -> StorageDefinition {
     StorageDefinition {
         name: "in_memory",
         description: "Keep intermediates in the parent process; only for the in_process executor.",

@@ -16,7 +16,7 @@ pub mod run_history;
 mod s3;
 
 pub use error::StorageError;
-pub use filesystem::FilesystemStorage;
+pub use filesystem::{FilesystemConfig, FilesystemStorage};
 pub use key::IntermediateKey;
 pub use memory::InMemoryStorage;
 pub use s3::{S3Config, S3Credentials, S3Storage};

@@ -1,44 +1,7 @@
-//! Storage definitions: the `storage:` choices a mode offers, with their config schemas.
+//! The storages every mode offers unless it says otherwise. Their definition type is
+//! [`StorageDefinition`]; adding a backend is one module plus one line here.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use serde_json::Value;
-
-use super::{IntermediateStorage, StorageError};
-use crate::config::schema::ConfigType;
-
-/// What a storage factory may need besides its own config block.
-#[derive(Debug, Clone)]
-pub struct StorageContext {
-    /// The solidflow home (`$SOLIDFLOW_HOME`), the default root for filesystem storage.
-    pub home: PathBuf,
-}
-
-/// Builds a storage from its validated `config:` block (defaults filled in).
-pub type BuildStorage =
-    fn(&Value, &StorageContext) -> Result<Arc<dyn IntermediateStorage>, StorageError>;
-
-/// One `storage:` choice: its name, config schema and factory.
-#[derive(Clone)]
-pub struct StorageDefinition {
-    /// The selector key in run config (`filesystem`).
-    pub name: &'static str,
-    /// One line for `config-schema`.
-    pub description: &'static str,
-    /// The schema of the `config:` block.
-    pub config: fn() -> ConfigType,
-    /// The factory.
-    pub build: BuildStorage,
-}
-
-impl std::fmt::Debug for StorageDefinition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StorageDefinition")
-            .field("name", &self.name)
-            .finish()
-    }
-}
+pub use crate::definition::storage::{BuildStorage, StorageContext, StorageDefinition};
 
 /// The storages every mode offers unless it says otherwise: `in_memory`, `filesystem` and `s3`.
 pub fn default_storages() -> Vec<StorageDefinition> {

@@ -209,6 +209,24 @@ impl RunHistory {
         .map_err(self.err())
     }
 
+    /// The runs whose id starts with `prefix` (taken literally), newest first, at most
+    /// `limit`. A run whose id is exactly `prefix` comes first, whatever its age, so a
+    /// whole id is never ambiguous.
+    pub fn runs_with_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, HistoryError> {
+        let conn = self.conn.lock().expect("history lock");
+        let mut stmt = conn
+            .prepare("SELECT run_id, pipeline, mode, status, config, parent_run_id, started_at, ended_at FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 ORDER BY run_id = ?1 DESC, started_at DESC LIMIT ?2")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(rusqlite::params![prefix, limit as i64], row_to_record)
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     /// Events of a run with ids greater than `after`, oldest first, with their ids.
     pub fn events(&self, run_id: &str, after: i64) -> Result<Vec<(i64, Event)>, HistoryError> {
         let conn = self.conn.lock().expect("history lock");

@@ -1,4 +1,4 @@
-//! Reading Dask addresses: whether a scheduler is on this machine, and a worker's host.
+//! Reading Dask addresses: whether a scheduler is on this machine.
 
 /// Whether a scheduler address (`tcp://127.0.0.1:8786`, `localhost:8786`) is on this machine.
 pub(super) fn is_loopback_address(address: &str) -> bool {
@@ -8,15 +8,6 @@ pub(super) fn is_loopback_address(address: &str) -> bool {
         None => rest.rsplit_once(':').map_or(rest, |(h, _)| h),
     };
     host == "localhost" || host == "::1" || host.starts_with("127.")
-}
-
-/// The host part of a worker address, for event records.
-pub(super) fn worker_host(address: &str) -> String {
-    let rest = address.split_once("://").map_or(address, |(_, r)| r);
-    rest.rsplit_once(':')
-        .map_or(rest, |(h, _)| h)
-        .trim_matches(['[', ']'])
-        .to_string()
 }
 
 #[cfg(test)]
@@ -29,6 +20,5 @@ mod tests {
         assert!(is_loopback_address("localhost:8786"));
         assert!(is_loopback_address("tcp://[::1]:8786"));
         assert!(!is_loopback_address("tls://scheduler.example:8786"));
-        assert_eq!(worker_host("tcp://10.0.0.5:41545"), "10.0.0.5");
     }
 }

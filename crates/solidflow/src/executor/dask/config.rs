@@ -5,62 +5,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
 
 use super::address::is_loopback_address;
 use super::bridge::{self, AdaptSpec, ClusterKind, ClusterSpec, TlsConfig};
-use crate::config::schema::{ConfigType, Field};
+use crate::config::json_schema::{config_type_of, parse_block, resources_schema};
+use crate::config::schema::ConfigType;
 use crate::execution::scheduler::Resources;
 use crate::executor::ExecutorError;
-
-/// The cluster managers a `cluster:` selector may name.
-const CLUSTER_KINDS: [(&str, ClusterKind, &str); 9] = [
-    (
-        "local",
-        ClusterKind::Local,
-        "A LocalCluster on 127.0.0.1 created for the run (the default without address).",
-    ),
-    (
-        "existing",
-        ClusterKind::Existing,
-        "A running scheduler at `address` (the default with address).",
-    ),
-    (
-        "slurm",
-        ClusterKind::Slurm,
-        "dask_jobqueue.SLURMCluster(**options); needs dask-jobqueue.",
-    ),
-    (
-        "pbs",
-        ClusterKind::Pbs,
-        "dask_jobqueue.PBSCluster(**options); needs dask-jobqueue.",
-    ),
-    (
-        "sge",
-        ClusterKind::Sge,
-        "dask_jobqueue.SGECluster(**options); needs dask-jobqueue.",
-    ),
-    (
-        "lsf",
-        ClusterKind::Lsf,
-        "dask_jobqueue.LSFCluster(**options); needs dask-jobqueue.",
-    ),
-    (
-        "kube",
-        ClusterKind::Kube,
-        "dask_kubernetes.operator.KubeCluster(**options); needs dask-kubernetes.",
-    ),
-    (
-        "ssh",
-        ClusterKind::Ssh,
-        "distributed.SSHCluster(**options); needs asyncssh.",
-    ),
-    (
-        "yarn",
-        ClusterKind::Yarn,
-        "dask_yarn.YarnCluster(**options); needs dask-yarn.",
-    ),
-];
 
 /// The `config:` block of `execution: {dask: ...}`, with defaults applied.
 #[derive(Debug, Clone)]
@@ -102,17 +55,85 @@ pub struct DaskConfig {
 }
 
 impl Default for DaskConfig {
+    /// The defaults of the `config:` block.
+    fn default() -> Self {
+        DaskBlock::default()
+            .into_config()
+            .expect("the default block is valid")
+    }
+}
+
+/// `execution: {dask: {config: ...}}`: the one definition of its keys, defaults,
+/// ranges and docs; [`DaskConfig`] is what the executor makes of it.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct DaskBlock {
+    /// Scheduler of an existing cluster, e.g. tcp://dask-scheduler:8786 (tls://... with `tls`). Without it a local cluster is created for the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<String>,
+    /// Seconds to wait for Python, the scheduler and the workers before failing with the fix.
+    #[schemars(range(min = 0.1, max = 86400))]
+    timeout: f64,
+    /// TLS files for a tls:// scheduler.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<TlsConfig>,
+    /// Cluster manager, with options passed to its Python class as keyword arguments, e.g. {slurm: {queue: regular, cores: 8, memory: 24GB}}.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "cluster_schema")]
+    cluster: Option<BTreeMap<ClusterKind, Map<String, Value>>>,
+    /// Adaptive scaling of a created cluster manager (cluster.adapt), instead of n_workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adapt: Option<AdaptSpec>,
+    /// Workers to start (local) or scale to (cluster managers). Default: Dask's choice for local (about one per core).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    n_workers: Option<u32>,
+    /// Threads per local worker, i.e. steps each worker runs at once.
+    #[schemars(range(min = 1, max = 1024))]
+    threads_per_worker: u32,
+    /// Resources every local worker offers, e.g. {GPU: 1}; steps with #[solid(resources(GPU = 1))] run only where they fit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "resources_schema")]
+    resources: Option<Resources>,
+    /// Memory limit per local worker: "4GiB", bytes, or "auto".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_limit: Option<Value>,
+    /// Python with dask + distributed for the bridge. Default: $SOLIDFLOW_PYTHON, else python3.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    python: Option<PathBuf>,
+    /// Path of this pipeline's binary on the workers. Default: the running executable's path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    executable: Option<PathBuf>,
+    /// Upload the running binary to every worker (content-addressed, once per worker) so workers need only Python + distributed.
+    ship_binary: bool,
+    /// Give steps with longer downstream paths a higher Dask priority.
+    critical_path_priority: bool,
+    /// Worker deaths a step survives (re-run on another worker) before it fails with "worker lost". On an existing scheduler this changes its setting for every client.
+    #[schemars(range(max = 1000))]
+    allowed_failures: u32,
+    /// Extra environment variables for the step processes. Recorded in run history: use forward_env for secrets.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    env: BTreeMap<String, String>,
+    /// Names of environment variables (e.g. AWS_SECRET_ACCESS_KEY) copied from the parent to the step processes at submit time; their values are never recorded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    forward_env: Vec<String>,
+}
+
+impl Default for DaskBlock {
     fn default() -> Self {
         Self {
             address: None,
-            timeout: Duration::from_secs(30),
+            timeout: 30.0,
             tls: None,
             cluster: None,
+            adapt: None,
             n_workers: None,
-            threads_per_worker: Some(1),
+            threads_per_worker: 1,
             resources: None,
             memory_limit: None,
-            python: bridge::default_python(),
+            python: None,
             executable: None,
             ship_binary: false,
             critical_path_priority: true,
@@ -123,112 +144,79 @@ impl Default for DaskConfig {
     }
 }
 
-/// The schema of the dask executor's `config:` block.
-pub fn config_schema() -> ConfigType {
-    let kinds = CLUSTER_KINDS
-        .iter()
-        .map(|(name, _, doc)| Field::optional(*name, ConfigType::map(ConfigType::Any)).doc(*doc));
-    ConfigType::shape([
-        Field::optional("address", ConfigType::String)
-            .doc("Scheduler of an existing cluster, e.g. tcp://dask-scheduler:8786 (tls://... with `tls`). Without it a local cluster is created for the run."),
-        Field::optional("timeout", ConfigType::Float)
-            .default(30)
-            .doc("Seconds to wait for Python, the scheduler and the workers before failing with the fix."),
-        Field::optional(
-            "tls",
-            ConfigType::shape([
-                Field::optional("ca_file", ConfigType::String).doc("CA certificate."),
-                Field::optional("cert", ConfigType::String).doc("Client certificate."),
-                Field::optional("key", ConfigType::String).doc("Client private key."),
-            ]),
-        )
-        .doc("TLS files for a tls:// scheduler."),
-        Field::optional("cluster", ConfigType::selector(kinds))
-            .doc("Cluster manager, with options passed to its Python class as keyword arguments, e.g. {slurm: {queue: regular, cores: 8, memory: 24GB}}."),
-        Field::optional(
-            "adapt",
-            ConfigType::shape([
-                Field::optional("minimum", ConfigType::Int).doc("Fewest workers."),
-                Field::optional("maximum", ConfigType::Int).doc("Most workers."),
-            ]),
-        )
-        .doc("Adaptive scaling of a created cluster manager (cluster.adapt), instead of n_workers."),
-        Field::optional("n_workers", ConfigType::Int).doc("Workers to start (local) or scale to (cluster managers). Default: Dask's choice for local (about one per core)."),
-        Field::optional("threads_per_worker", ConfigType::Int)
-            .default(1)
-            .doc("Threads per local worker, i.e. steps each worker runs at once."),
-        Field::optional("resources", ConfigType::map(ConfigType::Float))
-            .doc("Resources every local worker offers, e.g. {GPU: 1}; steps with #[solid(resources(GPU = 1))] run only where they fit."),
-        Field::optional("memory_limit", ConfigType::Any).doc("Memory limit per local worker: \"4GiB\", bytes, or \"auto\"."),
-        Field::optional("python", ConfigType::String)
-            .doc("Python with dask + distributed for the bridge. Default: $SOLIDFLOW_PYTHON, else python3."),
-        Field::optional("executable", ConfigType::String)
-            .doc("Path of this pipeline's binary on the workers. Default: the running executable's path."),
-        Field::optional("ship_binary", ConfigType::Bool)
-            .default(false)
-            .doc("Upload the running binary to every worker (content-addressed, once per worker) so workers need only Python + distributed."),
-        Field::optional("critical_path_priority", ConfigType::Bool)
-            .default(true)
-            .doc("Give steps with longer downstream paths a higher Dask priority."),
-        Field::optional("allowed_failures", ConfigType::Int)
-            .default(3)
-            .doc("Worker deaths a step survives (re-run on another worker) before it fails with \"worker lost\". On an existing scheduler this changes its setting for every client."),
-        Field::optional("env", ConfigType::map(ConfigType::String)).doc("Extra environment variables for the step processes. Recorded in run history: use forward_env for secrets."),
-        Field::optional("forward_env", ConfigType::list(ConfigType::String)).doc("Names of environment variables (e.g. AWS_SECRET_ACCESS_KEY) copied from the parent to the step processes at submit time; their values are never recorded."),
-    ])
+/// The `cluster:` selector: one key per [`ClusterKind`], documented by its variant's
+/// doc comment, each taking the manager's keyword arguments.
+fn cluster_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let kinds = generator.subschema_for::<ClusterKind>();
+    let kinds = kinds
+        .as_object()
+        .and_then(|k| k.get("$ref"))
+        .and_then(Value::as_str)
+        .and_then(|r| {
+            generator
+                .definitions()
+                .get(r.rsplit('/').next().unwrap_or(r))
+        })
+        .cloned()
+        .unwrap_or_else(|| kinds.to_value());
+    let choices: Vec<Value> = kinds
+        .get("oneOf")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|kind| {
+            let name = kind.get("const")?.as_str()?;
+            Some(json!({
+                "type": "object",
+                "description": kind.get("description").cloned().unwrap_or_default(),
+                "properties": {name: {"type": "object", "additionalProperties": true}},
+                "required": [name],
+                "additionalProperties": false,
+            }))
+        })
+        .collect();
+    schemars::json_schema!({ "oneOf": choices })
 }
 
 fn config_error(path: &str, message: impl std::fmt::Display) -> ExecutorError {
     ExecutorError::Config(format!("execution.dask.config.{path}: {message}"))
 }
 
-impl DaskConfig {
-    /// Reads a (validated) `config:` block; missing keys get their defaults.
-    pub fn from_value(config: &Value) -> Result<Self, ExecutorError> {
-        let mut out = Self::default();
-        let get = |k: &str| config.get(k).filter(|v| !v.is_null());
-        let str_of = |k: &str| get(k).and_then(Value::as_str).map(str::to_string);
-        let u32_of = |k: &str| -> Result<Option<u32>, ExecutorError> {
-            get(k)
-                .map(|v| {
-                    v.as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| config_error(k, "expected a whole number ≥ 0"))
+impl DaskBlock {
+    fn into_config(self) -> Result<DaskConfig, ExecutorError> {
+        let cluster = match self.cluster.map(|c| c.into_iter().collect::<Vec<_>>()) {
+            None => None,
+            Some(mut choices) if choices.len() == 1 => {
+                let (kind, options) = choices.remove(0);
+                Some(ClusterSpec {
+                    kind,
+                    options,
+                    adapt: None,
                 })
-                .transpose()
+            }
+            Some(_) => return Err(config_error("cluster", "name exactly one cluster kind")),
         };
-        out.address = str_of("address").filter(|a| !a.trim().is_empty());
-        if let Some(t) = get("timeout") {
-            let secs = t
-                .as_f64()
-                .filter(|s| *s > 0.0)
-                .ok_or_else(|| config_error("timeout", "expected a number of seconds > 0"))?;
-            out.timeout = Duration::from_secs_f64(secs);
-        }
-        if let Some(tls) = get("tls") {
-            out.tls =
-                Some(serde_json::from_value(tls.clone()).map_err(|e| config_error("tls", e))?);
-        }
-        if let Some(cluster) = get("cluster").and_then(Value::as_object) {
-            let (name, options) = cluster
-                .iter()
-                .next()
-                .ok_or_else(|| config_error("cluster", "name one cluster kind"))?;
-            let kind = CLUSTER_KINDS
-                .iter()
-                .find(|(n, _, _)| n == name)
-                .map(|(_, k, _)| *k)
-                .ok_or_else(|| config_error("cluster", format!("unknown cluster kind `{name}`")))?;
-            let options = options.as_object().cloned().unwrap_or_default();
-            out.cluster = Some(ClusterSpec {
-                kind,
-                options,
-                adapt: None,
-            });
-        }
-        if let Some(adapt) = get("adapt") {
-            let adapt: AdaptSpec =
-                serde_json::from_value(adapt.clone()).map_err(|e| config_error("adapt", e))?;
+        let mut out = DaskConfig {
+            address: self.address.filter(|a| !a.trim().is_empty()),
+            timeout: Duration::try_from_secs_f64(self.timeout)
+                .ok()
+                .filter(|t| !t.is_zero())
+                .ok_or_else(|| config_error("timeout", "expected a number of seconds > 0"))?,
+            tls: self.tls,
+            cluster,
+            n_workers: self.n_workers,
+            threads_per_worker: Some(self.threads_per_worker.max(1)),
+            resources: self.resources,
+            memory_limit: self.memory_limit,
+            python: self.python.unwrap_or_else(bridge::default_python),
+            executable: self.executable,
+            ship_binary: self.ship_binary,
+            critical_path_priority: self.critical_path_priority,
+            allowed_failures: self.allowed_failures,
+            env: self.env,
+            forward_env: self.forward_env,
+        };
+        if let Some(adapt) = self.adapt {
             match &mut out.cluster {
                 Some(spec) if !matches!(spec.kind, ClusterKind::Local | ClusterKind::Existing) => {
                     spec.adapt = Some(adapt)
@@ -241,49 +229,6 @@ impl DaskConfig {
                 }
             }
         }
-        out.n_workers = u32_of("n_workers")?;
-        if let Some(t) = u32_of("threads_per_worker")? {
-            out.threads_per_worker = Some(t.max(1));
-        }
-        if let Some(r) = get("resources").and_then(Value::as_object) {
-            out.resources = Some(
-                r.iter()
-                    .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
-                    .collect(),
-            );
-        }
-        out.memory_limit = get("memory_limit").cloned();
-        if let Some(p) = str_of("python") {
-            out.python = PathBuf::from(p);
-        }
-        out.executable = str_of("executable").map(PathBuf::from);
-        if let Some(b) = get("ship_binary").and_then(Value::as_bool) {
-            out.ship_binary = b;
-        }
-        if let Some(b) = get("critical_path_priority").and_then(Value::as_bool) {
-            out.critical_path_priority = b;
-        }
-        if let Some(n) = u32_of("allowed_failures")? {
-            out.allowed_failures = n;
-        }
-        if let Some(env) = get("env").and_then(Value::as_object) {
-            out.env = env
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.as_str().map_or_else(|| v.to_string(), str::to_string),
-                    )
-                })
-                .collect();
-        }
-        if let Some(names) = get("forward_env").and_then(Value::as_array) {
-            out.forward_env = names
-                .iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect();
-        }
         if out.address.is_some()
             && matches!(out.cluster.as_ref().map(|c| c.kind), Some(k) if k != ClusterKind::Existing)
         {
@@ -293,6 +238,21 @@ impl DaskConfig {
             ));
         }
         Ok(out)
+    }
+}
+
+/// The schema of the dask executor's `config:` block.
+pub fn config_schema() -> ConfigType {
+    config_type_of::<DaskBlock>()
+}
+
+impl DaskConfig {
+    /// Reads a `config:` block, checking it against its schema; missing keys get their
+    /// defaults.
+    pub fn from_value(config: &Value) -> Result<Self, ExecutorError> {
+        parse_block::<DaskBlock>(config, &["execution", "dask", "config"])
+            .map_err(|e| ExecutorError::Config(e.to_string()))?
+            .into_config()
     }
 
     pub(super) fn kind(&self) -> ClusterKind {
@@ -353,6 +313,46 @@ mod tests {
         assert_eq!(c.kind(), ClusterKind::Slurm);
         assert!(c.is_remote());
         assert!(DaskConfig::from_value(&json!({"adapt": {"maximum": 4}})).is_err());
+        for (bad, path) in [
+            (json!({"timeout": 1e30}), "execution.dask.config.timeout"),
+            (json!({"timeout": -5}), "execution.dask.config.timeout"),
+            (json!({"n_workers": -1}), "execution.dask.config.n_workers"),
+            (
+                json!({"resources": {"GPU": -1}}),
+                "execution.dask.config.resources.GPU",
+            ),
+            (
+                json!({"cluster": {"slurmm": {}}}),
+                "execution.dask.config.cluster.slurmm",
+            ),
+        ] {
+            let err = DaskConfig::from_value(&bad).unwrap_err().to_string();
+            assert!(err.contains(path), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_schema_lists_every_cluster_kind_once_with_its_docs() {
+        let ConfigType::Shape { fields } = config_schema() else {
+            panic!("the dask block is a shape")
+        };
+        let field = |name: &str| fields.iter().find(|f| f.name == name).unwrap().clone();
+        let cluster = field("cluster");
+        assert_eq!(
+            cluster.ty.describe(),
+            "a map with exactly one of: local, existing, slurm, pbs, sge, lsf, kube, ssh, yarn"
+        );
+        let ConfigType::Selector { fields: kinds } = &cluster.ty else {
+            panic!("{cluster:?}")
+        };
+        assert_eq!(
+            kinds[2].description,
+            "dask_jobqueue.SLURMCluster(**options); needs dask-jobqueue."
+        );
+        let timeout = field("timeout");
+        assert_eq!(timeout.ty.describe(), "a number from 0.1 to 86400");
+        assert_eq!(timeout.default, Some(json!(30.0)));
+        assert_eq!(DaskConfig::default().timeout, Duration::from_secs(30));
         assert!(
             DaskConfig::from_value(&json!({"address": "tcp://h:1", "cluster": {"local": {}}}))
                 .is_err()

@@ -2,12 +2,13 @@
 //!
 //! Dask's client protocol is pickled Python, so this executor drives a small Python
 //! program, the [`bridge`], over JSON lines (see `docs/dask-bridge.md`). The
-//! executor itself is the shared [`Scheduler`] loop that `in_process` and
-//! `multiprocess` use: it submits a step to Dask only once its upstream steps
-//! succeeded, so dependents of a failure are never submitted, retries and skips are
-//! decided (and reported) in one place, and Dask places every ready step wherever
-//! there is room. (Passing upstream futures as Dask dependencies makes Dask pile
-//! siblings onto the upstream's worker; see the probe in `docs/dask-bridge.md`.)
+//! executor itself is the shared run loop of out-of-process executors
+//! ([`run_steps`]) with a Dask [`StepLauncher`]: a step goes to Dask only once its
+//! upstream steps succeeded, so dependents of a failure are never submitted, retries
+//! and skips are decided (and reported) in one place, and Dask places every ready
+//! step wherever there is room. (Passing upstream futures as Dask dependencies makes
+//! Dask pile siblings onto the upstream's worker; see the probe in
+//! `docs/dask-bridge.md`.)
 //!
 //! Each Dask task runs the pipeline's own binary in step mode on a worker (the step
 //! protocol, [`crate::execution::protocol`]): `[executable, "step"]` with the
@@ -21,18 +22,19 @@
 //!
 //! User guide: `docs/dask.md`.
 //!
-//! The code is split by concern: `config` reads the `config:` block, `run` drives
-//! one run (bridge, connect, submit loop), `events` turns bridge messages into events
-//! and step outcomes, `placement` decides resources and priorities, and `address`
-//! reads scheduler and worker addresses.
+//! The code is split by concern: `config` reads the `config:` block, `run` prepares
+//! one run (bridge, connect, binary), `launcher` submits attempts and turns bridge
+//! messages into reports, `placement` decides resources and priorities, and
+//! `address` reads scheduler addresses.
 //!
-//! [`Scheduler`]: crate::execution::scheduler::Scheduler
+//! [`run_steps`]: crate::execution::launcher::run_steps
+//! [`StepLauncher`]: crate::execution::launcher::StepLauncher
 //! [`StepInvocation`]: crate::execution::protocol::StepInvocation
 
 mod address;
 pub mod bridge;
 mod config;
-mod events;
+mod launcher;
 mod placement;
 mod run;
 
@@ -45,8 +47,8 @@ use serde_json::Value;
 
 use self::bridge::ClusterKind;
 use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
+use crate::execution::launcher::check_reach;
 use crate::execution::scheduler::{Summary, check_resources};
-use crate::storage::Reach;
 
 /// Runs every step as a Dask task (see the module docs).
 #[derive(Debug, Clone)]
@@ -78,27 +80,11 @@ pub fn definition() -> ExecutorDefinition {
 
 impl Executor for DaskExecutor {
     fn check(&self, ctx: &ExecutionContext) -> Result<(), ExecutorError> {
-        let storage = &ctx.env.storage;
-        match storage.reach() {
-            Reach::Process => {
-                return Err(ExecutorError::Config(format!(
-                    "the dask executor runs every step in its own process on a Dask worker, but `{}` storage lives inside \
-                     one process, so steps could not see each other's outputs; choose `storage: {{filesystem: {{}}}}` for a \
-                     local cluster, or `storage: {{s3: {{config: {{...}}}}}}` for a distributed one",
-                    storage.kind()
-                )));
-            }
-            Reach::Machine if self.config.is_remote() => {
-                return Err(ExecutorError::Config(format!(
-                    "`{}` storage on this machine's disk cannot be read by workers of {} on other machines; use \
-                     `storage: {{s3: {{config: {{...}}}}}}`, or, if base_dir is a shared mount (NFS) at the same path on every \
-                     worker, declare it with `storage: {{filesystem: {{config: {{base_dir: ..., shared: true}}}}}}`",
-                    storage.kind(),
-                    self.config.describe_cluster()
-                )));
-            }
-            _ => {}
-        }
+        let remote = self
+            .config
+            .is_remote()
+            .then(|| format!("workers of {}", self.config.describe_cluster()));
+        check_reach(&ctx.env, "dask", remote.as_deref()).map_err(ExecutorError::Config)?;
         // Only a local cluster created for the run has workers we know in advance.
         let local_resources_known = self.config.kind() == ClusterKind::Local
             && !self
@@ -120,7 +106,9 @@ impl Executor for DaskExecutor {
 
     fn execute(&self, ctx: &ExecutionContext) -> Result<Summary, ExecutorError> {
         let run = || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            // One worker thread for the bridge's I/O; the run loop blocks this one.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
                 .enable_all()
                 .build()
                 .map_err(|e| {
@@ -128,7 +116,7 @@ impl Executor for DaskExecutor {
                         "dask executor: cannot start its async runtime: {e}"
                     ))
                 })?;
-            runtime.block_on(self.run(ctx))
+            self.run(ctx, &runtime)
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             // Called from async code: a runtime cannot block inside another one.

@@ -1,67 +1,53 @@
-//! One run on Dask: start the bridge, connect to the cluster, submit every ready step
-//! as a Dask task, and feed what comes back to the shared [`Scheduler`]; on Ctrl-C,
-//! cancel what is running.
+//! One run on Dask: start the bridge, connect to the cluster, ship the binary if
+//! asked, then hand the plan to the shared run loop with the [`DaskLauncher`].
+//!
+//! [`DaskLauncher`]: super::launcher::DaskLauncher
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::DaskExecutor;
 use super::bridge::{
     Bridge, BridgeError, BridgeMessage, BridgeOptions, ClusterKind, ConnectRequest, ConnectedInfo,
-    SubmitRequest, WorkerResources,
+    ErrorKind, WorkerResources,
 };
-use super::events::Outcome;
+use super::launcher::{DaskLauncher, TaskTemplate};
 use super::placement::{critical_path, unsatisfiable_resources};
-use crate::execution::event::{ErrorInfo, EventKind, Level};
-use crate::execution::protocol::{PROTOCOL_VERSION, StepInvocation};
-use crate::execution::scheduler::{Scheduler, Summary};
-use crate::executor::{ExecutionContext, ExecutorError, PARENT_PID_ENV};
+use crate::execution::event::{EventKind, Level};
+use crate::execution::launcher::{RunOptions, run_steps};
+use crate::execution::scheduler::Summary;
+use crate::executor::{ExecutionContext, ExecutorError};
 
 /// How long canceled steps get between SIGTERM and SIGKILL on the workers.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
-
-/// Finished keys are released from the bridge (and Dask) in batches of this size.
-const RELEASE_BATCH: usize = 64;
-
-/// What the parent knows about one submitted step attempt.
-pub(super) struct InFlight {
-    pub(super) step: usize,
-    pub(super) attempt: u32,
-    pub(super) worker: Option<String>,
-    pub(super) pid: u32,
-    pub(super) result: Option<(bool, Option<ErrorInfo>, Option<Option<f64>>)>,
-    /// Hashes of the stdout lines forwarded, to recover missing ones from the log file.
-    pub(super) seen: HashSet<u64>,
-}
-
-/// One run in progress: the steps submitted to Dask and the keys to release.
-pub(super) struct Run<'a> {
-    pub(super) executor: &'a DaskExecutor,
-    pub(super) ctx: &'a ExecutionContext,
-    pub(super) bridge: &'a Bridge,
-    pub(super) inflight: HashMap<String, InFlight>,
-    pub(super) to_release: Vec<String>,
-}
 
 fn engine(what: &str, e: BridgeError) -> ExecutorError {
     ExecutorError::Engine(format!("dask executor: {what}: {e}"))
 }
 
 impl DaskExecutor {
-    pub(super) async fn run(&self, ctx: &ExecutionContext) -> Result<Summary, ExecutorError> {
+    /// Runs the plan: the bridge's I/O on `runtime`'s worker thread, the run loop on
+    /// this one.
+    pub(super) fn run(
+        &self,
+        ctx: &ExecutionContext,
+        runtime: &Runtime,
+    ) -> Result<Summary, ExecutorError> {
         let options = BridgeOptions {
             python: self.config.python.clone(),
             startup_timeout: self.config.timeout.max(Duration::from_secs(5)),
+            package_root: ctx.home.join("bridge"),
             ..BridgeOptions::default()
         };
-        let (bridge, mut rx) = Bridge::spawn(options)
-            .await
+        let (bridge, messages) = runtime
+            .block_on(Bridge::spawn(options))
             .map_err(|e| engine("cannot start the Dask bridge", e))?;
-        let result = self.drive(ctx, &bridge, &mut rx).await;
+        let result = self.drive(ctx, runtime, &bridge, messages);
         // Always: kill our steps, close the client and a cluster we created.
-        if let Err(e) = bridge.shutdown(Duration::from_secs(60)).await {
+        if let Err(e) = runtime.block_on(bridge.shutdown(Duration::from_secs(60))) {
             tracing::warn!(target: "solidflow::dask", "Dask bridge shutdown: {e}");
         }
         result
@@ -103,7 +89,10 @@ impl DaskExecutor {
                      raise `timeout`.{dashboard_hint}"
                 ))
             }
-            BridgeError::Remote { ref kind, .. } if kind == "workers_timeout" => ExecutorError::Engine(format!(
+            BridgeError::Remote {
+                kind: ErrorKind::WorkersTimeout,
+                ..
+            } => ExecutorError::Engine(format!(
                 "dask executor: {e}. Start workers with `dask worker {}`.",
                 self.config.address.as_deref().unwrap_or("<scheduler address>")
             )),
@@ -111,16 +100,18 @@ impl DaskExecutor {
         })
     }
 
-    async fn drive(
+    /// Connects, ships the binary if asked, and runs the plan through the shared loop.
+    fn drive(
         &self,
         ctx: &ExecutionContext,
+        runtime: &Runtime,
         bridge: &Bridge,
-        rx: &mut tokio::sync::mpsc::UnboundedReceiver<BridgeMessage>,
+        messages: UnboundedReceiver<BridgeMessage>,
     ) -> Result<Summary, ExecutorError> {
         let env = &ctx.env;
         let plan = env.plan.clone();
         let connect_started = Instant::now();
-        let connected = self.connect(bridge).await?;
+        let connected = runtime.block_on(self.connect(bridge))?;
         let info = bridge.info();
         env.events.emit(
             None,
@@ -169,9 +160,8 @@ impl DaskExecutor {
         };
         let command0 = if self.config.ship_binary {
             let started = Instant::now();
-            let uploaded = bridge
-                .upload_binary(&executable, None)
-                .await
+            let uploaded = runtime
+                .block_on(bridge.upload_binary(&executable, None))
                 .map_err(|e| engine("cannot ship the binary to the workers", e))?;
             env.events.emit(
                 None,
@@ -191,190 +181,32 @@ impl DaskExecutor {
         } else {
             vec![0; plan.steps.len()]
         };
-        // Workers on this machine run in our working directory, so relative paths in
-        // config (storage base_dir) mean the same thing in the step processes.
-        let cwd = (!self.config.is_remote())
-            .then(|| std::env::current_dir().ok())
-            .flatten();
-        let log_dir = ctx.home.join("logs").join(&env.run_id);
-        let mut run = Run {
-            executor: self,
-            ctx,
-            bridge,
-            inflight: HashMap::new(),
-            to_release: Vec::new(),
-        };
-        let mut scheduler = Scheduler::new(&plan, env.events.clone(), None);
-        let topic = format!("solidflow-{}", env.run_id);
         let mut step_env = self.config.env.clone();
         for name in &self.config.forward_env {
             if let Ok(value) = std::env::var(name) {
                 step_env.insert(name.clone(), value);
             }
         }
-
-        loop {
-            if ctx.cancel.is_canceled() {
-                run.cancel(&mut scheduler, rx).await;
-                return Ok(scheduler.summary());
-            }
-            // Every step that is ready now goes out in one batch of submits.
-            let mut steps = Vec::new();
-            let mut requests = Vec::new();
-            while let Some((step, attempt)) = scheduler.next() {
-                let s = &plan.steps[step];
-                let key = format!("{}-{}-a{attempt}", s.key, env.run_id);
-                let invocation = StepInvocation {
-                    protocol: PROTOCOL_VERSION,
-                    run_id: env.run_id.clone(),
-                    pipeline: env.pipeline.name().to_string(),
-                    mode: env.config.mode.clone(),
-                    step_key: s.key.clone(),
-                    attempt,
-                    run_config: env.config.value.clone(),
-                    home: ctx.home.clone(),
-                };
-                let mut request = SubmitRequest::new(
-                    key.clone(),
-                    vec![command0.clone(), "step".into()],
-                    topic.clone(),
-                );
-                request.stdin = serde_json::to_string(&invocation).expect("invocations serialize");
-                request.env = step_env.clone();
-                request.cwd = cwd.clone();
-                request.resources = s.required_resources.clone();
-                request.priority = priorities[step];
-                // Step mode makes itself die with the worker process (PR_SET_PDEATHSIG)
-                // when it finds the worker's pid here, so the bridge can start it
-                // without a preexec_fn (vfork instead of fork: ~10 ms less per step).
-                request.parent_pid_env = Some(PARENT_PID_ENV.to_string());
-                request.log_files = BTreeMap::from([
-                    (
-                        "stdout".to_string(),
-                        log_dir.join(format!("{}.stdout.jsonl", s.key)),
-                    ),
-                    (
-                        "stderr".to_string(),
-                        log_dir.join(format!("{}.stderr.log", s.key)),
-                    ),
-                ]);
-                run.inflight.insert(
-                    key,
-                    InFlight {
-                        step,
-                        attempt,
-                        worker: None,
-                        pid: 0,
-                        result: None,
-                        seen: HashSet::new(),
-                    },
-                );
-                steps.push(step);
-                requests.push(request);
-            }
-            if !requests.is_empty() {
-                let results = bridge.submit_many(&requests).await;
-                for ((step, request), result) in steps.into_iter().zip(&requests).zip(results) {
-                    let Err(e) = result else { continue };
-                    if matches!(e, BridgeError::BridgeDied { .. }) {
-                        return Err(engine("the Dask bridge died", e));
-                    }
-                    run.inflight.remove(&request.key);
-                    let error = ErrorInfo {
-                        message: format!("could not submit {} to Dask: {e}", request.key),
-                        causes: vec![],
-                        kind: "error".into(),
-                        location: None,
-                    };
-                    scheduler.failed(step, error, None);
-                }
-            }
-            if scheduler.is_finished() {
-                break;
-            }
-            let wait = scheduler
-                .next_wakeup()
-                .map_or(Duration::from_millis(50), |t| {
-                    t.saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(50))
-                });
-            let first = tokio::select! {
-                msg = rx.recv() => Some(msg),
-                _ = tokio::time::sleep(wait) => None,
-            };
-            let mut batch = Vec::new();
-            if let Some(msg) = first {
-                batch.push(msg.ok_or_else(|| {
-                    ExecutorError::Engine("dask executor: the Dask bridge went away".into())
-                })?);
-                while let Ok(msg) = rx.try_recv() {
-                    batch.push(msg);
-                }
-            }
-            for msg in batch {
-                if let Some((step, outcome)) = run.handle(msg)? {
-                    match outcome {
-                        Outcome::Succeeded => scheduler.succeeded(step),
-                        Outcome::Failed(error, retry) => {
-                            scheduler.failed(step, error, retry);
-                        }
-                    }
-                }
-            }
-            run.release(false).await;
-        }
-        run.release(true).await;
-        Ok(scheduler.summary())
-    }
-}
-
-impl Run<'_> {
-    /// Releases finished keys from the bridge in batches (or all, at the end).
-    async fn release(&mut self, all: bool) {
-        if self.to_release.len() >= RELEASE_BATCH || (all && !self.to_release.is_empty()) {
-            let keys = std::mem::take(&mut self.to_release);
-            let _ = self.bridge.release(&keys).await;
-        }
-    }
-
-    /// Ctrl-C: cancel every running task (killing its process on the worker), wait
-    /// for them to end, and mark the unfinished steps interrupted.
-    async fn cancel(
-        &mut self,
-        scheduler: &mut Scheduler<'_>,
-        rx: &mut tokio::sync::mpsc::UnboundedReceiver<BridgeMessage>,
-    ) {
-        let keys: Vec<String> = self.inflight.keys().cloned().collect();
-        if !keys.is_empty() {
-            self.ctx.env.events.emit(
-                None,
-                Level::Warning,
-                format!(
-                    "dask executor: canceling {} running step(s) on the cluster",
-                    keys.len()
-                ),
-                EventKind::EngineEvent {
-                    details: json!({"dask_keys": keys}),
-                },
-            );
-            if let Err(e) = self.bridge.cancel(&keys, CANCEL_GRACE).await {
-                tracing::warn!(target: "solidflow::dask", "canceling Dask tasks: {e}");
-            }
-        }
-        let mut interrupted = Vec::new();
-        let deadline = tokio::time::Instant::now() + CANCEL_GRACE + Duration::from_secs(8);
-        while !self.inflight.is_empty() {
-            let Ok(Some(msg)) = tokio::time::timeout_at(deadline, rx.recv()).await else {
-                break;
-            };
-            match self.handle(msg) {
-                Ok(Some((step, Outcome::Succeeded))) => scheduler.succeeded(step),
-                Ok(Some((step, Outcome::Failed(..)))) => interrupted.push(step),
-                Ok(None) => {}
-                Err(_) => break,
-            }
-        }
-        interrupted.extend(self.inflight.drain().map(|(_, f)| f.step));
-        scheduler.cancel(&interrupted);
+        let template = TaskTemplate {
+            command0,
+            env: step_env,
+            // Workers on this machine run in our working directory, so relative paths in
+            // config (storage base_dir) mean the same thing in the step processes.
+            cwd: (!self.config.is_remote())
+                .then(|| std::env::current_dir().ok())
+                .flatten(),
+            log_dir: ctx.home.join("logs").join(&env.run_id),
+            priorities,
+            allowed_failures: self.config.allowed_failures,
+        };
+        let mut launcher = DaskLauncher::new(runtime, bridge, messages, env, template);
+        let options = RunOptions {
+            // Dask places every ready step wherever there is room.
+            max_running: None,
+            resources: None,
+            grace: CANCEL_GRACE,
+        };
+        run_steps(env, &ctx.cancel, &ctx.home, &mut launcher, options)
+            .map_err(ExecutorError::Engine)
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::config::schema::{ConfigType, Field};
+use serde::{Deserialize, Serialize};
+
+use crate::config::json_schema::parse_block;
 use crate::storage::StorageError;
 
 const MIB: usize = 1024 * 1024;
@@ -87,63 +89,21 @@ pub struct S3Config {
 
 impl S3Config {
     /// Defaults for `bucket`: prefix `solidflow`, credentials and region from the environment,
-    /// 10 retries within 3 minutes, 16 MiB parts, 4 in flight.
+    /// 10 retries within 3 minutes, 16 MiB parts, 4 in flight (the defaults of the
+    /// `config:` block).
     pub fn new(bucket: impl Into<String>) -> Self {
-        Self {
-            bucket: bucket.into(),
-            prefix: "solidflow".into(),
-            region: None,
-            endpoint_url: None,
-            allow_http: false,
-            credentials: None,
-            max_retries: 10,
-            retry_timeout: Duration::from_secs(180),
-            part_size: 16 * MIB,
-            concurrency: 4,
-        }
+        S3Block::with_bucket(bucket.into()).into_config()
     }
 
-    /// Reads a validated `config:` block (see `definition()`).
+    /// Reads a `config:` block of `storage: {s3: ...}`, checking it against its schema.
     pub fn from_run_config(config: &Value) -> Result<Self, StorageError> {
-        let bad = |message: String| StorageError::Unusable {
-            kind: "s3",
-            message,
-        };
-        let string = |name: &str| config.get(name).and_then(Value::as_str).map(str::to_owned);
-        let int = |name: &str| config.get(name).and_then(Value::as_u64);
-        let bucket = string("s3_bucket")
-            .filter(|b| !b.is_empty())
-            .ok_or_else(|| {
-                bad(
-                    "storage.s3.config.s3_bucket is required: the bucket to store intermediates in"
-                        .into(),
-                )
-            })?;
-        let mut out = Self::new(bucket);
-        if let Some(prefix) = string("s3_prefix") {
-            out.prefix = prefix;
-        }
-        out.region = string("region").filter(|r| !r.is_empty());
-        out.endpoint_url = string("endpoint_url").filter(|e| !e.is_empty());
-        out.allow_http = config
-            .get("allow_http")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if let Some(n) = int("max_retries") {
-            out.max_retries = n as usize;
-        }
-        if let Some(secs) = int("retry_timeout_secs") {
-            out.retry_timeout = Duration::from_secs(secs);
-        }
-        if let Some(mb) = int("part_size_mb") {
-            out.part_size = usize::try_from(mb)
-                .unwrap_or(usize::MAX)
-                .saturating_mul(MIB);
-        }
-        if let Some(n) = int("concurrency") {
-            out.concurrency = n as usize;
-        }
-        Ok(out)
+        let block: S3Block = parse_block(config, &["storage", "s3", "config"]).map_err(|e| {
+            StorageError::Unusable {
+                kind: "s3",
+                message: e.to_string(),
+            }
+        })?;
+        Ok(block.into_config())
     }
 
     pub(super) fn validate(&self) -> Result<(), StorageError> {
@@ -183,30 +143,91 @@ impl S3Config {
         Ok(())
     }
 }
-pub(super) fn config_schema() -> ConfigType {
-    ConfigType::shape([
-        Field::required("s3_bucket", ConfigType::String).doc("Bucket for intermediates; it must exist."),
-        Field::optional("s3_prefix", ConfigType::String)
-            .default("solidflow")
-            .doc("Key prefix: objects go to <s3_prefix>/<run_id>/intermediates/<step_key>/<output>."),
-        Field::optional("region", ConfigType::String)
-            .doc("AWS region; defaults to AWS_REGION / AWS_DEFAULT_REGION, the profile's region, then us-east-1."),
-        Field::optional("endpoint_url", ConfigType::String)
-            .doc("Endpoint of an S3-compatible server (MinIO, Ceph, R2...); requests are path-style."),
-        Field::optional("allow_http", ConfigType::Bool).default(false).doc("Allow a plain http:// endpoint_url."),
-        Field::optional("max_retries", ConfigType::Int)
-            .default(10)
-            .doc("Retries per request on throttling, 5xx and connection errors, with exponential backoff."),
-        Field::optional("retry_timeout_secs", ConfigType::Int)
-            .default(180)
-            .doc("Stop retrying a request after this many seconds."),
-        Field::optional("part_size_mb", ConfigType::Int)
-            .default(16)
-            .doc("Multipart part size and ranged-read size in MiB (5 to 5120)."),
-        Field::optional("concurrency", ConfigType::Int)
-            .default(4)
-            .doc("Parts uploaded or ranges downloaded in parallel per value."),
-    ])
+/// `storage: {s3: {config: ...}}`: the one definition of its keys, defaults, ranges
+/// and docs. Credentials are never part of it: they come from the AWS chain.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct S3Block {
+    /// Bucket for intermediates; it must exist.
+    #[schemars(length(min = 1))]
+    s3_bucket: String,
+    /// Key prefix: objects go to <s3_prefix>/<run_id>/intermediates/<step_key>/<output>.
+    #[serde(default = "default_prefix")]
+    s3_prefix: String,
+    /// AWS region; defaults to AWS_REGION / AWS_DEFAULT_REGION, the profile's region, then us-east-1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    region: Option<String>,
+    /// Endpoint of an S3-compatible server (MinIO, Ceph, R2...); requests are path-style.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    endpoint_url: Option<String>,
+    /// Allow a plain http:// endpoint_url.
+    #[serde(default)]
+    allow_http: bool,
+    /// Retries per request on throttling, 5xx and connection errors, with exponential backoff.
+    #[serde(default = "default_max_retries")]
+    #[schemars(range(max = 100))]
+    max_retries: u32,
+    /// Stop retrying a request after this many seconds.
+    #[serde(default = "default_retry_timeout_secs")]
+    #[schemars(range(max = 86400))]
+    retry_timeout_secs: u32,
+    /// Multipart part size and ranged-read size in MiB (S3's limits: 5 to 5120).
+    #[serde(default = "default_part_size_mb")]
+    #[schemars(range(min = 5, max = 5120))]
+    part_size_mb: u32,
+    /// Parts uploaded or ranges downloaded in parallel per value.
+    #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 256))]
+    concurrency: u32,
+}
+
+fn default_prefix() -> String {
+    "solidflow".into()
+}
+fn default_max_retries() -> u32 {
+    10
+}
+fn default_retry_timeout_secs() -> u32 {
+    180
+}
+fn default_part_size_mb() -> u32 {
+    16
+}
+fn default_concurrency() -> u32 {
+    4
+}
+
+impl S3Block {
+    fn with_bucket(s3_bucket: String) -> Self {
+        Self {
+            s3_bucket,
+            s3_prefix: default_prefix(),
+            region: None,
+            endpoint_url: None,
+            allow_http: false,
+            max_retries: default_max_retries(),
+            retry_timeout_secs: default_retry_timeout_secs(),
+            part_size_mb: default_part_size_mb(),
+            concurrency: default_concurrency(),
+        }
+    }
+
+    fn into_config(self) -> S3Config {
+        S3Config {
+            bucket: self.s3_bucket,
+            prefix: self.s3_prefix,
+            region: self.region,
+            endpoint_url: self.endpoint_url,
+            allow_http: self.allow_http,
+            credentials: None,
+            max_retries: self.max_retries as usize,
+            retry_timeout: Duration::from_secs(self.retry_timeout_secs.into()),
+            part_size: self.part_size_mb as usize * MIB,
+            concurrency: self.concurrency as usize,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -239,8 +260,25 @@ mod tests {
             S3Storage::new(S3Config::from_run_config(&http_without_opt_in).unwrap()).unwrap_err();
         assert!(err.to_string().contains("allow_http"), "{err}");
         let tiny_parts = serde_json::json!({"s3_bucket": "b", "part_size_mb": 1});
-        assert!(S3Storage::new(S3Config::from_run_config(&tiny_parts).unwrap()).is_err());
-        assert!(S3Config::from_run_config(&serde_json::json!({})).is_err());
+        let err = S3Config::from_run_config(&tiny_parts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("storage.s3.config.part_size_mb: expected an integer from 5 to 5120"),
+            "{err}"
+        );
+        let mut programmatic = S3Config::new("b");
+        programmatic.part_size = MIB;
+        assert!(S3Storage::new(programmatic).is_err());
+        let err = S3Config::from_run_config(&serde_json::json!({}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("storage.s3.config.s3_bucket: missing required key"),
+            "{err}"
+        );
+        let defaults = S3Config::from_run_config(&serde_json::json!({"s3_bucket": "b"})).unwrap();
+        assert_eq!(format!("{defaults:?}"), format!("{:?}", S3Config::new("b")));
     }
 
     #[test]

@@ -54,13 +54,14 @@ use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectStore};
 use serde_json::Value;
 
-use self::config::config_schema;
+use self::config::S3Block;
 use self::engine::Engine;
 use self::reader::{Chunk, RangeReader, is_invalid_range};
 use self::redact::Redactor;
 use self::upload::Upload;
-use super::registry::{StorageContext, StorageDefinition};
 use super::{IntermediateKey, IntermediateStorage, Reach, StorageError, WriteFn};
+use crate::config::json_schema::config_type_of;
+use crate::definition::storage::{StorageContext, StorageDefinition};
 
 /// Intermediates stored as S3 objects: `s3://<bucket>/<prefix>/<run_id>/intermediates/<step_key>/<output>`.
 ///
@@ -166,11 +167,11 @@ fn build(
 }
 
 /// The `s3` storage definition.
-pub fn definition() -> StorageDefinition {
+pub(crate) fn definition() -> StorageDefinition {
     StorageDefinition {
         name: "s3",
         description: "Store intermediates as objects in an S3 (or S3-compatible) bucket; works for distributed runs.",
-        config: config_schema,
+        config: config_type_of::<S3Block>,
         build,
     }
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{BridgeMessage, PROTOCOL_VERSION};
+use super::{BridgeMessage, ErrorKind, PROTOCOL_VERSION};
 
 /// Errors of the bridge client. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +57,7 @@ pub enum BridgeError {
         /// Last lines of the bridge's stderr.
         stderr_tail: String,
     },
-    /// The bridge speaks another protocol version (a stale bridge.py?).
+    /// The bridge speaks another protocol version (a stale bridge package?).
     #[error("the Dask bridge speaks protocol {found}, this solidflow speaks {PROTOCOL_VERSION}")]
     ProtocolMismatch {
         /// The version the bridge reported.
@@ -96,12 +96,11 @@ pub enum BridgeError {
         /// How long we waited.
         timeout: Duration,
     },
-    /// The bridge reported an error for a request (`kind` is e.g. `bad_request`,
-    /// `not_connected`, `workers_timeout`, `internal`).
+    /// The bridge reported an error for a request.
     #[error("Dask bridge error ({kind}): {message}")]
     Remote {
         /// The error kind.
-        kind: String,
+        kind: ErrorKind,
         /// The error message.
         message: String,
     },
@@ -113,7 +112,15 @@ pub enum BridgeError {
         /// What came back.
         reply: Box<BridgeMessage>,
     },
-    /// Writing the bridge program to a temporary file failed.
-    #[error("could not write the Dask bridge program to a temporary file: {0}")]
-    Script(std::io::Error),
+    /// Unpacking the bridge's Python package failed.
+    #[error(
+        "could not unpack the Dask bridge's Python package under {}: {source}; set SOLIDFLOW_HOME to a writable directory",
+        root.display()
+    )]
+    Package {
+        /// Where it was to be unpacked.
+        root: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }

@@ -89,17 +89,49 @@ pub enum FailureReason {
     WorkerLost,
     /// Canceled (by `cancel`, or by Dask).
     Canceled,
-    /// No worker offers the resources it needs; it was never submitted.
-    UnsatisfiableResources,
-    /// A `dep_mode: dask` dependency failed.
-    UpstreamFailed,
+    /// The command could not be started on the worker (no such file, not executable).
+    NotStarted,
     /// The connection to the scheduler was lost.
     SchedulerLost,
-    /// Anything else: the command could not start, bad request, task exception.
+    /// Anything else: a bad request, a task exception.
     Error,
     /// A reason this client does not know.
     #[serde(other)]
     Other,
+}
+
+/// What kind of request failed (an `error` message's `kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request was malformed (unknown op, missing field, duplicate key).
+    BadRequest,
+    /// `connect` has not succeeded yet.
+    NotConnected,
+    /// A second `connect`.
+    AlreadyConnected,
+    /// The scheduler did not answer within the timeout.
+    SchedulerUnreachable,
+    /// A `tls://` scheduler without certificate files.
+    TlsConfig,
+    /// Workers did not join within the timeout.
+    WorkersTimeout,
+    /// A cluster manager's package is not installed.
+    MissingPackage,
+    /// `distributed` is not importable (only in place of `ready`).
+    DistributedMissing,
+    /// An unexpected exception in the bridge.
+    Internal,
+    /// A kind this client does not know.
+    #[serde(other)]
+    Other,
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(value.as_str().unwrap_or("other"))
+    }
 }
 
 /// Final message of a task that failed.
@@ -111,6 +143,9 @@ pub struct TaskFailed {
     pub reason: FailureReason,
     /// Human-readable detail.
     pub message: String,
+    /// The causes of the failure, outermost first (Python's exception chain).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub causes: Vec<String>,
 }
 
 /// Which output stream a line came from.
@@ -138,8 +173,8 @@ pub struct Uploaded {
     pub command0: String,
 }
 
-/// A message from the bridge. Task events (`Started`, `Line`, `Done`, `Failed`,
-/// `Skipped`) arrive on the receiver from [`Bridge::spawn`](super::Bridge::spawn); replies are returned by
+/// A message from the bridge. Task events (`Started`, `Line`, `Done`, `Failed`)
+/// arrive on the receiver from [`Bridge::spawn`](super::Bridge::spawn); replies are returned by
 /// the request methods.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -148,13 +183,10 @@ pub enum BridgeMessage {
     Ready(ReadyInfo),
     /// Reply to `connect`.
     Connected(ConnectedInfo),
-    /// Reply to `submit`: accepted (`held`: waiting in the bridge for its deps).
+    /// Reply to `submit`: accepted.
     Submitted {
         /// The key.
         key: String,
-        /// Whether it waits in the bridge for dependencies.
-        #[serde(default)]
-        held: bool,
     },
     /// The command started on a worker. `attempt` > 1 means Dask re-ran it after
     /// losing a worker.
@@ -184,13 +216,6 @@ pub enum BridgeMessage {
     Done(TaskDone),
     /// The task failed without a result.
     Failed(TaskFailed),
-    /// Not run because a dependency did not succeed.
-    Skipped {
-        /// The key.
-        key: String,
-        /// The dependencies that did not succeed.
-        upstream: Vec<String>,
-    },
     /// Reply to `cancel`.
     Canceled {
         /// Keys asked for.
@@ -217,10 +242,13 @@ pub enum BridgeMessage {
     Shutdown,
     /// A request failed.
     Error {
-        /// Category (`scheduler_unreachable`, `missing_package`, `bad_request`, ...).
-        kind: String,
+        /// Category.
+        kind: ErrorKind,
         /// Detail.
         message: String,
+        /// The causes, outermost first (Python's exception chain).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        causes: Vec<String>,
     },
     /// Not from the wire: the bridge exited. Last message on the receiver.
     #[serde(skip)]
@@ -238,19 +266,18 @@ impl BridgeMessage {
     /// The task key, for task events.
     pub fn key(&self) -> Option<&str> {
         match self {
-            Self::Started { key, .. }
-            | Self::Line { key, .. }
-            | Self::Skipped { key, .. }
-            | Self::Submitted { key, .. } => Some(key),
+            Self::Started { key, .. } | Self::Line { key, .. } | Self::Submitted { key, .. } => {
+                Some(key)
+            }
             Self::Done(d) => Some(&d.key),
             Self::Failed(f) => Some(&f.key),
             _ => None,
         }
     }
 
-    /// Whether this is the last message for its key (`done`, `failed`, `skipped`).
+    /// Whether this is the last message for its key (`done` or `failed`).
     pub fn is_final(&self) -> bool {
-        matches!(self, Self::Done(_) | Self::Failed(_) | Self::Skipped { .. })
+        matches!(self, Self::Done(_) | Self::Failed(_))
     }
 
     pub(super) fn is_task_event(&self) -> bool {
@@ -283,7 +310,8 @@ mod tests {
             BridgeMessage::Failed(TaskFailed {
                 key: "k".into(),
                 reason: FailureReason::WorkerLost,
-                message: "m".into()
+                message: "m".into(),
+                causes: vec![],
             })
         );
         let (_, msg) =
@@ -297,7 +325,6 @@ mod tests {
             })
         ));
         let req = serde_json::to_value(SubmitRequest::new("k", vec!["x".into()], "t")).unwrap();
-        assert_eq!(req["dep_mode"], "bridge");
         assert_eq!(req["resources"], serde_json::json!({}));
     }
 }

@@ -1,16 +1,18 @@
 //! Rust client for the Dask bridge.
 //!
 //! Dask's client protocol is pickled Python, so the Dask executor does not speak it:
-//! it starts `bridge.py` (embedded in this crate with `include_str!`) under a Python
-//! interpreter that has `distributed` installed and talks to it in JSON lines:
-//! requests on the bridge's stdin, messages on its stdout. The protocol is documented
-//! in `docs/dask-bridge.md`.
+//! it runs the Python package `solidflow_dask_bridge` (its modules embedded in this
+//! crate with `include_str!`, unpacked into a content-addressed directory under the
+//! solidflow home, see [`BridgeOptions::package_root`]) under a Python interpreter
+//! that has `distributed` installed, and talks to it in JSON lines: requests on the
+//! bridge's stdin, messages on its stdout. The protocol is documented in
+//! `docs/dask-bridge.md`; its golden examples are `tests/fixtures/protocol/*.jsonl`.
 //!
 //! [`Bridge::spawn`] starts the program and waits for its `ready` message. It returns
 //! the [`Bridge`] handle, used to send requests, and a receiver of [`BridgeMessage`]s
 //! where everything that happens to submitted tasks arrives, in order: `started`,
-//! `line` (live stdout/stderr of the step), and one final `done`, `failed` or
-//! `skipped` per key. Replies to requests (`connected`, `canceled`, `uploaded`, ...)
+//! `line` (live stdout/stderr of the step), and one final `done` or `failed` per
+//! key. Replies to requests (`connected`, `canceled`, `uploaded`, ...)
 //! are returned by the request methods instead. When the bridge exits, the receiver
 //! gets [`BridgeMessage::Exited`] and then closes.
 //!
@@ -27,6 +29,8 @@
 //! is the client that sends requests and waits for their replies.
 
 mod error;
+#[cfg(test)]
+mod fixtures;
 mod messages;
 mod process;
 mod requests;
@@ -35,11 +39,11 @@ mod tests;
 
 pub use self::error::BridgeError;
 pub use self::messages::{
-    BridgeMessage, ConnectedInfo, FailureReason, ReadyInfo, Stream, TaskDone, TaskFailed, Uploaded,
-    WorkerInfo,
+    BridgeMessage, ConnectedInfo, ErrorKind, FailureReason, ReadyInfo, Stream, TaskDone,
+    TaskFailed, Uploaded, WorkerInfo,
 };
 pub use self::requests::{
-    AdaptSpec, ClusterKind, ClusterSpec, ConnectRequest, DepMode, SubmitRequest, TlsConfig,
+    AdaptSpec, ClusterKind, ClusterSpec, ConnectRequest, Request, SubmitRequest, TlsConfig,
     WorkerResources,
 };
 
@@ -57,8 +61,28 @@ use tokio::sync::{oneshot, watch};
 
 use self::process::{Tail, tail_text};
 
-/// Source of the bridge program, run by the Python interpreter.
-pub const BRIDGE_SOURCE: &str = include_str!("../bridge.py");
+/// The bridge's Python package: `(file name, source)` of each module of
+/// `solidflow_dask_bridge`.
+pub const PACKAGE: &[(&str, &str)] = &[
+    (
+        "__init__.py",
+        include_str!("solidflow_dask_bridge/__init__.py"),
+    ),
+    (
+        "__main__.py",
+        include_str!("solidflow_dask_bridge/__main__.py"),
+    ),
+    (
+        "protocol.py",
+        include_str!("solidflow_dask_bridge/protocol.py"),
+    ),
+    ("worker.py", include_str!("solidflow_dask_bridge/worker.py")),
+    (
+        "cluster.py",
+        include_str!("solidflow_dask_bridge/cluster.py"),
+    ),
+    ("server.py", include_str!("solidflow_dask_bridge/server.py")),
+];
 
 /// Version of the JSON-lines protocol this client speaks (the bridge's `ready`
 /// message must report the same).
@@ -92,6 +116,10 @@ pub struct BridgeOptions {
     pub startup_timeout: Duration,
     /// How long quick requests (submit, cancel, workers, ...) may take to be answered.
     pub request_timeout: Duration,
+    /// Where the package is unpacked, in a directory named after a hash of its
+    /// contents (so it is written once per solidflow build, and never left behind in
+    /// the temporary directory). Default: `<solidflow home>/bridge`.
+    pub package_root: PathBuf,
 }
 
 impl Default for BridgeOptions {
@@ -102,6 +130,7 @@ impl Default for BridgeOptions {
             env: Vec::new(),
             startup_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(60),
+            package_root: crate::execution::run::solidflow_home().join("bridge"),
         }
     }
 }
@@ -119,7 +148,6 @@ pub struct Bridge {
     kill: Mutex<Option<oneshot::Sender<()>>>,
     ready: ReadyInfo,
     request_timeout: Duration,
-    _script: tempfile::TempPath,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -187,10 +215,17 @@ impl Bridge {
         timeout: Duration,
     ) -> Result<BridgeMessage, BridgeError> {
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(BridgeMessage::Error { kind, message })) => Err(match kind.as_str() {
-                "missing_package" => BridgeError::MissingPackage { message },
-                _ => BridgeError::Remote { kind, message },
-            }),
+            Ok(Ok(BridgeMessage::Error {
+                kind,
+                message,
+                causes,
+            })) => {
+                let message = with_causes(message, &causes);
+                Err(match kind {
+                    ErrorKind::MissingPackage => BridgeError::MissingPackage { message },
+                    _ => BridgeError::Remote { kind, message },
+                })
+            }
             Ok(Ok(msg)) => Ok(msg),
             Ok(Err(_)) => Err(self.died().await),
             Err(_) => {
@@ -209,8 +244,7 @@ impl Bridge {
     /// Creates or joins a cluster (see [`ConnectRequest`]).
     pub async fn connect(&self, request: &ConnectRequest) -> Result<ConnectedInfo, BridgeError> {
         let dask_timeout = Duration::from_secs_f64(request.timeout.unwrap_or(30.0).max(0.0));
-        let mut value = serde_json::to_value(request).expect("ConnectRequest serializes");
-        value["op"] = "connect".into();
+        let value = Request::Connect(request).to_value();
         // A cluster manager may wait for its scheduler and then for workers.
         match self
             .request(value, dask_timeout * 2 + REPLY_MARGIN * 2)
@@ -221,13 +255,14 @@ impl Bridge {
                 op: "connect".into(),
                 reply: Box::new(other),
             }),
-            Err(BridgeError::Remote { kind, message }) if kind == "scheduler_unreachable" => {
-                Err(BridgeError::SchedulerUnreachable {
-                    address: request.address.clone().unwrap_or_default(),
-                    timeout: dask_timeout,
-                    message,
-                })
-            }
+            Err(BridgeError::Remote {
+                kind: ErrorKind::SchedulerUnreachable,
+                message,
+            }) => Err(BridgeError::SchedulerUnreachable {
+                address: request.address.clone().unwrap_or_default(),
+                timeout: dask_timeout,
+                message,
+            }),
             Err(e) => Err(e),
         }
     }
@@ -236,8 +271,7 @@ impl Bridge {
     /// to it (including an immediate `failed` for unsatisfiable resources or unknown
     /// deps) arrives on the event receiver.
     pub async fn submit(&self, request: &SubmitRequest) -> Result<(), BridgeError> {
-        let mut value = serde_json::to_value(request).expect("SubmitRequest serializes");
-        value["op"] = "submit".into();
+        let value = Request::Submit(request).to_value();
         match self.request(value, self.request_timeout).await? {
             BridgeMessage::Submitted { .. } | BridgeMessage::Failed(_) => Ok(()),
             other => Err(BridgeError::UnexpectedReply {
@@ -254,9 +288,8 @@ impl Bridge {
         let mut bytes = Vec::new();
         let mut waiting = Vec::with_capacity(requests.len());
         for request in requests {
-            let mut value = serde_json::to_value(request).expect("SubmitRequest serializes");
+            let mut value = Request::Submit(request).to_value();
             let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-            value["op"] = "submit".into();
             value["id"] = id.into();
             serde_json::to_writer(&mut bytes, &value).expect("requests serialize");
             bytes.push(b'\n');
@@ -303,7 +336,11 @@ impl Bridge {
         keys: &[String],
         grace: Duration,
     ) -> Result<BTreeMap<String, String>, BridgeError> {
-        let value = serde_json::json!({"op": "cancel", "keys": keys, "grace": grace.as_secs_f64()});
+        let value = Request::Cancel {
+            keys,
+            grace: grace.as_secs_f64(),
+        }
+        .to_value();
         match self.request(value, self.request_timeout).await? {
             BridgeMessage::Canceled { killed, .. } => Ok(killed),
             other => Err(BridgeError::UnexpectedReply {
@@ -315,7 +352,7 @@ impl Bridge {
 
     /// Forgets finished tasks so Dask can release them. They can no longer be deps.
     pub async fn release(&self, keys: &[String]) -> Result<(), BridgeError> {
-        let value = serde_json::json!({"op": "release", "keys": keys});
+        let value = Request::Release { keys }.to_value();
         match self.request(value, self.request_timeout).await? {
             BridgeMessage::Released { .. } => Ok(()),
             other => Err(BridgeError::UnexpectedReply {
@@ -332,7 +369,7 @@ impl Bridge {
         path: &Path,
         sha256: Option<&str>,
     ) -> Result<Uploaded, BridgeError> {
-        let value = serde_json::json!({"op": "upload_binary", "path": path, "sha256": sha256});
+        let value = Request::UploadBinary { path, sha256 }.to_value();
         match self
             .request(value, self.request_timeout + REPLY_MARGIN * 4)
             .await?
@@ -348,7 +385,7 @@ impl Bridge {
     /// The workers connected to the scheduler now.
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, BridgeError> {
         match self
-            .request(serde_json::json!({"op": "workers"}), self.request_timeout)
+            .request(Request::Workers.to_value(), self.request_timeout)
             .await?
         {
             BridgeMessage::Workers { workers } => Ok(workers),
@@ -362,7 +399,7 @@ impl Bridge {
     /// Round trip to the bridge.
     pub async fn ping(&self) -> Result<(), BridgeError> {
         match self
-            .request(serde_json::json!({"op": "ping"}), self.request_timeout)
+            .request(Request::Ping.to_value(), self.request_timeout)
             .await?
         {
             BridgeMessage::Pong => Ok(()),
@@ -378,9 +415,7 @@ impl Bridge {
     /// than `timeout`.
     pub async fn shutdown(self, timeout: Duration) -> Result<(), BridgeError> {
         self.expected_exit.store(true, Ordering::SeqCst);
-        let reply = self
-            .request(serde_json::json!({"op": "shutdown"}), timeout)
-            .await;
+        let reply = self.request(Request::Shutdown.to_value(), timeout).await;
         let mut exit = self.exit.clone();
         let exited = tokio::time::timeout(timeout, exit.wait_for(|s| s.is_some()))
             .await
@@ -450,6 +485,13 @@ impl Bridge {
             stderr_tail: self.stderr_tail(),
         }
     }
+}
+
+/// `message`, followed by its causes (so "Nanny failed to start" says why).
+fn with_causes(message: String, causes: &[String]) -> String {
+    causes
+        .iter()
+        .fold(message, |text, cause| format!("{text}: caused by {cause}"))
 }
 
 impl Drop for Bridge {

@@ -1,5 +1,5 @@
-//! Starting the bridge process: writing `bridge.py` to a temporary file, spawning it
-//! under Python, and the tasks that read its stdout (replies and task events), read its
+//! Starting the bridge process: unpacking its Python package (once per build), spawning
+//! it under Python, and the tasks that read its stdout (replies and task events), read its
 //! stderr (logs, kept as a tail for error messages) and wait for its exit.
 
 use std::collections::{HashMap, VecDeque};
@@ -12,9 +12,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::messages::parse_message;
+use super::messages::{ErrorKind, parse_message};
 use super::{
-    BRIDGE_SOURCE, Bridge, BridgeError, BridgeMessage, BridgeOptions, PROTOCOL_VERSION, Pending,
+    Bridge, BridgeError, BridgeMessage, BridgeOptions, PACKAGE, PROTOCOL_VERSION, Pending,
     ReadyInfo,
 };
 
@@ -48,11 +48,22 @@ impl Bridge {
         options: BridgeOptions,
     ) -> Result<(Bridge, mpsc::UnboundedReceiver<BridgeMessage>), BridgeError> {
         let python = options.python.clone();
-        let script = write_script().map_err(BridgeError::Script)?;
+        let package =
+            install_package(&options.package_root).map_err(|source| BridgeError::Package {
+                root: options.package_root.clone(),
+                source,
+            })?;
+        // `-c` rather than `-m`: worker processes a LocalCluster spawns re-import the
+        // main module, and a `-c` main has none to re-import.
+        let program = format!(
+            "import sys; sys.path.insert(0, {}); from solidflow_dask_bridge.server import main; main()",
+            serde_json::to_string(&package.display().to_string()).expect("strings serialize")
+        );
 
         let mut cmd = Command::new(&python);
         cmd.args(&options.python_args)
-            .arg(&*script)
+            .arg("-c")
+            .arg(program)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .envs(options.env.iter().map(|(k, v)| (k, v)))
@@ -195,7 +206,6 @@ impl Bridge {
                 pid: 0,
             },
             request_timeout: options.request_timeout,
-            _script: script,
         };
 
         let first = match tokio::time::timeout(options.startup_timeout, ready_rx).await {
@@ -226,9 +236,11 @@ impl Bridge {
                 bridge.ready = info;
                 Ok((bridge, events_rx))
             }
-            BridgeMessage::Error { kind, message } if kind == "distributed_missing" => {
-                Err(BridgeError::DistributedMissing { python, message })
-            }
+            BridgeMessage::Error {
+                kind: ErrorKind::DistributedMissing,
+                message,
+                ..
+            } => Err(BridgeError::DistributedMissing { python, message }),
             other => {
                 bridge.kill();
                 Err(BridgeError::UnexpectedReply {
@@ -240,13 +252,48 @@ impl Bridge {
     }
 }
 
-fn write_script() -> std::io::Result<tempfile::TempPath> {
-    use std::io::Write;
-    let mut file = tempfile::Builder::new()
-        .prefix("solidflow-dask-bridge-")
-        .suffix(".py")
-        .tempfile()?;
-    file.write_all(BRIDGE_SOURCE.as_bytes())?;
-    file.flush()?;
-    Ok(file.into_temp_path())
+/// Unpacks the bridge package into `<root>/<hash of its contents>/solidflow_dask_bridge/`
+/// unless it is there already; returns the directory to put on `sys.path`.
+pub(super) fn install_package(root: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    PACKAGE.hash(&mut hasher);
+    let dir = root.join(format!(
+        "{}-{:016x}",
+        env!("CARGO_PKG_VERSION"),
+        hasher.finish()
+    ));
+    if dir
+        .join("solidflow_dask_bridge")
+        .join("__init__.py")
+        .is_file()
+    {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(root)?;
+    // Written beside it and renamed into place, so a reader never sees half of it.
+    let staging = tempfile::Builder::new()
+        .prefix(".unpacking-")
+        .tempdir_in(root)?;
+    let package = staging.path().join("solidflow_dask_bridge");
+    std::fs::create_dir(&package)?;
+    for (name, source) in PACKAGE {
+        std::fs::write(package.join(name), source)?;
+    }
+    match std::fs::rename(staging.path(), &dir) {
+        Ok(()) => {
+            let _ = staging.keep();
+            Ok(dir)
+        }
+        // Another process unpacked it first.
+        Err(_)
+            if dir
+                .join("solidflow_dask_bridge")
+                .join("__init__.py")
+                .is_file() =>
+        {
+            Ok(dir)
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -2,42 +2,47 @@
 //! `submit`) and the cluster settings they carry. See `docs/dask-bridge.md`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Which cluster to create or join (`connect`'s `cluster`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Which cluster to create or join (`connect`'s `cluster`). The one list of cluster
+/// managers: the `cluster:` selector of the Dask config block is derived from it, with
+/// these docs.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ClusterKind {
-    /// A `LocalCluster` (or `SpecCluster` for per-worker resources) on 127.0.0.1.
+    /// A LocalCluster (or SpecCluster for per-worker resources) on 127.0.0.1 created for the run (the default without address).
     Local,
-    /// A running scheduler at `address`.
+    /// A running scheduler at `address` (the default with address).
     Existing,
-    /// `dask_jobqueue.SLURMCluster`.
+    /// dask_jobqueue.SLURMCluster(**options); needs dask-jobqueue.
     Slurm,
-    /// `dask_jobqueue.PBSCluster`.
+    /// dask_jobqueue.PBSCluster(**options); needs dask-jobqueue.
     Pbs,
-    /// `dask_jobqueue.SGECluster`.
+    /// dask_jobqueue.SGECluster(**options); needs dask-jobqueue.
     Sge,
-    /// `dask_jobqueue.LSFCluster`.
+    /// dask_jobqueue.LSFCluster(**options); needs dask-jobqueue.
     Lsf,
-    /// `dask_kubernetes.operator.KubeCluster`.
+    /// dask_kubernetes.operator.KubeCluster(**options); needs dask-kubernetes.
     Kube,
-    /// `distributed.SSHCluster` (needs asyncssh).
+    /// distributed.SSHCluster(**options); needs asyncssh.
     Ssh,
-    /// `dask_yarn.YarnCluster`.
+    /// dask_yarn.YarnCluster(**options); needs dask-yarn.
     Yarn,
 }
 
 /// Adaptive scaling bounds for a created cluster (`cluster.adapt(...)`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AdaptSpec {
-    /// Minimum number of workers.
+    /// Fewest workers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub minimum: Option<u32>,
-    /// Maximum number of workers.
+    /// Most workers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub maximum: Option<u32>,
 }
@@ -56,7 +61,8 @@ pub struct ClusterSpec {
 }
 
 /// TLS files for connecting to a `tls://` scheduler.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// CA certificate.
     pub ca_file: Option<PathBuf>,
@@ -104,20 +110,6 @@ pub struct ConnectRequest {
     pub wait_for_workers: Option<u32>,
 }
 
-/// How `deps` are enforced.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DepMode {
-    /// The bridge holds the task and submits it to Dask once every dependency is
-    /// `done` with exit code 0 (or reports it `skipped`). Siblings then spread over
-    /// all workers (see the measurements in docs/dask-bridge.md).
-    #[default]
-    Bridge,
-    /// Pass the dependencies' futures as task arguments; Dask prefers the worker that
-    /// holds them.
-    Dask,
-}
-
 /// `submit`: run one command as a Dask task.
 #[derive(Debug, Clone, Serialize)]
 pub struct SubmitRequest {
@@ -135,12 +127,6 @@ pub struct SubmitRequest {
     pub resources: BTreeMap<String, f64>,
     /// Dask priority (higher runs first).
     pub priority: i64,
-    /// Keys of earlier submits this one waits for.
-    pub deps: Vec<String>,
-    /// How `deps` are enforced.
-    pub dep_mode: DepMode,
-    /// Skip (report `skipped`) if a dependency did not succeed.
-    pub skip_on_upstream_failure: bool,
     /// Event topic for live lines; use one per run.
     pub log_topic: String,
     /// Files on the worker (`stdout`, `stderr`) that get a complete copy of the
@@ -158,7 +144,7 @@ pub struct SubmitRequest {
 }
 
 impl SubmitRequest {
-    /// A request with no stdin, env, resources or deps, skipping on upstream failure.
+    /// A request with no stdin, env or resources.
     pub fn new(key: impl Into<String>, command: Vec<String>, log_topic: impl Into<String>) -> Self {
         Self {
             key: key.into(),
@@ -168,12 +154,65 @@ impl SubmitRequest {
             cwd: None,
             resources: BTreeMap::new(),
             priority: 0,
-            deps: Vec::new(),
-            dep_mode: DepMode::Bridge,
-            skip_on_upstream_failure: true,
             log_topic: log_topic.into(),
             log_files: BTreeMap::new(),
             parent_pid_env: None,
         }
+    }
+}
+
+/// One request, as it goes on the wire (tagged by `op`; the client adds `id`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request<'a> {
+    /// Create or join a cluster.
+    Connect(&'a ConnectRequest),
+    /// Run one command as a Dask task.
+    Submit(&'a SubmitRequest),
+    /// Stop tasks: SIGTERM their process groups, SIGKILL after `grace` seconds.
+    Cancel {
+        /// The tasks.
+        keys: &'a [String],
+        /// Seconds between SIGTERM and SIGKILL.
+        grace: f64,
+    },
+    /// Forget finished tasks.
+    Release {
+        /// The tasks.
+        keys: &'a [String],
+    },
+    /// Ship an executable to every current and future worker.
+    UploadBinary {
+        /// The file on this machine.
+        path: &'a Path,
+        /// Its expected sha256, if known.
+        sha256: Option<&'a str>,
+    },
+    /// The workers connected now.
+    Workers,
+    /// A round trip.
+    Ping,
+    /// Clean up and exit.
+    Shutdown,
+}
+
+impl Request<'_> {
+    /// The request's op, for error messages.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Submit(_) => "submit",
+            Self::Cancel { .. } => "cancel",
+            Self::Release { .. } => "release",
+            Self::UploadBinary { .. } => "upload_binary",
+            Self::Workers => "workers",
+            Self::Ping => "ping",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// The wire form without `id`.
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).expect("requests serialize")
     }
 }

@@ -1,0 +1,425 @@
+"""Code that runs on the Dask workers.
+
+The server registers this module with cloudpickle's `register_pickle_by_value`, so
+its functions and classes travel by value: workers need `distributed` and nothing
+solidflow-specific. At connect the server installs `run_command` on every worker
+once, as a worker plugin; each task then ships only the small `task` trampoline.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+# A stdout/stderr line longer than this is sent as several events (the last one
+# without "more": true) and reassembled by the server, so that every Dask event stays
+# small: the scheduler keeps the last ~1000 events of each topic in memory.
+CHUNK_CHARS = 32 * 1024
+# How many trailing stderr lines / characters a finished task reports.
+STDERR_TAIL_LINES = 40
+STDERR_TAIL_CHARS = 8 * 1024
+# A step's output lines are sent in batches: at most this long after the first line
+# of a batch (so a line reaches the parent within moments), or when the batch holds
+# CHUNK_CHARS characters, and the last batch together with the step's end.
+FLUSH_SECONDS = 0.02
+# Stdin up to this size is written without a feeder thread (a pipe holds at least
+# one page).
+SMALL_STDIN = 4096
+# After the step process exited, how long its output pipes may take to drain.
+DRAIN_SECONDS = 2.0
+
+
+def worker_state(worker: Any) -> dict[str, Any]:
+    """Per-worker registry of running step processes, shared by tasks and cancel."""
+    state = worker.__dict__.get("_solidflow_state")
+    if state is None:
+        state = worker.__dict__.setdefault(
+            "_solidflow_state",
+            {"lock": threading.Lock(), "procs": {}, "cancelled": set()},
+        )
+    return state
+
+
+def bin_dir() -> str:
+    """The worker's content-addressed cache of uploaded binaries."""
+    import tempfile
+
+    return os.environ.get("SOLIDFLOW_BIN_CACHE") or os.path.join(tempfile.gettempdir(), "solidflow-bin")
+
+
+def worker_bin_path(sha: str) -> str:
+    """Where an uploaded binary with this hash lives on this worker."""
+    return os.path.join(bin_dir(), sha)
+
+
+def kill_group(proc: Any, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def kill_keys(keys: list[str], grace: float, dask_worker: Any = None) -> list[str]:
+    """Run on every worker by `cancel`: SIGTERM the process groups of these keys,
+    SIGKILL them after `grace` seconds, and make tasks that have not started yet
+    refuse to start. Returns the keys whose process was signaled."""
+    from distributed import get_worker
+
+    worker = dask_worker if dask_worker is not None else get_worker()
+    state = worker_state(worker)
+    killed = []
+    with state["lock"]:
+        for key in keys:
+            state["cancelled"].add(key)
+            proc = state["procs"].get(key)
+            if proc is not None and proc.poll() is None:
+                kill_group(proc, signal.SIGTERM)
+                killed.append(key)
+                timer = threading.Timer(grace, kill_group, args=(proc, signal.SIGKILL))
+                timer.daemon = True
+                timer.start()
+    return killed
+
+
+def set_allowed_failures(n: int, dask_scheduler: Any = None) -> int:
+    """Run on the scheduler: how many worker deaths a task survives."""
+    dask_scheduler.allowed_failures = n
+    return n
+
+
+class _Batch:
+    """A task's outgoing events: its "start", output lines and "end", in order.
+
+    An event goes out FLUSH_SECONDS after the first line it holds (or when it is
+    full), and the last batch goes out with the "end" record. So a short step costs
+    one Dask event, and the server reports it done as soon as that event arrives.
+    """
+
+    def __init__(self, worker: Any, topic: str, key: str, token: str) -> None:
+        self.worker, self.topic, self.key, self.token = worker, topic, key, token
+        self.cond = threading.Condition()
+        self.start: dict[str, Any] | None = None
+        self.lines: list[list[Any]] = []
+        self.chars = 0
+        self.since: float | None = None
+        self.closed = False
+        self.events = 0
+        self.flusher = threading.Thread(target=self._flush_loop, daemon=True)
+        self.flusher.start()
+
+    def _send_locked(self, extra: dict[str, Any] | None = None) -> None:
+        payload: dict[str, Any] = {"key": self.key, "token": self.token, "worker": self.worker.address}
+        if self.start is not None:
+            payload["start"] = self.start
+        if self.lines:
+            payload["lines"] = self.lines
+        if extra:
+            payload.update(extra)
+        self.start, self.lines, self.chars, self.since = None, [], 0, None
+        self.events += 1
+        if "end" in payload:
+            payload["end"]["events"] = self.events
+        self.worker.log_event(self.topic, payload)
+
+    def _add_locked(self, start: dict[str, Any] | None = None, line: list[Any] | None = None) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            self.cond.notify()
+        if start is not None:
+            self.start = start
+        if line is not None:
+            self.lines.append(line)
+            self.chars += len(line[1])
+            if self.chars >= CHUNK_CHARS:
+                self._send_locked()
+
+    def started(self, pid: int) -> None:
+        with self.cond:
+            self._add_locked(start={"pid": pid, "host": self.worker.address})
+
+    def line(self, stream: str, text: str) -> None:
+        with self.cond:
+            if len(text) <= CHUNK_CHARS:
+                self._add_locked(line=[stream, text, False])
+                return
+            for at in range(0, len(text), CHUNK_CHARS):
+                more = at + CHUNK_CHARS < len(text)
+                self._add_locked(line=[stream, text[at : at + CHUNK_CHARS], more])
+
+    def _flush_loop(self) -> None:
+        with self.cond:
+            while not self.closed:
+                if self.since is None:
+                    self.cond.wait()
+                    continue
+                left = self.since + FLUSH_SECONDS - time.monotonic()
+                if left > 0:
+                    self.cond.wait(left)
+                    continue
+                self._send_locked()
+
+    def end(self, result: dict[str, Any]) -> int:
+        """Sends the last batch with the end record; returns how many events went out."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.flusher.join()
+        with self.cond:
+            self._send_locked({"end": dict(result)})
+            return self.events
+
+
+def _resolve_command(command: list[str], worker: Any) -> list[str]:
+    command = list(command)
+    if command and command[0].startswith("{uploaded:") and command[0].endswith("}"):
+        sha = command[0][len("{uploaded:") : -1]
+        path = worker_bin_path(sha)
+        if not os.path.exists(path):
+            raise RuntimeError(
+                "binary %s was not uploaded to worker %s (expected at %s); send "
+                "upload_binary before submitting" % (sha, worker.address, path)
+            )
+        command[0] = path
+    return command
+
+
+def _open_tees(log_files: dict[str, str]) -> dict[str, Any]:
+    """Best-effort complete copies of the output on the worker's disk, appended to, so
+    a retry adds to the record. The live stream is capped by the scheduler; these
+    copies are not."""
+    tee = {}
+    for stream, path in (log_files or {}).items():
+        if stream not in ("stdout", "stderr") or not path:
+            continue
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tee[stream] = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        except OSError:
+            pass
+    return tee
+
+
+def run_command(spec: dict[str, Any]) -> dict[str, Any]:
+    """The Dask task: run one step's command on this worker.
+
+    Everything the server needs travels in the task's event topic, in order: the
+    "start" (pid), the output lines, and the "end" record (exit code, stderr tail, ...).
+    The task is done when its process exits: leftovers in its process group are killed
+    then, so a child that still holds the output pipes cannot hold the task. A command
+    that cannot start returns {"not_started": message} and sends no events.
+    """
+    import subprocess
+    import uuid
+
+    from distributed import get_worker
+
+    key = spec["key"]
+    worker = get_worker()
+    state = worker_state(worker)
+    token = uuid.uuid4().hex
+    command = _resolve_command(spec["command"], worker)
+
+    env = None
+    parent_pid_env = spec.get("parent_pid_env")
+    if spec.get("env") or parent_pid_env:
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
+        if parent_pid_env:
+            env[str(parent_pid_env)] = str(os.getpid())
+
+    # If the worker process dies (kill -9, OOM), take the step down with it instead
+    # of leaving an orphan that keeps writing while Dask retries it elsewhere. A
+    # command that does this itself when it finds its parent's pid in
+    # `parent_pid_env` (solidflow's step mode does) is started without a
+    # preexec_fn: that lets Python use vfork, which costs ~0.1 ms in a big worker
+    # process instead of ~10 ms for a fork.
+    libc = None
+    if sys.platform.startswith("linux") and not parent_pid_env:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            libc = None
+    parent_pid = os.getpid()
+
+    def preexec() -> None:
+        if libc is not None:
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent_pid:
+                os._exit(137)
+
+    tee = _open_tees(spec.get("log_files") or {})
+    tee_locks = {"stdout": threading.Lock(), "stderr": threading.Lock()}
+
+    def tee_line(stream: str, text: str) -> None:
+        f = tee.get(stream)
+        if f is not None:
+            with tee_locks[stream], contextlib.suppress(OSError, ValueError):
+                f.write(text + "\n")
+
+    def close_tees() -> None:
+        for f in tee.values():
+            with contextlib.suppress(OSError):
+                f.close()
+
+    started = time.time()
+    with state["lock"]:
+        if key in state["cancelled"]:
+            close_tees()
+            raise RuntimeError("step %s was canceled before it started" % key)
+        try:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=spec.get("cwd") or None,
+                env=env,
+                start_new_session=True,
+                preexec_fn=preexec if libc is not None else None,
+            )
+        except OSError as e:
+            close_tees()
+            return {
+                "key": key,
+                "token": token,
+                "not_started": "could not start %r on worker %s: %s" % (command, worker.address, e),
+            }
+        state["procs"][key] = proc
+    batch = _Batch(worker, spec["log_topic"], key, token)
+    batch.started(proc.pid)
+
+    stdin_data = (spec.get("stdin") or "").encode("utf-8")
+
+    def feed() -> None:
+        try:
+            if stdin_data:
+                proc.stdin.write(stdin_data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+
+    def drain(stream: str, pipe: Any) -> None:
+        for raw in pipe:
+            text = raw.decode("utf-8", "replace").rstrip("\n")
+            if stream == "stderr":
+                tail.append(text)
+            tee_line(stream, text)
+            batch.line(stream, text)
+
+    readers = [
+        threading.Thread(target=drain, args=("stdout", proc.stdout), daemon=True),
+        threading.Thread(target=drain, args=("stderr", proc.stderr), daemon=True),
+    ]
+    for t in readers:
+        t.start()
+    if len(stdin_data) <= SMALL_STDIN:
+        feed()  # fits in the empty pipe's buffer: cannot block
+    else:
+        threading.Thread(target=feed, daemon=True).start()
+    try:
+        returncode = proc.wait()
+    finally:
+        # The step is over: what is left of its process group dies with it, which
+        # also closes the pipes those processes inherited.
+        kill_group(proc, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait()
+        with state["lock"]:
+            state["procs"].pop(key, None)
+    deadline = time.monotonic() + DRAIN_SECONDS
+    for t in readers:
+        t.join(max(0.0, deadline - time.monotonic()))
+    close_tees()
+    result = {
+        "key": key,
+        "token": token,
+        "exit_code": returncode if returncode >= 0 else None,
+        "signal": -returncode if returncode < 0 else None,
+        "worker": worker.address,
+        "stderr_tail": "\n".join(tail)[-STDERR_TAIL_CHARS:],
+        "duration": time.time() - started,
+        "log_files": {stream: f.name for stream, f in tee.items()},
+    }
+    result["events"] = batch.end(result)
+    return result
+
+
+def task(spec: dict[str, Any]) -> Any:
+    """The function each Dask task calls: a trampoline into `run_command` as installed
+    on the worker by the plugin from `make_task_plugin`.
+
+    Submitting `run_command` itself would ship its code (and that of the helpers it
+    calls) with every task, serialized again each time (~0.4 ms) and loaded again on
+    the worker. This function references no globals, so it pickles small."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    run = worker.__dict__.get(spec["impl"]) if spec.get("impl") else None
+    if run is None:
+        raise RuntimeError(
+            "solidflow's task code %r is not installed on worker %s" % (spec.get("impl"), worker.address)
+        )
+    return run(spec)
+
+
+def make_task_plugin(name: str, fn: Any) -> Any:
+    """A worker plugin that installs `fn` on every current and future worker."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class SolidflowTasks(WorkerPlugin):
+        idempotent = True
+
+        def __init__(self, name: str, fn: Any) -> None:
+            self.name = name
+            self.fn = fn
+
+        def setup(self, worker: Any) -> None:
+            worker.__dict__[self.name] = self.fn
+
+    return SolidflowTasks(name, fn)
+
+
+def make_binary_plugin(data: bytes, sha: str) -> Any:
+    """A worker plugin that writes one executable into the worker's binary cache."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class SolidflowBinary(WorkerPlugin):
+        idempotent = True
+
+        def __init__(self, data: bytes, sha: str) -> None:
+            self.data = data
+            self.sha = sha
+
+        def setup(self, worker: Any) -> None:
+            import tempfile
+
+            directory = bin_dir()
+            os.makedirs(directory, exist_ok=True)
+            target = os.path.join(directory, self.sha)
+            if os.path.exists(target):
+                with open(target, "rb") as f:
+                    if hashlib.sha256(f.read()).hexdigest() == self.sha:
+                        return
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + self.sha[:12])
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(self.data)
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+    return SolidflowBinary(data, sha)

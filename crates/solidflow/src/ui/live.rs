@@ -1,0 +1,187 @@
+//! Server-sent event streams: a run's events (resumable with `Last-Event-ID`, so a
+//! reconnecting page neither loses nor repeats a line) and the runs list's rows.
+//!
+//! Streams poll the history's reader connection; the run's writer is never waited on.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream};
+
+use super::AppState;
+use super::history::{self, RunFilter};
+use super::run_state::RunState;
+use crate::execution::event::Event;
+use crate::storage::run_history::RunHistory;
+
+/// How often an open stream looks for new events.
+const POLL: Duration = Duration::from_millis(40);
+/// How often the runs list is re-rendered.
+const LIST_POLL: Duration = Duration::from_millis(700);
+
+/// Query of the events stream.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct EventsQuery {
+    /// Resume after this event id (what `Last-Event-ID` says on a reconnect).
+    #[serde(default)]
+    after: Option<i64>,
+}
+
+/// One event as the page needs it.
+fn message(id: i64, e: &Event, view: &mut RunState) -> SseEvent {
+    let change = view.apply(id, e);
+    let stream = if e.message.starts_with("[stderr] ") {
+        Some("stderr")
+    } else if e.message.starts_with("[stdout] ") {
+        Some("stdout")
+    } else {
+        None
+    };
+    let data = serde_json::json!({
+        "id": id,
+        "t": e.timestamp.timestamp_millis(),
+        "type": e.event_type(),
+        "step": e.step_key,
+        "level": e.level,
+        "msg": e.message,
+        "host": e.host,
+        "pid": e.pid,
+        "worker": e.worker,
+        "stream": stream,
+        "state": change.state,
+        "bar": change.bar,
+        "end": e.is_pipeline_end(),
+    });
+    SseEvent::default()
+        .id(id.to_string())
+        .data(data.to_string())
+}
+
+struct RunStream {
+    history: RunHistory,
+    run_id: String,
+    view: RunState,
+    queue: VecDeque<SseEvent>,
+    first: bool,
+    ended: bool,
+    done: bool,
+}
+
+/// `GET /runs/<id>/events`: every event after `Last-Event-ID` (or `?after=`), then new
+/// ones as they are recorded; an `end` event once the run has ended.
+pub(crate) async fn run_events(
+    State(state): State<AppState>,
+    Path(run_id): Path<String>,
+    Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .or(query.after)
+        .unwrap_or(0);
+    let id = run_id.clone();
+    let found = history::blocking(&state, move |h| {
+        let Some(run) = h.run(&id).map_err(|e| super::error_chain(&e))? else {
+            return Ok(None);
+        };
+        // Fold what the page already has, so state changes are computed from there.
+        let before = if after > 0 {
+            let mut evs = h
+                .events(&run.run_id, 0)
+                .map_err(|e| super::error_chain(&e))?;
+            evs.retain(|(i, _)| *i <= after);
+            evs
+        } else {
+            Vec::new()
+        };
+        Ok(Some((run.run_id, RunState::from_events(&before))))
+    })
+    .await;
+    let (run_id, view) = match found {
+        Ok(Some(v)) => v,
+        Ok(None) => return (StatusCode::NOT_FOUND, format!("no run `{run_id}`")).into_response(),
+        Err(page) => return page,
+    };
+    let ended = view.ended_ms.is_some();
+    let stream = RunStream {
+        history: state.history.clone(),
+        run_id,
+        view: RunState {
+            last_event_id: after,
+            ..view
+        },
+        queue: VecDeque::new(),
+        first: true,
+        ended,
+        done: false,
+    };
+    Sse::new(run_stream(stream))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn run_stream(s: RunStream) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some(e) = s.queue.pop_front() {
+                return Some((Ok(e), s));
+            }
+            if s.done {
+                return None;
+            }
+            if s.ended {
+                s.done = true;
+                return Some((Ok(SseEvent::default().event("end").data("{}")), s));
+            }
+            if !s.first {
+                tokio::time::sleep(POLL).await;
+            }
+            s.first = false;
+            let history = s.history.clone();
+            let (run_id, after) = (s.run_id.clone(), s.view.last_event_id);
+            let events = tokio::task::spawn_blocking(move || history.events(&run_id, after))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            for (id, e) in &events {
+                s.ended |= e.is_pipeline_end();
+                let m = message(*id, e, &mut s.view);
+                s.queue.push_back(m);
+            }
+        }
+    })
+}
+
+/// `GET /runs/stream`: the runs list's rows (same filters as the page), sent whenever
+/// they change.
+pub(crate) async fn runs_stream(
+    State(state): State<AppState>,
+    Query(filter): Query<RunFilter>,
+) -> Response {
+    let s = (state, filter, String::new());
+    let stream = stream::unfold(s, |(state, filter, last)| async move {
+        loop {
+            let f = filter.clone();
+            let rows = history::blocking(&state, move |h| history::list(h, &f))
+                .await
+                .ok()
+                .map(|(runs, _)| super::pages::runs::rows(&runs).into_string());
+            if let Some(rows) = rows.filter(|r| *r != last) {
+                let e = SseEvent::default().event("rows").data(rows.clone());
+                return Some((Ok::<_, Infallible>(e), (state, filter, rows)));
+            }
+            tokio::time::sleep(LIST_POLL).await;
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

@@ -1,0 +1,97 @@
+"""The server's request loop and its translation of task events into messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import distributed
+import pytest
+from conftest import Collect
+from solidflow_dask_bridge import server, worker
+
+
+def test_requests_get_replies_with_their_id_and_errors_their_kind(out: Collect) -> None:
+    bridge = server.Bridge(out)  # type: ignore[arg-type]
+    requests = [
+        "not json",
+        json.dumps({"op": "nope", "id": 1}),
+        json.dumps({"op": "submit", "id": 2, "key": "k", "command": ["true"]}),
+        json.dumps({"op": "ping", "id": 3}),
+        json.dumps({"op": "release", "id": 4, "keys": ["k"]}),
+        json.dumps({"op": "shutdown", "id": 5}),
+        json.dumps({"op": "ping", "id": 6}),
+    ]
+    assert server.serve(bridge, out, iter(requests)) == 0  # type: ignore[arg-type]
+    kinds = [(m["type"], m.get("id"), m.get("kind")) for m in out.messages]
+    assert kinds == [
+        ("error", None, "bad_request"),
+        ("error", 1, "bad_request"),
+        ("error", 2, "not_connected"),
+        ("pong", 3, None),
+        ("released", 4, None),
+        ("shutdown", 5, None),
+    ], "nothing is served after shutdown"
+
+
+def run_task(monkeypatch: pytest.MonkeyPatch, command: list[str]) -> list[dict[str, Any]]:
+    """The events run_command sends for `command`, as the server's topic handler gets them."""
+    events: list[dict[str, Any]] = []
+
+    class W:
+        address = "tcp://127.0.0.1:40001"
+
+        def log_event(self, topic: str, payload: dict[str, Any]) -> None:
+            events.append(json.loads(json.dumps(payload)))
+
+    monkeypatch.setattr(distributed, "get_worker", W)
+    worker.run_command({"key": "k", "command": command, "log_topic": "t"})
+    return events
+
+
+def test_task_events_become_started_lines_and_one_done(monkeypatch: pytest.MonkeyPatch, out: Collect) -> None:
+    events = run_task(monkeypatch, [sys.executable, "-c", "print('a'); print('b' * %d)" % (worker.CHUNK_CHARS + 1)])
+    bridge = server.Bridge(out)  # type: ignore[arg-type]
+    for event in events:
+        bridge.on_event((0.0, event))
+    bridge.on_event((0.0, events[-1]))  # a duplicate after the end is ignored
+    types = [m["type"] for m in out.messages]
+    assert types == ["started", "line", "line", "done"]
+    assert out.messages[2]["line"] == "b" * (worker.CHUNK_CHARS + 1)
+    assert out.messages[-1]["exit_code"] == 0 and "lines_missing" not in out.messages[-1]
+
+
+def test_a_done_whose_lines_were_lost_says_how_many(monkeypatch: pytest.MonkeyPatch, out: Collect) -> None:
+    events = run_task(monkeypatch, ["sh", "-c", "echo a; sleep 0.2; echo b"])
+    assert len(events) >= 2, events
+    bridge = server.Bridge(out)  # type: ignore[arg-type]
+    bridge.on_event((0.0, events[-1]))  # only the last event arrives
+    assert [m["type"] for m in out.messages if m["type"] == "done"] == []
+    bridge._maybe_flush_done(events[-1]["token"], force=True)
+    done = out.messages[-1]
+    assert done["type"] == "done" and done["lines_missing"] == len(events) - 1
+
+
+def test_task_code_is_shipped_by_value() -> None:
+    """A task graph holding the task function unpickles where this package is not
+    importable (a remote scheduler or worker)."""
+    import cloudpickle
+    from distributed.protocol.pickle import dumps
+
+    cloudpickle.register_pickle_by_value(worker)
+    check = "import pickle, sys; f = pickle.loads(sys.stdin.buffer.read())['graph'][0]; print(f.__name__)"
+
+    def load_elsewhere(fn: Any) -> subprocess.CompletedProcess[bytes]:
+        data = dumps({"graph": (fn, {"key": "k"})})
+        # cwd and environment without this package on the path
+        return subprocess.run(
+            [sys.executable, "-c", check], input=data, capture_output=True, check=False, cwd="/", env={}
+        )
+
+    by_reference = load_elsewhere(worker.run_command)
+    assert by_reference.returncode != 0 and b"solidflow_dask_bridge" in by_reference.stderr
+    loaded = load_elsewhere(server.by_value(worker.run_command))
+    assert loaded.returncode == 0, loaded.stderr.decode()
+    assert loaded.stdout.decode().strip() == "run_command"
