@@ -8,7 +8,6 @@
 //! cargo bench --bench reexecution
 //! ```
 
-#[allow(dead_code)] // this bench uses only the chain shape
 #[path = "shapes/mod.rs"]
 #[allow(dead_code)] // this benchmark uses only the chain
 mod shapes;

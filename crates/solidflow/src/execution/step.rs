@@ -126,37 +126,30 @@ impl StepEnvironment {
                     output,
                     run_id,
                 } => {
-                    // A value from another run (a re-execution's parent) is in storage
-                    // even when this run keeps its own values in memory.
-                    let memory = self.memory.as_ref().filter(|_| run_id.is_none());
-                    let value = match memory {
-                        Some(mem) => mem.get(step_key, output).ok_or_else(|| {
-                            SolidError::new(format!(
-                                "output `{output}` of `{step_key}` is not in memory"
-                            ))
-                        })?,
-                        None => {
-                            let run = run_id.as_deref().unwrap_or(&self.run_id);
-                            let key = IntermediateKey::new(run, step_key, output);
-                            let mut reader = self.storage.read(&key)?;
-                            input_def
-                                .ty
-                                .decode(Codec::default(), &mut reader)
-                                .map_err(|e| {
-                                    SolidError::new(format!(
-                                        "cannot decode {} as {}",
-                                        self.storage.location(&key),
-                                        input_def.ty.name
-                                    ))
-                                    .caused_by(e.to_string())
-                                })?
-                        }
-                    };
+                    let value =
+                        self.load_output(run_id.as_deref(), step_key, output, input_def.ty)?;
                     let source = match run_id {
                         Some(run) => format!("{step_key}.{output} of run {run}"),
                         None => format!("{step_key}.{output}"),
                     };
                     (value, source, run_id.clone())
+                }
+                StepInputSource::FanIn { sources } if sources.is_empty() => (
+                    input_def
+                        .ty
+                        .from_json(serde_json::json!([]))
+                        .map_err(SolidError::new)?,
+                    "an empty fan-in".to_string(),
+                    None,
+                ),
+                StepInputSource::FanIn { sources } => {
+                    let item_ty = self.fan_in_item_type(&step.solid, &input.name)?;
+                    let items = sources
+                        .iter()
+                        .map(|s| self.load_output(None, &s.step_key, &s.output, item_ty))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let value = item_ty.collect(items).map_err(SolidError::new)?;
+                    (value, format!("fan-in of {} outputs", sources.len()), None)
                 }
                 StepInputSource::Config => {
                     let json = self
@@ -192,6 +185,63 @@ impl StepEnvironment {
             values.insert(input.name.clone(), value);
         }
         Ok(Inputs::new(values))
+    }
+
+    /// Reads output `output` of step `step_key`, from memory or storage.
+    /// Reads output `output` of `step_key`, from memory or from storage; from the
+    /// storage of `run_id` when the value belongs to another run (a re-execution's
+    /// parent), even when this run keeps its own values in memory.
+    fn load_output(
+        &self,
+        run_id: Option<&str>,
+        step_key: &str,
+        output: &str,
+        ty: crate::definition::types::TypeInfo,
+    ) -> Result<Value, SolidError> {
+        match self.memory.as_ref().filter(|_| run_id.is_none()) {
+            Some(mem) => mem.get(step_key, output).ok_or_else(|| {
+                SolidError::new(format!(
+                    "output `{output}` of `{step_key}` is not in memory"
+                ))
+            }),
+            None => {
+                let key = IntermediateKey::new(run_id.unwrap_or(&self.run_id), step_key, output);
+                let mut reader = self.storage.read(&key)?;
+                ty.decode(Codec::default(), &mut reader).map_err(|e| {
+                    SolidError::new(format!(
+                        "cannot decode {} as {}",
+                        self.storage.location(&key),
+                        ty.name
+                    ))
+                    .caused_by(e.to_string())
+                })
+            }
+        }
+    }
+
+    /// The type of one item of fan-in input `input` of invocation `alias`: the type of
+    /// its first upstream output (the pipeline checked they all match).
+    fn fan_in_item_type(
+        &self,
+        alias: &str,
+        input: &str,
+    ) -> Result<crate::definition::types::TypeInfo, SolidError> {
+        let missing = || {
+            SolidError::new(format!(
+                "fan-in input `{input}` of `{alias}` has no upstream type"
+            ))
+        };
+        let inv = self.pipeline.invocation(alias).ok_or_else(missing)?;
+        let first = inv
+            .inputs
+            .get(input)
+            .and_then(|s| s.upstream_outputs().into_iter().next());
+        let first = first.ok_or_else(missing)?;
+        self.pipeline
+            .invocation(&first.solid)
+            .and_then(|u| u.definition.find_output(&first.output))
+            .map(|o| o.ty)
+            .ok_or_else(missing)
     }
 
     fn store_output(

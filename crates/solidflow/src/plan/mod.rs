@@ -36,6 +36,20 @@ pub enum StepInputSource {
     },
     /// The run config (`solids.<alias>.inputs.<name>`).
     Config,
+    /// A fan-in: the outputs of these steps, gathered into one list in this order.
+    FanIn {
+        /// The upstream outputs, in list order.
+        sources: Vec<StepOutputRef>,
+    },
+}
+
+/// One upstream step output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepOutputRef {
+    /// The upstream step.
+    pub step_key: String,
+    /// The upstream output.
+    pub output: String,
 }
 
 /// One input of a step.
@@ -158,12 +172,8 @@ impl ExecutionPlan {
             let l = invs[i]
                 .inputs
                 .values()
-                .filter_map(|s| match s {
-                    InputSource::Output { solid, .. } => {
-                        Some(level_of(index[solid.as_str()], invs, index, level) + 1)
-                    }
-                    InputSource::Config => None,
-                })
+                .flat_map(InputSource::upstream_outputs)
+                .map(|u| level_of(index[u.solid.as_str()], invs, index, level) + 1)
                 .max()
                 .unwrap_or(0);
             level[i] = l;
@@ -250,6 +260,18 @@ fn build_step(
                     }
                 }
                 InputSource::Config => StepInputSource::Config,
+                InputSource::FanIn { sources } => StepInputSource::FanIn {
+                    sources: sources
+                        .iter()
+                        .map(|u| {
+                            upstream.extend(upstream_of(&u.solid));
+                            StepOutputRef {
+                                step_key: step_key(&u.solid),
+                                output: u.output.clone(),
+                            }
+                        })
+                        .collect(),
+                },
             };
             StepInput {
                 name: input.name.clone(),
@@ -339,6 +361,18 @@ impl fmt::Display for ExecutionPlan {
                         "      in  {}: {} <- run config",
                         input.name, input.type_name
                     )?,
+                    StepInputSource::FanIn { sources } => {
+                        writeln!(
+                            f,
+                            "      in  {}: {} <- fan-in of {}:",
+                            input.name,
+                            input.type_name,
+                            sources.len()
+                        )?;
+                        for (i, s) in sources.iter().enumerate() {
+                            writeln!(f, "            [{i}] {}.{}", s.step_key, s.output)?;
+                        }
+                    }
                 }
             }
             for output in &step.outputs {
