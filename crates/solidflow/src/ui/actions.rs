@@ -242,7 +242,7 @@ pub(crate) async fn terminate(
     if let Some(reason) = refusal(&state, &run, &view, "terminate") {
         return refused("Cannot terminate", &reason);
     }
-    let Some((_, pid)) = view.runner else {
+    let Some(pid) = run.pid.or(view.runner.as_ref().map(|r| r.1)) else {
         return refused("Cannot terminate", "the run has not recorded its process");
     };
     let Ok(pid) = libc::pid_t::try_from(pid) else {
