@@ -6,11 +6,6 @@ mod browser;
 
 use browser::{Chromium, Fixture, screenshot, wait_for};
 
-fn assert_no_errors(chromium: &Chromium) {
-    let errors = chromium.errors();
-    assert!(errors.is_empty(), "JavaScript/browser errors: {errors:#?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reexecute_from_failure_creates_a_child_run_that_succeeds() {
     let fixture = Fixture::new();
@@ -75,6 +70,6 @@ async fn reexecute_from_failure_creates_a_child_run_that_succeeds() {
         child.as_str().unwrap()
     );
     wait_for(&page, "a link to the child", &link).await;
-    assert_no_errors(&chromium);
+    chromium.assert_no_errors();
     chromium.close().await;
 }
