@@ -6,11 +6,6 @@ mod browser;
 
 use browser::{Chromium, Fixture, eval, screenshot, wait_for};
 
-fn assert_no_errors(chromium: &Chromium) {
-    let errors = chromium.errors();
-    assert!(errors.is_empty(), "JavaScript/browser errors: {errors:#?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_list_failed_run_script_line_and_log_filter() {
     let fixture = Fixture::new();
@@ -281,7 +276,7 @@ async fn a_run_started_while_the_page_is_open_grows_live() {
     sorted.dedup();
     assert_eq!(ids, sorted, "no line repeated");
     assert!(run.wait().unwrap().success());
-    assert_no_errors(&chromium);
+    chromium.assert_no_errors();
     chromium.close().await;
 }
 
@@ -317,6 +312,6 @@ async fn terminate_interrupts_a_running_run() {
     wait_for(&page, "the notice", "(() => { const n = document.querySelector('.notice'); return n && n.textContent.includes('interrupt'); })()").await;
     let status = run.wait().unwrap();
     assert_eq!(status.code(), Some(130), "the run exits as interrupted");
-    assert_no_errors(&chromium);
+    chromium.assert_no_errors();
     chromium.close().await;
 }

@@ -153,6 +153,12 @@ impl Chromium {
         self.errors.lock().unwrap().clone()
     }
 
+    /// Panics listing every console error, exception and browser log error seen.
+    pub fn assert_no_errors(&self) {
+        let errors = self.errors();
+        assert!(errors.is_empty(), "JavaScript/browser errors: {errors:#?}");
+    }
+
     /// Closes the browser and waits for its process.
     pub async fn close(mut self) {
         let _ = self.browser.close().await;
