@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need (the pinned
-# Python venv with dask/distributed, the s3s-fs S3 test server), checks formatting,
+# Python venv with dask/distributed, the s3s-fs S3 test server, Debian's headless Chromium
+# for the web page tests), checks formatting,
 # lints, docs, and runs every test against real processes.
 #
 #   scripts/test.sh
 #
-# Needs: cargo (rustup toolchain), python3 with venv, network access to crates.io and PyPI.
+# Needs: cargo (rustup toolchain), python3 with venv, apt-get (root or sudo) when Chromium is
+# missing, network access to crates.io, PyPI and Debian's packages.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,6 +20,16 @@ export SOLIDFLOW_PYTHON
 step "S3-compatible test server (s3s-fs)"
 SOLIDFLOW_S3S_FS="$(scripts/s3-server.sh)"
 export SOLIDFLOW_S3S_FS
+
+step "Headless Chromium for the web page tests (Debian's chromium + chromium-driver)"
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
+  if ! { "${apt_get[@]}" update -qq && DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -qq chromium chromium-driver; }; then
+    echo "error: cannot install chromium and chromium-driver with apt-get; the web page tests (tests/ui_browser.rs) need /usr/bin/chromium" >&2
+    exit 1
+  fi
+fi
+/usr/bin/chromium --version >&2 || { echo "error: /usr/bin/chromium does not run" >&2; exit 1; }
 
 step "ruff check (the Dask bridge's Python package)"
 "$SOLIDFLOW_PYTHON" -m ruff check crates/solidflow/src/executor/dask/bridge python

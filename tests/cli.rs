@@ -40,7 +40,12 @@ fn the_seeds_config_blocks_are_accepted_verbatim() {
         "{'storage': {'s3': {'config': {'s3_bucket': 'YOUR_BUCKET_HERE'}}},\n 'execution': {'dask': {'config': {'address': 'dask_scheduler.dns-name:8787'}}}}",
     );
     for config in [local, remote] {
+        // `plan` checks what `execute` checks, including that S3 credentials can be
+        // found (from the environment: the test support turns the metadata service
+        // off). Building the storage makes no request, so nothing leaves the machine.
         let (out, stdout, stderr) = run(example("hello_world", home.path())
+            .env("AWS_ACCESS_KEY_ID", "seed-example")
+            .env("AWS_SECRET_ACCESS_KEY", "seed-example")
             .args(["plan", "dask_pipeline", "-c"])
             .arg(&config));
         assert_eq!(out.status.code(), Some(0), "{}: {stderr}", config.display());

@@ -70,6 +70,7 @@ impl Outcome {
 
 fn start(binary: &str, home: &Path, args: &[&str]) -> Running {
     let mut cmd = Command::new(common::example_bin(binary));
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true");
     cmd.args(args)
         .arg("--json")
         .env("SOLIDFLOW_HOME", home)

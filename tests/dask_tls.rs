@@ -41,6 +41,7 @@ fn run(dir: &Path, name: &str, execution: &str) -> Outcome {
     .unwrap();
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_conformance"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
         .args(["execute", "success", "--json", "-c"])
         .arg(&config)
         .env("SOLIDFLOW_HOME", dir.join("home"))

@@ -106,6 +106,7 @@ impl Harness {
             .join(format!("extra-{pipeline}-{}.yaml", fastish_id()));
         std::fs::write(&extra_path, extra).expect("write extra config");
         let mut command = Command::new(binary());
+        command.env("AWS_EC2_METADATA_DISABLED", "true");
         command
             .args(["execute", pipeline, "--json", "-c"])
             .arg(&self.base)
@@ -626,6 +627,7 @@ pub mod cases {
         }
         // The run history records the cancellation.
         let runs = Command::new(binary())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
             .args(["runs", "--json"])
             .env("SOLIDFLOW_HOME", &h.home)
             .output()
@@ -1040,6 +1042,7 @@ mod multiprocess_only {
             "home": tmp.path(),
         });
         let mut child = Command::new(binary())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
             .arg("step")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1081,6 +1084,7 @@ mod multiprocess_only {
             "home": tmp.path(),
         });
         let mut child = Command::new(binary())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
             .arg("step")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -732,6 +732,7 @@ mod s3_only {
     /// The conformance pipeline binary, run through its CLI.
     fn pipeline_binary() -> std::process::Command {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_conformance"));
+        command.env("AWS_EC2_METADATA_DISABLED", "true");
         // Only what the test sets: no credentials, profile or region from the machine.
         for var in [
             "AWS_ACCESS_KEY_ID",

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 fn conformance(home: &std::path::Path, dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_conformance"));
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true");
     cmd.env("SOLIDFLOW_HOME", home)
         .env("SF_CONFORMANCE_DIR", dir)
         .env("NO_COLOR", "1");

@@ -9,37 +9,20 @@
 //! cargo run --bin conformance -- list
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use schemars::JsonSchema;
 use serde::Deserialize;
 use solidflow::prelude::*;
 
-/// The directory shared with the test.
+#[path = "fixture/mod.rs"]
+mod fixture;
+use fixture::wait_for;
+use fixture::write_atomic;
+
 fn dir() -> PathBuf {
-    std::env::var_os("SF_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
-
-/// Polls for `path` until `timeout`; true if it appeared.
-fn wait_for(path: &Path, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if path.exists() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    path.exists()
-}
-
-/// Writes `text` to `path` atomically (temp file + rename), so a reader never sees half.
-fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, path)
+    fixture::shared_dir("SF_CONFORMANCE_DIR")
 }
 
 fn now_ns() -> u128 {

@@ -9,28 +9,19 @@
 //! cargo run --bin ui_fixture -- ui
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use solidflow::definition::solid::{Outputs, SolidDefinition};
 use solidflow::definition::types::TypeInfo;
 use solidflow::prelude::*;
 
-fn dir() -> PathBuf {
-    std::env::var_os("SF_UI_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
+#[path = "fixture/mod.rs"]
+mod fixture;
+use fixture::wait_for;
 
-fn wait_for(path: &Path, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if path.exists() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    path.exists()
+fn dir() -> PathBuf {
+    fixture::shared_dir("SF_UI_DIR")
 }
 
 // --- greet: succeeds, retries once, logs HTML, materializes -------------------------

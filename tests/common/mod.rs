@@ -26,6 +26,7 @@ pub fn example(name: &str, home: &Path) -> Command {
     let mut cmd = Command::new(example_bin(name));
     cmd.env("SOLIDFLOW_HOME", home)
         .env("NO_COLOR", "1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
         .current_dir(env!("CARGO_MANIFEST_DIR"));
     cmd
 }

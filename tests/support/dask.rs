@@ -304,6 +304,8 @@ fn spawn(cmd: &mut Command, log: &Path) -> Proc {
         .stderr(file)
         .process_group(0)
         .env("PYTHONUNBUFFERED", "1")
+        // Never fall through to the cloud metadata service (169.254.169.254).
+        .env("AWS_EC2_METADATA_DISABLED", "true")
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e} (run scripts/python-env.sh)"));
     Proc {

@@ -67,15 +67,7 @@ impl S3Server {
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let mut child = Command::new(&binary)
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-                .arg(&data)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).expect("S3 server log file"))
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            let mut child = spawn_server(&binary, port, &data, &log);
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             match wait_until_listening(&mut child, addr, Duration::from_secs(20)) {
                 Ok(()) => {
@@ -102,6 +94,27 @@ impl S3Server {
     /// `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Stops the server (SIGKILL), as an outage: connections are refused until
+    /// [`restart`](Self::restart). Data and port are kept.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the same data, waiting (with a
+    /// deadline) until it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn_server(
+            &s3s_fs_binary(),
+            self.addr.port(),
+            &self.data_dir(),
+            &self.log,
+        );
+        wait_until_listening(&mut self.child, self.addr, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("the S3 test server did not restart: {e}"));
     }
 
     /// The listening address.
@@ -135,6 +148,7 @@ impl S3Server {
         config.concurrency = 2;
         config.max_retries = 3;
         config.retry_timeout = Duration::from_secs(30);
+        config.instance_metadata = false;
         config
     }
 
@@ -155,6 +169,30 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn_server(
+    binary: &std::path::Path,
+    port: u16,
+    data: &std::path::Path,
+    log: &std::path::Path,
+) -> Child {
+    Command::new(binary)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+        .arg(data)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("S3 server log file"),
+        )
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()))
 }
 
 fn free_port() -> u16 {

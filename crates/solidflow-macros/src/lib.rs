@@ -154,12 +154,29 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
         .as_ref()
         .map(LitStr::value)
         .unwrap_or_else(|| doc_text(&func.attrs));
+    // The first parameter must be the context. If it is not, report that once and
+    // generate the solid as if every parameter were an input, so call sites still
+    // type-check against what the user wrote and show no follow-on errors.
+    let first_is_context = func.sig.inputs.first().is_some_and(is_context);
+    let context_error = (!first_is_context).then(|| {
+        let message = match func.sig.inputs.first() {
+            None => format!(
+                "a solid takes the context as its first parameter: `fn {ident}(ctx: &SolidContext, ...)`"
+            ),
+            Some(first) => format!(
+                "the first parameter of solid `{ident}` must be the context `ctx: &SolidContext`, found `{}`; add `ctx: &SolidContext` before the inputs (`_ctx` if unused)",
+                quote!(#first).to_string().replace(" :", ":").replace("& ", "&")
+            ),
+        };
+        match func.sig.inputs.first() {
+            Some(first) => syn::Error::new_spanned(first, message),
+            None => syn::Error::new_spanned(&func.sig, message),
+        }
+        .to_compile_error()
+    });
     let mut params = func.sig.inputs.iter();
-    if params.next().is_none() {
-        return Err(syn::Error::new_spanned(
-            &func.sig,
-            "a solid takes the context first: `fn name(ctx: &SolidContext, ...)`",
-        ));
+    if first_is_context {
+        params.next();
     }
     // Inputs: (name, value type, by reference?)
     let mut inputs = Vec::new();
@@ -206,10 +223,11 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
     });
     let call_args = inputs.iter().map(|(n, _, _)| n);
     let struct_ident = format_ident!("{}Solid", camel_case(&ident.to_string()));
+    let ctx_arg = first_is_context.then(|| quote! { __ctx, });
     let call = if fallible {
-        quote! { #struct_ident::compute(__ctx, #(#call_args),*).map_err(::solidflow::__private::SolidError::from)? }
+        quote! { #struct_ident::compute(#ctx_arg #(#call_args),*).map_err(::solidflow::__private::SolidError::from)? }
     } else {
-        quote! { #struct_ident::compute(__ctx, #(#call_args),*) }
+        quote! { #struct_ident::compute(#ctx_arg #(#call_args),*) }
     };
     let collect_outputs = match outputs.len() {
         0 => quote! { let _ = __ret; ::solidflow::__private::Outputs::new() },
@@ -243,6 +261,10 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
         .config
         .as_ref()
         .map(|c| quote! { .config_schema(::solidflow::__private::config_type_of::<#c>()) });
+    let config_ty = match &args.config {
+        Some(c) => quote! { #c },
+        None => quote! { ::solidflow::__private::NoConfig },
+    };
     let resources = args
         .resources
         .iter()
@@ -282,6 +304,22 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
         let n = &input_names[i];
         quote! { (#n, __inputs.#idx.raw()) }
     });
+    let generic_args: Vec<Ident> = (0..inputs.len()).map(|i| format_ident!("__A{i}")).collect();
+    let into_handles = (0..inputs.len()).map(|i| {
+        let idx = syn::Index::from(i);
+        quote! { ::solidflow::__private::IntoHandle::into_handle(self.#idx) }
+    });
+    let into_inputs = quote! {
+        impl<#(#generic_args: ::solidflow::__private::IntoHandle<#input_tys>),*>
+            ::solidflow::__private::IntoInputs<#struct_ident> for (#(#generic_args,)*)
+        {
+            #[allow(clippy::unused_unit)]
+            fn into_inputs(self) -> <#struct_ident as ::solidflow::__private::Solid>::Inputs {
+                let _ = &self;
+                (#(#into_handles,)*)
+            }
+        }
+    };
     let outputs_struct_ident = format_ident!("{}_outputs", ident);
     let (outputs_ty, outputs_value, outputs_struct) = match outputs.len() {
         0 => (quote! { () }, quote! { () }, quote! {}),
@@ -329,6 +367,10 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
         "The solid `{name}`; created by the function `{ident}()` that `#[solid]` generates."
     );
     Ok(quote! {
+        #context_error
+
+        #into_inputs
+
         #[doc = #struct_doc]
         #[derive(Clone, Copy, Debug, Default)]
         #vis struct #struct_ident;
@@ -351,6 +393,7 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
         impl ::solidflow::__private::Solid for #struct_ident {
             type Inputs = (#(#handle_tys,)*);
             type Outputs = #outputs_ty;
+            type Config = #config_ty;
 
             fn definition() -> ::solidflow::__private::SolidDefinition {
                 ::solidflow::__private::SolidDefinition::new(#name, |__ctx: &::solidflow::__private::SolidContext<'_>, #mut_inputs __inputs: ::solidflow::__private::Inputs| {
@@ -380,6 +423,17 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
             }
         }
     })
+}
+
+/// Whether `param` is `name: &SolidContext` (any path ending in `SolidContext`).
+fn is_context(param: &FnArg) -> bool {
+    let FnArg::Typed(pt) = param else {
+        return false;
+    };
+    let Type::Reference(r) = &*pt.ty else {
+        return false;
+    };
+    matches!(&*r.elem, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "SolidContext"))
 }
 
 fn camel_case(snake: &str) -> String {

@@ -42,9 +42,9 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::config::json_schema::config_type_of;
-    pub use crate::definition::pipeline::{Handle, RawHandle};
+    pub use crate::definition::pipeline::{Handle, IntoHandle, IntoInputs, RawHandle};
     pub use crate::definition::retry::RetryPolicy;
-    pub use crate::definition::solid::{Inputs, Outputs, Solid, SolidDefinition};
+    pub use crate::definition::solid::{Inputs, NoConfig, Outputs, Solid, SolidDefinition};
     pub use crate::definition::types::TypeInfo;
     pub use crate::execution::context::SolidContext;
     pub use crate::execution::error::SolidError;

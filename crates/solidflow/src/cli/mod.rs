@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 pipeline failure, 2 bad config or usage, 130 interrupted.
 
 mod console;
+mod runs;
 pub(crate) mod schema_text;
 
 use std::ffi::OsString;
@@ -21,8 +22,9 @@ use crate::definition::repository::Repository;
 use crate::execution::cancel::CancelToken;
 use crate::execution::event::Level;
 use crate::execution::protocol::{StepInvocation, run_invocation};
+use crate::execution::reexecution::StepsToRun;
 use crate::execution::run::{PreparedRun, RunOptions, solidflow_home};
-use crate::storage::run_history::{RunHistory, RunRecord, RunStatus};
+use crate::storage::run_history::{RunFilter, RunHistory, RunRecord, RunStatus};
 
 /// Exit code for success.
 pub const EXIT_SUCCESS: i32 = 0;
@@ -66,6 +68,9 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Only the steps this selection picks (`*name`, `name+`, `a,b`, `branch_*`).
+        #[arg(long, value_name = "SELECTION")]
+        select: Option<String>,
     },
     /// Execute a pipeline.
     Execute {
@@ -79,6 +84,39 @@ enum Command {
         /// Use this run id instead of a fresh UUID.
         #[arg(long)]
         run_id: Option<String>,
+        /// Only the steps this selection picks (`*name`, `name+`, `a,b`, `branch_*`).
+        #[arg(long, value_name = "SELECTION")]
+        select: Option<String>,
+        /// A tag recorded with the run; repeat for several.
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = runs::parse_tag)]
+        tags: Vec<(String, String)>,
+    },
+    /// Re-execute a recorded run: from failure, a selection, or all steps (the default).
+    /// Steps not re-run read their outputs from the parent run's intermediates.
+    Reexecute {
+        /// The run to re-execute (a unique prefix is enough).
+        run_id: String,
+        /// Run the steps that failed, were skipped or never finished, and what depends on them.
+        #[arg(long, conflicts_with_all = ["select", "all"])]
+        from_failure: bool,
+        /// Run the steps this selection picks (`*name`, `name+`, `a,b`, `branch_*`).
+        #[arg(long, value_name = "SELECTION", conflicts_with = "all")]
+        select: Option<String>,
+        /// Run every step again (the default).
+        #[arg(long)]
+        all: bool,
+        /// Config file merged over the parent run's config; repeat to merge several.
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Vec<PathBuf>,
+        /// A tag recorded with the new run; repeat for several.
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = runs::parse_tag)]
+        tags: Vec<(String, String)>,
+        /// Use this run id instead of a fresh UUID.
+        #[arg(long = "run-id")]
+        new_run_id: Option<String>,
+        /// Print events as JSON lines on stdout instead of a human log.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the run config a pipeline accepts, with defaults and docs.
     ConfigSchema {
@@ -91,7 +129,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List recent runs from run history.
+    /// List recent runs from run history, newest first, with lineage and tags.
     Runs {
         /// How many runs.
         #[arg(long, default_value_t = 20)]
@@ -99,6 +137,18 @@ enum Command {
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
+        /// Only runs with this status (repeatable): STARTED, SUCCESS, FAILURE, CANCELED.
+        #[arg(long, value_parser = runs::parse_status)]
+        status: Vec<RunStatus>,
+        /// Only runs of this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Only runs with this tag (repeatable; all must match).
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = runs::parse_tag)]
+        tags: Vec<(String, String)>,
+        /// Only runs started since: RFC 3339 time, date (2026-12-01) or age (30m, 2h, 7d).
+        #[arg(long, value_parser = runs::parse_since)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Print the events of a recorded run.
     Logs {
@@ -196,11 +246,13 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
             pipeline,
             config,
             json,
+            select,
         } => with_pipeline(repository, &pipeline, |p| {
             // The same checks as `execute`, so what `plan` accepts `execute` runs.
             let options = RunOptions {
                 mode: config.mode.clone(),
                 home: Some(solidflow_home()),
+                steps: steps_to_run(select),
                 ..RunOptions::default()
             };
             let prepared = PreparedRun::new(p, &load_sources(&config)?, &options)
@@ -237,24 +289,64 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
             config,
             json,
             run_id,
-        } => with_pipeline(repository, &pipeline, |p| execute(p, &config, json, run_id)),
-        Command::Runs { limit, json } => with_history(|h| {
-            for run in h.runs(limit).map_err(|e| e.to_string())? {
+            select,
+            tags,
+        } => with_pipeline(repository, &pipeline, |p| {
+            let options = RunOptions {
+                run_id,
+                mode: config.mode.clone(),
+                steps: steps_to_run(select),
+                tags: tags.into_iter().collect(),
+                ..RunOptions::default()
+            };
+            execute(p, &config.config, json, options)
+        }),
+        Command::Reexecute {
+            run_id,
+            from_failure,
+            select,
+            all: _,
+            config,
+            tags,
+            new_run_id,
+            json,
+        } => reexecute(
+            repository,
+            &run_id,
+            &config,
+            json,
+            RunOptions {
+                run_id: new_run_id,
+                steps: if from_failure {
+                    StepsToRun::FromFailure
+                } else {
+                    steps_to_run(select)
+                },
+                tags: tags.into_iter().collect(),
+                ..RunOptions::default()
+            },
+        ),
+        Command::Runs {
+            limit,
+            json,
+            status,
+            pipeline,
+            tags,
+            since,
+        } => with_history(|h| {
+            let filter = RunFilter {
+                statuses: status,
+                pipeline,
+                tags: tags.into_iter().collect(),
+                since,
+                limit: Some(limit),
+                ..RunFilter::default()
+            };
+            for run in runs::list(h, &filter)? {
                 if json {
                     outln!("{}", serde_json::to_string(&run).expect("run serializes"));
                 } else {
-                    let ended = run
-                        .ended_at
-                        .map(|t| t.to_rfc3339())
-                        .unwrap_or_else(|| "-".into());
-                    outln!(
-                        "{}\t{}\t{}\t{}\t{}",
-                        run.run_id,
-                        run.pipeline,
-                        run.status,
-                        run.started_at.to_rfc3339(),
-                        ended
-                    );
+                    outln!("{}", runs::run_line(&run));
                 }
             }
             Ok(EXIT_SUCCESS)
@@ -361,6 +453,9 @@ fn unique_run(history: &RunHistory, prefix: &str) -> Result<RunRecord, String> {
 /// Prints a run's events; with `follow`, polls for new ones until the run ends.
 fn print_logs(history: &RunHistory, run_id: &str, json: bool, follow: bool) -> Result<i32, String> {
     let run = unique_run(history, run_id)?;
+    if !json {
+        eprintln!("{}", runs::run_line(&run));
+    }
     let console = Console::new(json, Level::Debug, 0);
     let mut last = 0;
     loop {
@@ -384,41 +479,94 @@ fn load_sources(args: &ConfigArgs) -> Result<ConfigSources, String> {
     ConfigSources::from_files(&args.config).map_err(|e| e.to_string())
 }
 
+fn steps_to_run(select: Option<String>) -> StepsToRun {
+    select.map(StepsToRun::Selection).unwrap_or_default()
+}
+
+/// `reexecute`: looks the parent up (a unique prefix is enough) and runs its pipeline
+/// with the parent's config under the extra config files.
+fn reexecute(
+    repository: &Repository,
+    run_id: &str,
+    config: &[PathBuf],
+    json: bool,
+    mut options: RunOptions,
+) -> i32 {
+    let parent = with_history(|h| {
+        h.mark_dead_runs().map_err(|e| e.to_string())?;
+        let run = unique_run(h, run_id)?;
+        options.parent_run_id = Some(run.run_id.clone());
+        Ok(EXIT_SUCCESS)
+    });
+    if parent != EXIT_SUCCESS {
+        return parent;
+    }
+    let parent_id = options.parent_run_id.clone().unwrap_or_default();
+    let pipeline = match RunHistory::open(&solidflow_home().join("history.db"))
+        .ok()
+        .and_then(|h| h.run_exact(&parent_id).ok().flatten())
+    {
+        Some(run) => run.pipeline,
+        None => {
+            eprintln!("error: no run `{run_id}` in run history");
+            return EXIT_USAGE;
+        }
+    };
+    if repository.pipeline(&pipeline).is_none() {
+        eprintln!(
+            "error: run `{parent_id}` is a run of pipeline `{pipeline}`, which repository `{}` does not have; re-execute it with the binary that defines `{pipeline}`",
+            repository.name()
+        );
+        return EXIT_USAGE;
+    }
+    with_pipeline(repository, &pipeline, |p| execute(p, config, json, options))
+}
+
 fn execute(
     pipeline: &Pipeline,
-    args: &ConfigArgs,
+    config: &[PathBuf],
     json: bool,
-    run_id: Option<String>,
+    mut options: RunOptions,
 ) -> Result<i32, String> {
-    let sources = load_sources(args)?;
+    let sources = ConfigSources::from_files(config).map_err(|e| e.to_string())?;
     let home = solidflow_home();
-    let mut options = RunOptions {
-        run_id,
-        mode: args.mode.clone(),
-        home: Some(home.clone()),
-        ..RunOptions::default()
-    };
+    let history = RunHistory::open(&home.join("history.db")).map_err(|e| e.to_string())?;
+    options.home = Some(home.clone());
+    options.history = Some(history.clone());
     // Validates config and run id, compiles the plan and checks the executor, once.
     let prepared = PreparedRun::new(pipeline, &sources, &options).map_err(|e| e.to_string())?;
     install_signal_handler(options.cancel.clone());
-    let history = RunHistory::open(&home.join("history.db")).map_err(|e| e.to_string())?;
     let console = Arc::new(Console::new(
         json,
         Level::parse(&prepared.config().log_level).unwrap_or(Level::Info),
         prepared.plan().steps.len(),
     ));
     options.listeners.push(console.clone());
-    options.history = Some(history);
     let result = prepared.execute(options);
     console.finish();
-    match result {
-        Ok(r) => Ok(match r.status() {
+    let code = match result {
+        Ok(r) => match r.status() {
             RunStatus::Success => EXIT_SUCCESS,
             RunStatus::Canceled => EXIT_INTERRUPTED,
             _ => EXIT_FAILURE,
-        }),
-        Err(e) => Err(e.to_string()),
+        },
+        Err(e) => return Err(e.to_string()),
+    };
+    // The run's events were flushed by `execute`; a failed write means its record is
+    // incomplete, so the run does not end as a plain success.
+    if let Some(error) = history.write_error() {
+        eprintln!(
+            "error: run history is incomplete: {error}. The run's events above are complete, but `runs`, \
+             `logs` and the web page miss some of them; free space for {} and rerun to have a record",
+            home.display()
+        );
+        return Ok(if code == EXIT_SUCCESS {
+            EXIT_FAILURE
+        } else {
+            code
+        });
     }
+    Ok(code)
 }
 
 /// First Ctrl-C/SIGTERM cancels the run (executors stop their steps); a second one kills
@@ -436,7 +584,7 @@ fn install_signal_handler(cancel: CancelToken) {
 }
 
 fn step_mode(repository: &Repository) -> i32 {
-    die_with_parent();
+    supervise();
     let mut input = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut input) {
         eprintln!("error: cannot read the step invocation from stdin: {e}");
@@ -461,26 +609,15 @@ fn step_mode(repository: &Repository) -> i32 {
     run_invocation(repository, invocation, events)
 }
 
-/// When started by a local executor (which sets [`PARENT_PID_ENV`]), asks the kernel to
-/// SIGKILL this step process if the parent dies, and exits if it already has.
-fn die_with_parent() {
-    use crate::executor::PARENT_PID_ENV;
-    let Some(parent) = std::env::var(PARENT_PID_ENV)
+/// Splits the step process into a supervisor and the runner that returns here, so that
+/// nothing the step starts outlives it (see [`crate::execution::supervisor`]). Local
+/// executors set [`PARENT_PID_ENV`](crate::executor::PARENT_PID_ENV) to their pid: a
+/// step whose parent is already gone does not run.
+fn supervise() {
+    let parent = std::env::var(crate::executor::PARENT_PID_ENV)
         .ok()
-        .and_then(|p| p.parse::<libc::pid_t>().ok())
-    else {
-        return;
-    };
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's own attributes.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-    }
-    // SAFETY: getppid(2) has no preconditions.
-    if unsafe { libc::getppid() } != parent {
-        eprintln!("error: the parent process {parent} is gone; not running the step");
-        std::process::exit(3);
-    }
+        .and_then(|p| p.parse::<libc::pid_t>().ok());
+    crate::execution::supervisor::supervise_step(parent);
 }
 
 /// Keeps the real stdout for protocol messages and points fd 1 at stderr, so whatever

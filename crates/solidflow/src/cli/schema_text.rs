@@ -37,7 +37,18 @@ fn render_field(f: &Field, indent: usize, out: &mut String) {
             out.push_str(&format!("{pad}{}: {{}}{required}\n", f.name))
         }
         ConfigType::Shape { .. } | ConfigType::Selector { .. } => {
-            out.push_str(&format!("{pad}{}:{required}\n", f.name));
+            // A block's default (e.g. config set on an invocation in code) is shown whole.
+            let default = match &f.default {
+                Some(d)
+                    if !d
+                        .as_object()
+                        .is_some_and(|m| m.len() == 1 && f.name.is_empty()) =>
+                {
+                    format!("  # default: {d}")
+                }
+                _ => String::new(),
+            };
+            out.push_str(&format!("{pad}{}:{required}{default}\n", f.name));
             render_type(&f.ty, indent + 1, out);
         }
         ty => {

@@ -62,6 +62,10 @@ pub fn run_config_schema(
         if let Some(schema) = &inv.definition.config {
             let mut f = Field::optional("config", schema.clone());
             f.required = schema.has_required_fields();
+            if let Some(config) = &inv.config {
+                // Set when the pipeline was built; run config overrides it key by key.
+                f = f.default(config.clone());
+            }
             fields.push(f.doc(format!("Config of solid `{}`.", inv.alias)));
         }
         let config_inputs: Vec<Field> = inv
@@ -171,11 +175,16 @@ impl RunConfig {
             .map(|m| m.name.clone())
             .unwrap_or_default();
         let mut errors = Vec::new();
-        let root = if sources.value.is_null() {
-            Value::Object(Map::new())
-        } else {
-            sources.value.clone()
-        };
+        let mut root = Value::Object(Map::new());
+        for inv in pipeline.invocations() {
+            if let Some(config) = &inv.config {
+                let layer = serde_json::json!({"solids": {&inv.alias: {"config": config}}});
+                super::source::deep_merge(&mut root, layer);
+            }
+        }
+        if !sources.value.is_null() {
+            super::source::deep_merge(&mut root, sources.value.clone());
+        }
         let value = validate(&schema, &root, &[], &mut errors);
         for inv in pipeline.invocations() {
             let inputs = value

@@ -96,6 +96,32 @@ impl ConfigSources {
         Ok(())
     }
 
+    /// These sources merged over `base` (a re-executed run's validated config): `base`
+    /// first, then everything here, as if `base` were the first file. Nulls in `base`
+    /// (optional fields validation filled in as unset) are dropped, so `base` validates
+    /// again as written.
+    pub fn layered_over(&self, base: Value) -> Self {
+        fn drop_nulls(v: &mut Value) {
+            if let Value::Object(map) = v {
+                map.retain(|_, v| !v.is_null());
+                map.values_mut().for_each(drop_nulls);
+            }
+        }
+        let mut value = base;
+        drop_nulls(&mut value);
+        if !value.is_object() {
+            value = Value::Object(Map::new());
+        }
+        if !self.value.is_null() {
+            replace_switched_selectors(&mut value, &self.value);
+            deep_merge(&mut value, self.value.clone());
+        }
+        Self {
+            value,
+            locations: self.locations.clone(),
+        }
+    }
+
     /// The location of `path`, or of its nearest ancestor that has one.
     pub fn locate(&self, path: &[String]) -> Option<&SourceLocation> {
         (0..=path.len())

@@ -59,6 +59,34 @@ pub enum InputSource {
     },
     /// A value given in run config under `solids.<alias>.inputs.<name>`.
     Config,
+    /// A fan-in: a `Vec<T>` input gathered from several outputs of type `T`, in order.
+    FanIn {
+        /// The upstream outputs, in the order their values appear in the list.
+        sources: Vec<OutputRef>,
+    },
+}
+
+impl InputSource {
+    /// The upstream outputs this input reads: none, one, or every source of a fan-in.
+    pub fn upstream_outputs(&self) -> Vec<OutputRef> {
+        match self {
+            Self::Output { solid, output } => vec![OutputRef {
+                solid: solid.clone(),
+                output: output.clone(),
+            }],
+            Self::Config => Vec::new(),
+            Self::FanIn { sources } => sources.clone(),
+        }
+    }
+}
+
+/// One upstream output: output `output` of the invocation named `solid`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutputRef {
+    /// The upstream invocation's alias.
+    pub solid: String,
+    /// The upstream output's name.
+    pub output: String,
 }
 
 /// An untyped reference to a value in a pipeline under construction.
@@ -99,6 +127,105 @@ impl<T> Handle<T> {
     }
 }
 
+/// What can be wired into an input of type `T`: a [`Handle<T>`], or, for a list input
+/// `Vec<T>`, a `Vec<Handle<T>>` (a fan-in, gathered in the order of the handles).
+///
+/// ```
+/// use solidflow::prelude::*;
+///
+/// #[solid]
+/// fn branch(_ctx: &SolidContext) -> i64 { 1 }
+///
+/// #[solid]
+/// fn collect(_ctx: &SolidContext, values: Vec<i64>) -> i64 { values.iter().sum() }
+///
+/// let pipeline = Pipeline::build("fan_in", |p| {
+///     let handles: Vec<Handle<i64>> =
+///         (0..3).map(|i| p.invoke_as(&format!("branch_{i}"), branch, ())).collect();
+///     p.invoke(collect, (handles,));
+/// }).unwrap();
+/// assert_eq!(pipeline.invocations().len(), 4);
+/// ```
+///
+/// The element type must match; a list of `Handle<String>` does not fit `Vec<i64>`:
+///
+/// ```compile_fail
+/// use solidflow::prelude::*;
+///
+/// #[solid]
+/// fn name(_ctx: &SolidContext) -> String { "x".into() }
+///
+/// #[solid]
+/// fn collect(_ctx: &SolidContext, values: Vec<i64>) -> i64 { values.iter().sum() }
+///
+/// Pipeline::build("broken", |p| {
+///     let handles = vec![p.invoke(name, ())];
+///     p.invoke(collect, (handles,)); // Vec<Handle<String>> is not a Vec<Handle<i64>>
+/// });
+/// ```
+///
+/// Nor does a single handle of the element type:
+///
+/// ```compile_fail
+/// use solidflow::prelude::*;
+///
+/// #[solid]
+/// fn one(_ctx: &SolidContext) -> i64 { 1 }
+///
+/// #[solid]
+/// fn collect(_ctx: &SolidContext, values: Vec<i64>) -> i64 { values.iter().sum() }
+///
+/// Pipeline::build("broken", |p| {
+///     let h = p.invoke(one, ());
+///     p.invoke(collect, (h,)); // a Handle<i64> is not a list; write `(vec![h],)`
+/// });
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be wired into an input of type `{T}`",
+    label = "expected a `Handle<{T}>` (or, for a `Vec<E>` input, a `Vec<Handle<E>>`)"
+)]
+pub trait IntoHandle<T> {
+    /// The handle for the input.
+    fn into_handle(self) -> Handle<T>;
+}
+
+impl<T> IntoHandle<T> for Handle<T> {
+    fn into_handle(self) -> Handle<T> {
+        self
+    }
+}
+
+impl<T> IntoHandle<Vec<T>> for Vec<Handle<T>> {
+    fn into_handle(self) -> Handle<Vec<T>> {
+        let sources = self
+            .into_iter()
+            .map(|h| match h.raw.0 {
+                InputSource::Output { solid, output } => OutputRef { solid, output },
+                // Not an upstream output (a config input): `build` reports the empty name.
+                _ => OutputRef {
+                    solid: String::new(),
+                    output: String::new(),
+                },
+            })
+            .collect();
+        Handle {
+            raw: RawHandle(InputSource::FanIn { sources }),
+            _type: PhantomData,
+        }
+    }
+}
+
+/// The inputs of solid `S` as given to [`PipelineBuilder::invoke`]: a tuple with one
+/// [`IntoHandle`] per input. `#[solid]` implements it for every solid.
+#[diagnostic::on_unimplemented(
+    message = "these inputs do not match the parameters of the solid",
+    label = "expected a tuple with one handle per input of the solid, in order"
+)]
+pub trait IntoInputs<S: Solid> {
+    /// The typed handles.
+    fn into_inputs(self) -> S::Inputs;
+}
+
 /// One use of a solid in a pipeline, under an alias.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -108,6 +235,9 @@ pub struct Invocation {
     pub definition: Arc<SolidDefinition>,
     /// Where each input comes from, by input name.
     pub inputs: BTreeMap<String, InputSource>,
+    /// The config given when the pipeline was built ([`PipelineBuilder::invoke_with`]):
+    /// the default of `solids.<alias>.config`, which run config may override key by key.
+    pub config: Option<serde_json::Value>,
 }
 
 /// A pipeline that was built and checked.
@@ -211,6 +341,28 @@ pub enum DefinitionError {
         /// The inputs that exist.
         available: String,
     },
+    /// A fan-in list holds a handle that is not an upstream output.
+    #[error(
+        "pipeline `{pipeline}`: the list wired into input `{input}` of solid `{solid}` holds a run-config input; a fan-in gathers upstream outputs only (give the whole input in run config instead)"
+    )]
+    FanInFromConfig {
+        /// The pipeline.
+        pipeline: String,
+        /// The consuming solid.
+        solid: String,
+        /// The input.
+        input: String,
+    },
+    /// An invocation was given config, but its solid takes none.
+    #[error(
+        "pipeline `{pipeline}`: solid `{solid}` was given config, but it declares no config type; add `config = MyConfig` to its `#[solid(..)]`"
+    )]
+    ConfigWithoutSchema {
+        /// The pipeline.
+        pipeline: String,
+        /// The invocation.
+        solid: String,
+    },
     /// The wiring has a cycle.
     #[error("pipeline `{pipeline}`: dependency cycle through solid `{solid}`")]
     Cycle {
@@ -225,7 +377,12 @@ pub enum DefinitionError {
 }
 
 /// An invocation as added, before [`Pipeline::build`] checks it: alias, solid, wiring.
-type PendingInvocation = (String, Arc<SolidDefinition>, Vec<(String, RawHandle)>);
+type PendingInvocation = (
+    String,
+    Arc<SolidDefinition>,
+    Vec<(String, RawHandle)>,
+    Option<serde_json::Value>,
+);
 
 /// Collects invocations; [`Pipeline::build`] checks them.
 pub struct PipelineBuilder {
@@ -235,7 +392,11 @@ pub struct PipelineBuilder {
 
 impl PipelineBuilder {
     /// Invokes solid `S` under its own name with typed inputs; returns typed outputs.
-    pub fn invoke<S: Solid>(&mut self, solid: impl FnOnce() -> S, inputs: S::Inputs) -> S::Outputs {
+    pub fn invoke<S: Solid>(
+        &mut self,
+        solid: impl FnOnce() -> S,
+        inputs: impl IntoInputs<S>,
+    ) -> S::Outputs {
         let alias = S::definition().name;
         self.invoke_as(&alias, solid, inputs)
     }
@@ -244,15 +405,80 @@ impl PipelineBuilder {
     pub fn invoke_as<S: Solid>(
         &mut self,
         alias: &str,
-        _solid: impl FnOnce() -> S,
-        inputs: S::Inputs,
+        solid: impl FnOnce() -> S,
+        inputs: impl IntoInputs<S>,
     ) -> S::Outputs {
-        let wiring = S::wire(inputs)
+        self.push::<S>(alias, solid, None, inputs)
+    }
+
+    /// Invokes solid `S` under `alias` with its own config, fixed when the pipeline is
+    /// built (Dagster's `configured`). The config becomes the default of
+    /// `solids.<alias>.config`: `config-schema` shows it, and run config may still
+    /// override it key by key.
+    ///
+    /// ```
+    /// use solidflow::prelude::*;
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+    /// struct BranchConfig { index: i64 }
+    ///
+    /// #[solid(config = BranchConfig)]
+    /// fn branch(ctx: &SolidContext) -> Result<i64, SolidError> {
+    ///     Ok(ctx.config::<BranchConfig>()?.index * 10)
+    /// }
+    ///
+    /// let pipeline = Pipeline::build("branches", |p| {
+    ///     for index in 0..3 {
+    ///         p.invoke_with(&format!("branch_{index}"), branch, BranchConfig { index }, ());
+    ///     }
+    /// }).unwrap();
+    /// let result = execute_pipeline(&pipeline, serde_json::json!({})).unwrap();
+    /// assert_eq!(result.result::<i64>("branch_2").unwrap(), 20);
+    /// ```
+    ///
+    /// A solid without config cannot be configured:
+    ///
+    /// ```compile_fail
+    /// use solidflow::prelude::*;
+    ///
+    /// #[solid]
+    /// fn plain(_ctx: &SolidContext) -> i64 { 1 }
+    ///
+    /// Pipeline::build("broken", |p| {
+    ///     p.invoke_with("plain_1", plain, serde_json::json!({"x": 1}), ());
+    /// });
+    /// ```
+    pub fn invoke_with<S: Solid>(
+        &mut self,
+        alias: &str,
+        solid: impl FnOnce() -> S,
+        config: S::Config,
+        inputs: impl IntoInputs<S>,
+    ) -> S::Outputs
+    where
+        S::Config: serde::Serialize,
+    {
+        let config = serde_json::to_value(&config).unwrap_or_else(|e| {
+            // The config type's own `Serialize` failed (e.g. a map with non-string keys):
+            // a bug in the pipeline's code, reported when it is built.
+            panic!("config of solid `{alias}` cannot be serialized: {e}")
+        });
+        self.push::<S>(alias, solid, Some(config), inputs)
+    }
+
+    fn push<S: Solid>(
+        &mut self,
+        alias: &str,
+        _solid: impl FnOnce() -> S,
+        config: Option<serde_json::Value>,
+        inputs: impl IntoInputs<S>,
+    ) -> S::Outputs {
+        let wiring = S::wire(inputs.into_inputs())
             .into_iter()
             .map(|(n, h)| (n.to_string(), h))
             .collect();
         self.pending
-            .push((alias.to_string(), Arc::new(S::definition()), wiring));
+            .push((alias.to_string(), Arc::new(S::definition()), wiring, config));
         S::outputs(alias)
     }
 
@@ -265,7 +491,24 @@ impl PipelineBuilder {
         inputs: Vec<(String, RawHandle)>,
     ) {
         self.pending
-            .push((alias.to_string(), Arc::new(definition), inputs));
+            .push((alias.to_string(), Arc::new(definition), inputs, None));
+    }
+
+    /// Like [`add`](Self::add), with the invocation's own config (see
+    /// [`invoke_with`](Self::invoke_with)).
+    pub fn add_configured(
+        &mut self,
+        alias: &str,
+        definition: SolidDefinition,
+        config: serde_json::Value,
+        inputs: Vec<(String, RawHandle)>,
+    ) {
+        self.pending.push((
+            alias.to_string(),
+            Arc::new(definition),
+            inputs,
+            Some(config),
+        ));
     }
 
     /// An input value that will be given in run config at `solids.<alias>.inputs.<name>`.
@@ -307,7 +550,13 @@ impl Pipeline {
         body(&mut builder);
         let mut invocations = builder.invocations;
         let mut seen = HashMap::new();
-        for (alias, def, wiring) in builder.pending {
+        for (alias, def, wiring, config) in builder.pending {
+            if config.is_some() && def.config.is_none() {
+                return Err(DefinitionError::ConfigWithoutSchema {
+                    pipeline: name.into(),
+                    solid: alias,
+                });
+            }
             if seen.insert(alias.clone(), def.clone()).is_some() {
                 return Err(DefinitionError::DuplicateAlias {
                     pipeline: name.into(),
@@ -342,6 +591,7 @@ impl Pipeline {
                 alias,
                 definition: def,
                 inputs,
+                config,
             });
         }
         let pipeline = Self {
@@ -426,44 +676,61 @@ impl Pipeline {
                         input: input.name.clone(),
                     });
                 };
-                let InputSource::Output { solid, output } = source else {
-                    continue;
-                };
-                let upstream = index
-                    .get(solid.as_str())
-                    .map(|&i| &self.invocations[i])
-                    .ok_or_else(|| DefinitionError::UnknownSolid {
-                        pipeline: pipeline(),
-                        solid: inv.alias.clone(),
-                        input: input.name.clone(),
-                        upstream: solid.clone(),
-                    })?;
-                let out = upstream.definition.find_output(output).ok_or_else(|| {
-                    DefinitionError::UnknownOutput {
-                        pipeline: pipeline(),
-                        solid: inv.alias.clone(),
-                        input: input.name.clone(),
-                        upstream: solid.clone(),
-                        output: output.clone(),
-                        available: upstream
-                            .definition
-                            .outputs
-                            .iter()
-                            .map(|o| o.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                let fan_in = matches!(source, InputSource::FanIn { .. });
+                for OutputRef { solid, output } in source.upstream_outputs() {
+                    if solid.is_empty() {
+                        return Err(DefinitionError::FanInFromConfig {
+                            pipeline: pipeline(),
+                            solid: inv.alias.clone(),
+                            input: input.name.clone(),
+                        });
                     }
-                })?;
-                if out.ty != input.ty {
-                    return Err(DefinitionError::TypeMismatch {
-                        pipeline: pipeline(),
-                        solid: inv.alias.clone(),
-                        input: input.name.clone(),
-                        upstream: solid.clone(),
-                        output: output.clone(),
-                        expected: input.ty.name.into(),
-                        found: out.ty.name.into(),
-                    });
+                    let upstream = index
+                        .get(solid.as_str())
+                        .map(|&i| &self.invocations[i])
+                        .ok_or_else(|| DefinitionError::UnknownSolid {
+                            pipeline: pipeline(),
+                            solid: inv.alias.clone(),
+                            input: input.name.clone(),
+                            upstream: solid.clone(),
+                        })?;
+                    let out = upstream.definition.find_output(&output).ok_or_else(|| {
+                        DefinitionError::UnknownOutput {
+                            pipeline: pipeline(),
+                            solid: inv.alias.clone(),
+                            input: input.name.clone(),
+                            upstream: solid.clone(),
+                            output: output.clone(),
+                            available: upstream
+                                .definition
+                                .outputs
+                                .iter()
+                                .map(|o| o.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        }
+                    })?;
+                    let fits = if fan_in {
+                        out.ty.is_element_of(&input.ty)
+                    } else {
+                        out.ty == input.ty
+                    };
+                    if !fits {
+                        let found = if fan_in {
+                            format!("{} (as one item of the list)", out.ty.name)
+                        } else {
+                            out.ty.name.into()
+                        };
+                        return Err(DefinitionError::TypeMismatch {
+                            pipeline: pipeline(),
+                            solid: inv.alias.clone(),
+                            input: input.name.clone(),
+                            upstream: solid.clone(),
+                            output: output.clone(),
+                            expected: input.ty.name.into(),
+                            found,
+                        });
+                    }
                 }
             }
         }
@@ -473,8 +740,8 @@ impl Pipeline {
             .collect();
         for (i, inv) in self.invocations.iter().enumerate() {
             for source in inv.inputs.values() {
-                if let InputSource::Output { solid, .. } = source {
-                    graph.add_edge(nodes[index[solid.as_str()]], nodes[i], ());
+                for upstream in source.upstream_outputs() {
+                    graph.add_edge(nodes[index[upstream.solid.as_str()]], nodes[i], ());
                 }
             }
         }

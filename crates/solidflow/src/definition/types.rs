@@ -36,6 +36,7 @@ type EncodeFn = fn(&Value, Codec, &mut dyn Write) -> std::io::Result<()>;
 type DecodeFn = fn(Codec, &mut dyn Read) -> std::io::Result<Value>;
 type FromJsonFn = fn(serde_json::Value) -> Result<Value, String>;
 type ToJsonFn = fn(&Value) -> Option<serde_json::Value>;
+type CollectFn = fn(Vec<Value>) -> Result<Value, String>;
 
 /// Everything the engine needs to handle values of one Rust type.
 #[derive(Clone, Copy)]
@@ -47,6 +48,8 @@ pub struct TypeInfo {
     decode: DecodeFn,
     from_json: FromJsonFn,
     to_json: ToJsonFn,
+    vec_id: fn() -> TypeId,
+    collect: CollectFn,
 }
 
 impl std::fmt::Debug for TypeInfo {
@@ -82,7 +85,19 @@ impl TypeInfo {
                 v.downcast_ref::<T>()
                     .and_then(|t| serde_json::to_value(t).ok())
             },
+            vec_id: TypeId::of::<Vec<T>>,
+            collect: collect::<T>,
         }
+    }
+
+    /// Whether a list input of type `list` can gather values of this type (`list` is `Vec<Self>`).
+    pub fn is_element_of(&self, list: &TypeInfo) -> bool {
+        (self.vec_id)() == (list.id)()
+    }
+
+    /// Gathers values of this type, in order, into one `Vec` of them (a fan-in input).
+    pub fn collect(&self, values: Vec<Value>) -> Result<Value, String> {
+        (self.collect)(values)
     }
 
     /// Writes `value` (which must be of this type) with `codec`.
@@ -111,6 +126,23 @@ impl TypeInfo {
     }
 }
 
+fn collect<T: SolidType>(values: Vec<Value>) -> Result<Value, String> {
+    let items = values
+        .into_iter()
+        .map(|value| {
+            let typed = value
+                .downcast::<T>()
+                .map_err(|_| format!("a fan-in item is not a {}", std::any::type_name::<T>()))?;
+            // A value another step also reads (in memory) is copied through the codec.
+            Arc::try_unwrap(typed).or_else(|shared| {
+                let bytes = rmp_serde::to_vec_named(&*shared).map_err(|e| e.to_string())?;
+                rmp_serde::from_slice::<T>(&bytes).map_err(|e| e.to_string())
+            })
+        })
+        .collect::<Result<Vec<T>, String>>()?;
+    Ok(Arc::new(items))
+}
+
 fn encode<T: SolidType>(value: &Value, codec: Codec, out: &mut dyn Write) -> std::io::Result<()> {
     let value = value.downcast_ref::<T>().ok_or_else(|| {
         std::io::Error::new(
@@ -123,11 +155,28 @@ fn encode<T: SolidType>(value: &Value, codec: Codec, out: &mut dyn Write) -> std
     let mut out = BufWriter::with_capacity(CODEC_BUFFER, WriteRef(out));
     match codec {
         Codec::MessagePack => {
-            rmp_serde::encode::write_named(&mut out, value).map_err(std::io::Error::other)?
+            rmp_serde::encode::write_named(&mut out, value).map_err(msgpack_write_error)?
         }
-        Codec::Json => serde_json::to_writer(&mut out, value).map_err(std::io::Error::other)?,
+        // A failed write comes back as the original io::Error (kind and all).
+        Codec::Json => serde_json::to_writer(&mut out, value).map_err(std::io::Error::from)?,
     }
     out.flush()
+}
+
+/// The I/O error under a MessagePack write error, so that a full disk reads as
+/// "No space left on device" first, not under the serializer's message.
+fn msgpack_write_error(e: rmp_serde::encode::Error) -> std::io::Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return match io.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(io.kind(), io.to_string()),
+            };
+        }
+        cause = c.source();
+    }
+    std::io::Error::other(e)
 }
 
 fn decode<T: SolidType>(codec: Codec, input: &mut dyn Read) -> std::io::Result<Value> {

@@ -99,6 +99,10 @@ pub enum EventKind {
         type_name: String,
         /// `<step>.<output>` or `config`.
         source: String,
+        /// The run whose intermediates the value was read from, when it is not this run
+        /// (a re-execution reading a step it did not re-run from its parent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_run_id: Option<String>,
     },
     /// A step produced an output.
     StepOutput {

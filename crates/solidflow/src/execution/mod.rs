@@ -8,11 +8,13 @@ pub mod event;
 pub mod executor;
 pub mod launcher;
 pub mod protocol;
+pub mod reexecution;
 pub mod run;
 pub mod run_id;
 pub(crate) mod scheduler;
 pub mod sink;
 pub(crate) mod step;
+pub(crate) mod supervisor;
 pub(crate) mod values;
 
 pub use scheduler::{Resources, Summary};

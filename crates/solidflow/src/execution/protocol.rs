@@ -46,6 +46,11 @@ pub struct StepInvocation {
     pub run_config: serde_json::Value,
     /// The solidflow home, for storages that default to it.
     pub home: std::path::PathBuf,
+    /// Upstream step key → the run whose intermediates hold its outputs, for upstream
+    /// steps that are not this run's (a re-execution reads the steps it does not re-run
+    /// from its parent, in place). Empty for every other step.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub input_runs: std::collections::BTreeMap<String, String>,
 }
 
 impl StepInvocation {
@@ -61,6 +66,7 @@ impl StepInvocation {
             attempt,
             run_config: env.config.value.clone(),
             home: home.to_path_buf(),
+            input_runs: env.plan.steps[step].input_runs(),
         }
     }
 }
@@ -233,9 +239,10 @@ pub fn run_invocation(
         Some(Err(e)) => return fail(&writer, e, 3),
         None => return fail(&writer, no_step(), 3),
     };
-    let Some(plan) = ExecutionPlan::for_step(pipeline, &config, &invocation.step_key) else {
+    let Some(mut plan) = ExecutionPlan::for_step(pipeline, &config, &invocation.step_key) else {
         return fail(&writer, no_step(), 3);
     };
+    plan.steps[0].read_inputs_from(&invocation.input_runs);
     let (plan, index) = (Arc::new(plan), 0);
     let Some(mode) = pipeline.mode(Some(&invocation.mode)) else {
         return fail(

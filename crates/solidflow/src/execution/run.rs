@@ -2,15 +2,15 @@
 //! report. This is the programmatic API behind `execute`, mirroring the seed's
 //! `execute_pipeline(pipeline, env_config)`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::Utc;
-
 use super::cancel::CancelToken;
 use super::event::{ErrorInfo, Event, EventKind, Level};
 use super::executor::{ExecutionContext, Executor, ExecutorError};
+use super::reexecution::{self, ParentRun, ReexecutionError, StepsToRun};
 use super::run_id::RunId;
 use super::sink::{EventCollector, EventListener, EventSink};
 use super::step::StepEnvironment;
@@ -20,7 +20,7 @@ use crate::definition::pipeline::Pipeline;
 use crate::definition::storage::StorageContext;
 use crate::definition::types::Codec;
 use crate::plan::ExecutionPlan;
-use crate::storage::run_history::{RunHistory, RunRecord, RunStatus};
+use crate::storage::run_history::{HistoryError, RunHistory, RunRecord, RunStatus};
 use crate::storage::{IntermediateKey, IntermediateStorage, StorageError};
 
 /// The solidflow home: `$SOLIDFLOW_HOME`, else `~/.solidflow`. Holds run history and
@@ -49,6 +49,18 @@ pub enum RunError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// Run history refused the run (its run id is taken) or could not be used.
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    /// The parent run cannot be re-executed, or the step selection is unusable.
+    #[error("cannot run pipeline `{pipeline}`: {source}")]
+    Reexecution {
+        /// The pipeline.
+        pipeline: String,
+        /// What is wrong.
+        #[source]
+        source: ReexecutionError,
+    },
 }
 
 /// Options for [`execute_pipeline_with`].
@@ -66,8 +78,15 @@ pub struct RunOptions {
     pub history: Option<RunHistory>,
     /// Cancellation token, e.g. set by a Ctrl-C handler.
     pub cancel: CancelToken,
-    /// The run this one re-executes.
+    /// The run this one re-executes (needs `history`). Its validated config is the
+    /// base the run's config sources merge over, and the steps that are not run read
+    /// their outputs from it.
     pub parent_run_id: Option<String>,
+    /// Which steps to run: all (the default), a selection, or (with a parent) the
+    /// steps that did not succeed in the parent.
+    pub steps: StepsToRun,
+    /// Tags recorded with the run (`execute --tag team=ml`).
+    pub tags: BTreeMap<String, String>,
 }
 
 /// The outcome of a run: status, events, and typed access to outputs.
@@ -75,6 +94,7 @@ pub struct ExecutionResult {
     status: RunStatus,
     events: Vec<Event>,
     env: StepEnvironment,
+    reused: BTreeMap<String, String>,
 }
 
 /// An output could not be read from a finished run.
@@ -164,7 +184,17 @@ impl ExecutionResult {
             });
         }
         let step_key = crate::plan::step_key(solid);
-        let value = match &self.env.memory {
+        // A step this run reused (did not re-run) has its value in an earlier run.
+        let run_id = match self.reused.get(&step_key) {
+            Some(run) if self.env.plan.step(&step_key).is_none() => run.as_str(),
+            _ => self.env.run_id.as_str(),
+        };
+        let memory = self
+            .env
+            .memory
+            .as_ref()
+            .filter(|_| run_id == self.env.run_id);
+        let value = match memory {
             Some(mem) => mem
                 .get(&step_key, output)
                 .ok_or_else(|| StorageError::NotFound {
@@ -174,7 +204,7 @@ impl ExecutionResult {
                     ),
                 })?,
             None => {
-                let key = IntermediateKey::new(&self.env.run_id, &step_key, output);
+                let key = IntermediateKey::new(run_id, &step_key, output);
                 let mut reader = self.env.storage.read(&key)?;
                 def.ty
                     .decode(Codec::default(), &mut reader)
@@ -218,8 +248,59 @@ pub fn execute_pipeline(
 }
 
 /// Runs `pipeline` with merged config sources and options. Returns `Err` only when the
-/// run cannot start (bad config, unusable executor or storage); step failures are in
-/// the result.
+/// run cannot start (bad config, unusable executor or storage, a parent that cannot be
+/// re-executed, a selection that leaves an input without a value); step failures are
+/// in the result.
+///
+/// With [`RunOptions::parent_run_id`] the run re-executes a recorded run: `sources`
+/// merge over the parent's config, and the steps [`RunOptions::steps`] does not run
+/// read their outputs from the parent's intermediates. Tags go with the run record.
+///
+/// ```
+/// use solidflow::prelude::*;
+/// use solidflow::execution::reexecution::StepsToRun;
+/// use solidflow::storage::run_history::RunHistory;
+///
+/// #[solid]
+/// fn extract(_ctx: &SolidContext) -> i64 { 20 }
+/// #[solid]
+/// fn double(_ctx: &SolidContext, n: i64) -> i64 { n * 2 }
+///
+/// let pipeline = Pipeline::build("p", |p| {
+///     let n = p.invoke(extract, ());
+///     p.invoke(double, (n,));
+/// })
+/// .unwrap();
+/// let home = tempfile::tempdir().unwrap();
+/// let history = RunHistory::open(&home.path().join("history.db")).unwrap();
+/// let options = || RunOptions {
+///     home: Some(home.path().to_path_buf()),
+///     history: Some(history.clone()),
+///     ..RunOptions::default()
+/// };
+/// let filesystem = ConfigSources::from_value(serde_json::json!({"storage": {"filesystem": {}}}));
+/// let first = execute_pipeline_with(&pipeline, &filesystem, options()).unwrap();
+///
+/// // Run `double` again, reading `extract`'s output from the first run.
+/// let again = execute_pipeline_with(
+///     &pipeline,
+///     &ConfigSources::empty(),
+///     RunOptions {
+///         parent_run_id: Some(first.run_id().to_string()),
+///         steps: StepsToRun::Selection("double".into()),
+///         tags: [("reason".to_string(), "demo".to_string())].into(),
+///         ..options()
+///     },
+/// )
+/// .unwrap();
+/// assert!(again.success());
+/// assert_eq!(again.step_events("extract.compute").count(), 0, "not re-run");
+/// assert_eq!(again.result::<i64>("double").unwrap(), 40);
+/// assert_eq!(again.result::<i64>("extract").unwrap(), 20, "read from the first run");
+/// let record = history.run(again.run_id()).unwrap().unwrap();
+/// assert_eq!(record.parent_run_id.as_deref(), Some(first.run_id()));
+/// assert_eq!(record.tags["reason"], "demo");
+/// ```
 pub fn execute_pipeline_with(
     pipeline: &Pipeline,
     sources: &ConfigSources,
@@ -241,6 +322,9 @@ pub struct PreparedRun {
     executor: Arc<dyn Executor>,
     home: PathBuf,
     run_id: String,
+    parent: Option<ParentRun>,
+    reused: BTreeMap<String, String>,
+    warnings: Vec<String>,
 }
 
 impl PreparedRun {
@@ -252,26 +336,89 @@ impl PreparedRun {
         sources: &ConfigSources,
         options: &RunOptions,
     ) -> Result<Self, RunError> {
-        let config = RunConfig::validate(pipeline, options.mode.as_deref(), sources)?;
-        Self::from_config(pipeline, config, options)
+        let parent = Self::parent(pipeline, options)?;
+        let Some(parent) = parent else {
+            let config = RunConfig::validate(pipeline, options.mode.as_deref(), sources)?;
+            return Self::build(pipeline, config, options, None);
+        };
+        let layered = sources.layered_over(parent.record.config.clone());
+        let mode = options.mode.as_deref().unwrap_or(&parent.record.mode);
+        let config = RunConfig::validate(pipeline, Some(mode), &layered)?;
+        Self::build(pipeline, config, options, Some(parent))
     }
 
-    /// Like [`new`](Self::new), for a config that is already validated.
+    fn parent(pipeline: &Pipeline, options: &RunOptions) -> Result<Option<ParentRun>, RunError> {
+        let Some(id) = &options.parent_run_id else {
+            return Ok(None);
+        };
+        reexecution::load_parent(options.history.as_ref(), pipeline, id)
+            .map(Some)
+            .map_err(|source| RunError::Reexecution {
+                pipeline: pipeline.name().into(),
+                source,
+            })
+    }
+
+    /// Like [`new`](Self::new), for a config that is already validated (with a parent
+    /// run, `config` is used as is: it is not merged over the parent's).
     pub fn from_config(
         pipeline: &Pipeline,
         config: RunConfig,
         options: &RunOptions,
     ) -> Result<Self, RunError> {
+        let parent = Self::parent(pipeline, options)?;
+        Self::build(pipeline, config, options, parent)
+    }
+
+    fn build(
+        pipeline: &Pipeline,
+        config: RunConfig,
+        options: &RunOptions,
+        parent: Option<ParentRun>,
+    ) -> Result<Self, RunError> {
+        let reexecution_error = |source| RunError::Reexecution {
+            pipeline: pipeline.name().into(),
+            source,
+        };
         let setup = |message: String| RunError::Setup {
             pipeline: pipeline.name().into(),
             message,
         };
-        let run_id = match &options.run_id {
+        let run_id: String = match &options.run_id {
             Some(id) => RunId::parse(id).map_err(|e| setup(e.to_string()))?.into(),
             None => RunId::fresh().into(),
         };
+        if let (Some(h), Some(_)) = (&options.history, &options.run_id)
+            && let Some(existing) = h.run_exact(&run_id)?
+        {
+            return Err(RunError::History(HistoryError::RunExists {
+                run_id: existing.run_id,
+                pipeline: existing.pipeline,
+                status: existing.status,
+                started_at: existing.started_at,
+            }));
+        }
         let config = Arc::new(config);
-        let plan = Arc::new(ExecutionPlan::compile(pipeline, &config));
+        let steps = reexecution::plan_steps(
+            ExecutionPlan::compile(pipeline, &config),
+            &options.steps,
+            parent.as_ref(),
+        )
+        .map_err(reexecution_error)?;
+        if let Some(p) = &parent
+            && !steps.reused.is_empty()
+            && config.storage.name == "in_memory"
+        {
+            return Err(reexecution_error(ReexecutionError::InMemoryChild {
+                parent: p.record.run_id.clone(),
+                parent_storage: p.storage().unwrap_or("its").to_string(),
+            }));
+        }
+        let warnings = parent
+            .as_ref()
+            .map(|p| reexecution::config_warnings(p, &config, &steps.reused))
+            .unwrap_or_default();
+        let (plan, reused) = (Arc::new(steps.plan), steps.reused);
         let mode = pipeline
             .mode(Some(&config.mode))
             .ok_or_else(|| setup(format!("no mode `{}`", config.mode)))?;
@@ -297,6 +444,9 @@ impl PreparedRun {
             executor,
             home,
             run_id,
+            parent,
+            reused,
+            warnings,
         };
         // Checks look at the plan, config and storage only: no listener hears this sink.
         let probe = prepared.context(
@@ -318,6 +468,17 @@ impl PreparedRun {
     /// The compiled plan.
     pub fn plan(&self) -> &ExecutionPlan {
         &self.plan
+    }
+
+    /// The steps not run whose outputs are read from earlier runs (step key → run id).
+    pub fn reused(&self) -> &BTreeMap<String, String> {
+        &self.reused
+    }
+
+    /// Warnings about the run as prepared (config changed on steps that are not
+    /// re-run); also emitted as `ENGINE_EVENT`s when it starts.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// The run id the run will have (`options.run_id`, or a fresh one).
@@ -352,10 +513,6 @@ impl PreparedRun {
         let config = self.config.clone();
         let plan = self.plan.clone();
         let run_id = self.run_id.clone();
-        let setup = |message: String| RunError::Setup {
-            pipeline: pipeline.name().into(),
-            message,
-        };
         let collector = EventCollector::default();
         let mut listeners: Vec<Arc<dyn EventListener>> = vec![Arc::new(collector.clone())];
         if let Some(h) = &options.history {
@@ -366,19 +523,25 @@ impl PreparedRun {
         let ctx = self.context(events.clone(), options.cancel.clone());
         let env = ctx.env.clone();
         let executor = self.executor;
-        if let Some(h) = &options.history {
-            h.create_run(&RunRecord {
-                run_id: run_id.clone(),
+        reexecution::check_reused_outputs(&plan, &*self.storage).map_err(|source| {
+            RunError::Reexecution {
                 pipeline: pipeline.name().into(),
-                mode: config.mode.clone(),
-                status: RunStatus::Started,
-                config: config.value.clone(),
-                parent_run_id: options.parent_run_id.clone(),
-                started_at: Utc::now(),
-                ended_at: None,
-            })
-            .map_err(|e| setup(e.to_string()))?;
+                source,
+            }
+        })?;
+        if let Some(h) = &options.history {
+            let mut record = RunRecord::new(
+                run_id.clone(),
+                pipeline.name(),
+                config.mode.clone(),
+                config.value.clone(),
+            );
+            record.parent_run_id = self.parent.as_ref().map(|p| p.record.run_id.clone());
+            record.root_run_id = self.parent.as_ref().map(ParentRun::root_run_id);
+            record.tags = options.tags.clone();
+            h.create_run_reusing(&record, &self.reused)?;
         }
+        let _heartbeat = options.history.as_ref().map(|h| h.start_heartbeat(&run_id));
         let started = Instant::now();
         events.emit(
             None,
@@ -395,6 +558,36 @@ impl PreparedRun {
                 steps: plan.steps.len(),
             },
         );
+        if let Some(parent) = &self.parent {
+            events.emit(
+                None,
+                Level::Info,
+                format!(
+                    "re-executing run {}: {} step(s) to run, {} reused from earlier runs",
+                    parent.record.run_id,
+                    plan.steps.len(),
+                    self.reused.len()
+                ),
+                EventKind::EngineEvent {
+                    details: serde_json::json!({
+                        "parent_run_id": parent.record.run_id,
+                        "root_run_id": parent.root_run_id(),
+                        "steps_to_run": plan.steps.len(),
+                        "steps_reused": self.reused.len(),
+                    }),
+                },
+            );
+        }
+        for warning in &self.warnings {
+            events.emit(
+                None,
+                Level::Warning,
+                warning.clone(),
+                EventKind::EngineEvent {
+                    details: serde_json::json!({"warning": "config_changed_on_reused_step"}),
+                },
+            );
+        }
         let outcome = env
             .storage
             .preflight()
@@ -464,6 +657,7 @@ impl PreparedRun {
             status,
             events: collector.events(),
             env,
+            reused: self.reused,
         })
     }
 }

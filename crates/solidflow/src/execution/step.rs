@@ -119,22 +119,44 @@ impl StepEnvironment {
         step: &ExecutionStep,
         def: &crate::definition::solid::SolidDefinition,
     ) -> Result<Inputs, SolidError> {
-        let mut stored = self.read_stored_inputs(step, def)?;
         let mut values = BTreeMap::new();
-        for (pos, (input, input_def)) in step.inputs.iter().zip(&def.inputs).enumerate() {
-            let (value, source) = match &input.source {
-                StepInputSource::Step { step_key, output } => {
-                    let value = match &self.memory {
-                        Some(mem) => mem.get(step_key, output).ok_or_else(|| {
-                            SolidError::new(format!(
-                                "output `{output}` of `{step_key}` is not in memory"
-                            ))
-                        })?,
-                        None => stored[pos].take().ok_or_else(|| {
-                            SolidError::new(format!("input `{}` was not read", input.name))
-                        })?,
+        for (input, input_def) in step.inputs.iter().zip(&def.inputs) {
+            let (value, source, source_run_id) = match &input.source {
+                StepInputSource::Step {
+                    step_key,
+                    output,
+                    run_id,
+                } => {
+                    let value =
+                        self.load_output(run_id.as_deref(), step_key, output, input_def.ty)?;
+                    let source = match run_id {
+                        Some(run) => format!("{step_key}.{output} of run {run}"),
+                        None => format!("{step_key}.{output}"),
                     };
-                    (value, format!("{step_key}.{output}"))
+                    (value, source, run_id.clone())
+                }
+                StepInputSource::FanIn { sources } if sources.is_empty() => (
+                    input_def
+                        .ty
+                        .from_json(serde_json::json!([]))
+                        .map_err(SolidError::new)?,
+                    "an empty fan-in".to_string(),
+                    None,
+                ),
+                StepInputSource::FanIn { sources } => {
+                    // A fan-in's upstream values are independent objects: up to the
+                    // storage's `read_concurrency` of them are read at once (for S3,
+                    // that many requests in flight).
+                    let item_ty = self.fan_in_item_type(&step.solid, &input.name)?;
+                    let limit = match self.memory {
+                        Some(_) => 1,
+                        None => self.storage.read_concurrency().max(1),
+                    };
+                    let items = map_bounded(sources, limit, |s| {
+                        self.load_output(None, &s.step_key, &s.output, item_ty)
+                    })?;
+                    let value = item_ty.collect(items).map_err(SolidError::new)?;
+                    (value, format!("fan-in of {} outputs", sources.len()), None)
                 }
                 StepInputSource::Config => {
                     let json = self
@@ -152,6 +174,7 @@ impl StepEnvironment {
                     (
                         input_def.ty.from_json(json).map_err(SolidError::new)?,
                         "config".to_string(),
+                        None,
                     )
                 }
             };
@@ -163,6 +186,7 @@ impl StepEnvironment {
                     input: input.name.clone(),
                     type_name: input.type_name.into(),
                     source,
+                    source_run_id,
                 },
             );
             values.insert(input.name.clone(), value);
@@ -170,51 +194,60 @@ impl StepEnvironment {
         Ok(Inputs::new(values))
     }
 
-    /// Reads and decodes every input that comes from storage, by input position. A
-    /// fan-in step's inputs are independent objects, so up to the storage's
-    /// [`read_concurrency`](IntermediateStorage::read_concurrency) of them are read at
-    /// once (for S3, that many requests in flight).
-    fn read_stored_inputs(
+    /// Reads output `output` of `step_key`, from memory or from storage; from the
+    /// storage of `run_id` when the value belongs to another run (a re-execution's
+    /// parent), even when this run keeps its own values in memory.
+    fn load_output(
         &self,
-        step: &ExecutionStep,
-        def: &crate::definition::solid::SolidDefinition,
-    ) -> Result<Vec<Option<Value>>, SolidError> {
-        let mut stored: Vec<Option<Value>> = step.inputs.iter().map(|_| None).collect();
-        if self.memory.is_some() {
-            return Ok(stored);
+        run_id: Option<&str>,
+        step_key: &str,
+        output: &str,
+        ty: crate::definition::types::TypeInfo,
+    ) -> Result<Value, SolidError> {
+        match self.memory.as_ref().filter(|_| run_id.is_none()) {
+            Some(mem) => mem.get(step_key, output).ok_or_else(|| {
+                SolidError::new(format!(
+                    "output `{output}` of `{step_key}` is not in memory"
+                ))
+            }),
+            None => {
+                let key = IntermediateKey::new(run_id.unwrap_or(&self.run_id), step_key, output);
+                let mut reader = self.storage.read(&key)?;
+                ty.decode(Codec::default(), &mut reader).map_err(|e| {
+                    SolidError::new(format!(
+                        "cannot decode {} as {}",
+                        self.storage.location(&key),
+                        ty.name
+                    ))
+                    .caused_by(e.to_string())
+                })
+            }
         }
-        let reads: Vec<(usize, IntermediateKey, TypeInfo)> = step
-            .inputs
-            .iter()
-            .zip(&def.inputs)
-            .enumerate()
-            .filter_map(|(pos, (input, input_def))| match &input.source {
-                StepInputSource::Step { step_key, output } => Some((
-                    pos,
-                    IntermediateKey::new(&self.run_id, step_key, output),
-                    input_def.ty,
-                )),
-                StepInputSource::Config => None,
-            })
-            .collect();
-        let limit = self.storage.read_concurrency().max(1);
-        let read = |(_, key, ty): &(usize, IntermediateKey, TypeInfo)| self.read_value(key, *ty);
-        for ((pos, _, _), value) in reads.iter().zip(map_bounded(&reads, limit, read)?) {
-            stored[*pos] = Some(value);
-        }
-        Ok(stored)
     }
 
-    fn read_value(&self, key: &IntermediateKey, ty: TypeInfo) -> Result<Value, SolidError> {
-        let mut reader = self.storage.read(key)?;
-        ty.decode(Codec::default(), &mut reader).map_err(|e| {
+    /// The type of one item of fan-in input `input` of invocation `alias`: the type of
+    /// its first upstream output (the pipeline checked they all match).
+    fn fan_in_item_type(
+        &self,
+        alias: &str,
+        input: &str,
+    ) -> Result<crate::definition::types::TypeInfo, SolidError> {
+        let missing = || {
             SolidError::new(format!(
-                "cannot decode {} as {}",
-                self.storage.location(key),
-                ty.name
+                "fan-in input `{input}` of `{alias}` has no upstream type"
             ))
-            .caused_by(e.to_string())
-        })
+        };
+        let inv = self.pipeline.invocation(alias).ok_or_else(missing)?;
+        let first = inv
+            .inputs
+            .get(input)
+            .and_then(|s| s.upstream_outputs().into_iter().next());
+        let first = first.ok_or_else(missing)?;
+        self.pipeline
+            .invocation(&first.solid)
+            .and_then(|u| u.definition.find_output(&first.output))
+            .map(|o| o.ty)
+            .ok_or_else(missing)
     }
 
     fn store_output(

@@ -3,9 +3,12 @@
 //! A plan is plain data, deterministic for the same pipeline and config, and printable
 //! (`plan` prints it as text or JSON). Executors only ever see plans.
 
+pub mod selection;
 mod step_key;
+mod subset;
 
 pub use step_key::StepKey;
+pub use subset::{UnprovidedInput, UnprovidedInputs};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -26,9 +29,27 @@ pub enum StepInputSource {
         step_key: String,
         /// The upstream output.
         output: String,
+        /// The run whose intermediates hold the value, when it is not this run: a
+        /// re-execution reads the outputs of steps it does not re-run from its parent.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        run_id: Option<String>,
     },
     /// The run config (`solids.<alias>.inputs.<name>`).
     Config,
+    /// A fan-in: the outputs of these steps, gathered into one list in this order.
+    FanIn {
+        /// The upstream outputs, in list order.
+        sources: Vec<StepOutputRef>,
+    },
+}
+
+/// One upstream step output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepOutputRef {
+    /// The upstream step.
+    pub step_key: String,
+    /// The upstream output.
+    pub output: String,
 }
 
 /// One input of a step.
@@ -81,6 +102,37 @@ pub struct ExecutionStep {
     /// Indices of the steps that depend on this one.
     #[serde(skip)]
     pub downstream: Vec<usize>,
+}
+
+impl ExecutionStep {
+    /// The runs this step reads upstream outputs from, other than its own run: upstream
+    /// step key → run id. Carried by the step invocation of out-of-process executors.
+    pub fn input_runs(&self) -> BTreeMap<String, String> {
+        self.inputs
+            .iter()
+            .filter_map(|i| match &i.source {
+                StepInputSource::Step {
+                    step_key,
+                    run_id: Some(run),
+                    ..
+                } => Some((step_key.clone(), run.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Reads the outputs of the upstream steps in `runs` (step key → run id) from those
+    /// runs instead of this one; the other side of [`input_runs`](Self::input_runs).
+    pub fn read_inputs_from(&mut self, runs: &BTreeMap<String, String>) {
+        for input in &mut self.inputs {
+            if let StepInputSource::Step {
+                step_key, run_id, ..
+            } = &mut input.source
+            {
+                *run_id = runs.get(step_key).cloned();
+            }
+        }
+    }
 }
 
 /// The compiled plan of one run.
@@ -182,15 +234,17 @@ fn levels(invs: &[Invocation], index: &HashMap<&str, usize>) -> Vec<usize> {
             }
             let mut pending = false;
             let mut l = 0;
-            for source in invs[i].inputs.values() {
-                if let InputSource::Output { solid, .. } = source {
-                    let u = index[solid.as_str()];
-                    if level[u] == usize::MAX {
-                        stack.push(u);
-                        pending = true;
-                    } else {
-                        l = l.max(level[u] + 1);
-                    }
+            for upstream in invs[i]
+                .inputs
+                .values()
+                .flat_map(InputSource::upstream_outputs)
+            {
+                let u = index[upstream.solid.as_str()];
+                if level[u] == usize::MAX {
+                    stack.push(u);
+                    pending = true;
+                } else {
+                    l = l.max(level[u] + 1);
                 }
             }
             if !pending {
@@ -223,9 +277,22 @@ fn build_step(
                     StepInputSource::Step {
                         step_key: step_key(solid),
                         output: output.clone(),
+                        run_id: None,
                     }
                 }
                 InputSource::Config => StepInputSource::Config,
+                InputSource::FanIn { sources } => StepInputSource::FanIn {
+                    sources: sources
+                        .iter()
+                        .map(|u| {
+                            upstream.extend(upstream_of(&u.solid));
+                            StepOutputRef {
+                                step_key: step_key(&u.solid),
+                                output: u.output.clone(),
+                            }
+                        })
+                        .collect(),
+                },
             };
             StepInput {
                 name: input.name.clone(),
@@ -295,16 +362,38 @@ impl fmt::Display for ExecutionPlan {
             writeln!(f)?;
             for input in &step.inputs {
                 match &input.source {
-                    StepInputSource::Step { step_key, output } => writeln!(
-                        f,
-                        "      in  {}: {} <- {step_key}.{output}",
-                        input.name, input.type_name
-                    )?,
+                    StepInputSource::Step {
+                        step_key,
+                        output,
+                        run_id,
+                    } => {
+                        write!(
+                            f,
+                            "      in  {}: {} <- {step_key}.{output}",
+                            input.name, input.type_name
+                        )?;
+                        match run_id {
+                            Some(run) => writeln!(f, " (from run {run})")?,
+                            None => writeln!(f)?,
+                        }
+                    }
                     StepInputSource::Config => writeln!(
                         f,
                         "      in  {}: {} <- run config",
                         input.name, input.type_name
                     )?,
+                    StepInputSource::FanIn { sources } => {
+                        writeln!(
+                            f,
+                            "      in  {}: {} <- fan-in of {}:",
+                            input.name,
+                            input.type_name,
+                            sources.len()
+                        )?;
+                        for (i, s) in sources.iter().enumerate() {
+                            writeln!(f, "            [{i}] {}.{}", s.step_key, s.output)?;
+                        }
+                    }
                 }
             }
             for output in &step.outputs {

@@ -22,6 +22,18 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    /// The file system is full (ENOSPC) or the quota is spent (EDQUOT): the cause and the
+    /// path come first, whatever was being written.
+    #[error(
+        "{source} (ENOSPC) at {location}: free space on that file system, or point base_dir at a larger one"
+    )]
+    Full {
+        /// The file being written.
+        location: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The storage is unusable as configured (preflight failed).
     #[error("storage {kind} is not usable: {message}")]
     Unusable {

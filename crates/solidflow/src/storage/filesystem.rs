@@ -53,10 +53,19 @@ impl FilesystemStorage {
         path: &Path,
     ) -> impl FnOnce(std::io::Error) -> StorageError {
         let location = path.display().to_string();
-        move |source| StorageError::Io {
-            operation,
-            location,
-            source,
+        move |source| {
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ) {
+                StorageError::Full { location, source }
+            } else {
+                StorageError::Io {
+                    operation,
+                    location,
+                    source,
+                }
+            }
         }
     }
 }

@@ -99,9 +99,10 @@ pub(crate) async fn reexecute(
     let new_id = uuid::Uuid::new_v4().to_string();
     let home = state.home.clone();
     let parent = run.run_id.clone();
+    let spawner = state.spawner.clone();
     let started = tokio::task::spawn_blocking({
         let new_id = new_id.clone();
-        move || spawn_reexecute(&home, &parent, &flag, &new_id)
+        move || spawn_reexecute(&spawner, &home, &parent, &flag, &new_id)
     })
     .await;
     let mut child = match started {
@@ -150,8 +151,53 @@ pub(crate) async fn reexecute(
     }
 }
 
+/// Starts processes from a thread at normal CPU priority. The server's own threads run
+/// at a lower priority so that a busy page never takes CPU from runs; a process started
+/// from one of them would inherit that, so re-executions start from here instead.
+#[derive(Clone)]
+pub(crate) struct Spawner(
+    crossbeam_channel::Sender<(
+        Command,
+        std::sync::mpsc::Sender<std::io::Result<std::process::Child>>,
+    )>,
+);
+
+impl Spawner {
+    /// Starts the spawner thread; call it before lowering any thread's priority.
+    pub(crate) fn start() -> std::io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded::<(Command, std::sync::mpsc::Sender<_>)>();
+        std::thread::Builder::new()
+            .name("solidflow-ui-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })?;
+        Ok(Self(tx))
+    }
+
+    /// Spawns `cmd` from the spawner thread.
+    fn spawn(&self, cmd: Command) -> std::io::Result<std::process::Child> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gone = || std::io::Error::other("the spawner thread is gone");
+        self.0.send((cmd, tx)).map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+}
+
+/// Lowers the calling thread's CPU priority (nice 10), so the page yields to runs.
+pub(crate) fn lower_thread_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on this thread's own id only
+    // changes its scheduling priority (Linux keeps nice values per thread).
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// Starts `<this binary> reexecute ...` in its own process group, output to a log.
 fn spawn_reexecute(
+    spawner: &Spawner,
     home: &std::path::Path,
     parent: &str,
     flag: &[String],
@@ -165,8 +211,8 @@ fn spawn_reexecute(
     let log = std::fs::File::create(&log_path)
         .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
-    Command::new(&exe)
-        .arg("reexecute")
+    let mut cmd = Command::new(&exe);
+    cmd.arg("reexecute")
         .arg(parent)
         .args(flag)
         .args(["--run-id", new_id])
@@ -174,8 +220,9 @@ fn spawn_reexecute(
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
-        .process_group(0)
-        .spawn()
+        .process_group(0);
+    spawner
+        .spawn(cmd)
         .map_err(|e| format!("cannot start {} reexecute: {e}", exe.display()))
 }
 
@@ -195,7 +242,7 @@ pub(crate) async fn terminate(
     if let Some(reason) = refusal(&state, &run, &view, "terminate") {
         return refused("Cannot terminate", &reason);
     }
-    let Some((_, pid)) = view.runner else {
+    let Some(pid) = run.pid.or(view.runner.as_ref().map(|r| r.1)) else {
         return refused("Cannot terminate", "the run has not recorded its process");
     };
     let Ok(pid) = libc::pid_t::try_from(pid) else {

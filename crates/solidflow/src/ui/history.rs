@@ -80,23 +80,12 @@ pub(crate) fn encode(v: &str) -> String {
     out
 }
 
-/// A run's tags. Run records carry none yet; the run config's `tags` block, when a
-/// pipeline has one, is shown instead.
+/// A run's tags.
 pub(crate) fn tags_of(run: &RunRecord) -> Vec<(String, String)> {
-    run.config
-        .get("tags")
-        .and_then(|t| t.as_object())
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.as_str().map_or_else(|| v.to_string(), str::to_string),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    run.tags
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// The selector key of `block` (`execution` or `storage`) in a recorded config.
@@ -108,14 +97,30 @@ pub(crate) fn selected(run: &RunRecord, block: &str) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// One page of runs, newest first, and whether there is a next page.
+/// One page of runs, newest first, and whether there is a next page. Status, pipeline
+/// and `key=value` tags are filtered by run history; a bare tag key here.
 pub(crate) fn list(
     history: &RunHistory,
     filter: &RunFilter,
 ) -> Result<(Vec<RunRecord>, bool), String> {
-    let all = history
-        .runs(1_000_000)
-        .map_err(|e| super::error_chain(&e))?;
+    let mut query = crate::storage::run_history::RunFilter::default();
+    if let Some(s) = RunFilter::non_empty(&filter.status) {
+        match STATUSES
+            .iter()
+            .find(|st| st.to_string().eq_ignore_ascii_case(s))
+        {
+            Some(st) => query.statuses = vec![*st],
+            None => return Ok((Vec::new(), false)),
+        }
+    }
+    query.pipeline = RunFilter::non_empty(&filter.pipeline).map(str::to_string);
+    let tag = RunFilter::non_empty(&filter.tag);
+    if let Some((k, v)) = tag.and_then(|t| t.split_once('=')) {
+        query.tags.insert(k.to_string(), v.to_string());
+    } else if tag.is_none() {
+        query.limit = Some((filter.page + 1) * PAGE_SIZE + 1);
+    }
+    let all = history.list(&query).map_err(|e| super::error_chain(&e))?;
     let mut matching = all.into_iter().filter(|r| filter.matches(r));
     let skip = filter.page * PAGE_SIZE;
     let page: Vec<_> = matching.by_ref().skip(skip).take(PAGE_SIZE).collect();

@@ -32,6 +32,24 @@ pub(crate) struct EventsQuery {
     after: Option<i64>,
 }
 
+/// One event as the page's script reads it.
+#[derive(serde::Serialize)]
+struct Message<'a> {
+    id: i64,
+    t: i64,
+    r#type: &'static str,
+    step: Option<&'a str>,
+    level: crate::execution::event::Level,
+    msg: &'a str,
+    host: &'a str,
+    pid: u32,
+    worker: Option<&'a str>,
+    stream: Option<&'static str>,
+    state: Option<super::run_state::StepState>,
+    bar: Option<super::run_state::Attempt>,
+    end: bool,
+}
+
 /// One event as the page needs it.
 fn message(id: i64, e: &Event, view: &mut RunState) -> SseEvent {
     let change = view.apply(id, e);
@@ -42,24 +60,23 @@ fn message(id: i64, e: &Event, view: &mut RunState) -> SseEvent {
     } else {
         None
     };
-    let data = serde_json::json!({
-        "id": id,
-        "t": e.timestamp.timestamp_millis(),
-        "type": e.event_type(),
-        "step": e.step_key,
-        "level": e.level,
-        "msg": e.message,
-        "host": e.host,
-        "pid": e.pid,
-        "worker": e.worker,
-        "stream": stream,
-        "state": change.state,
-        "bar": change.bar,
-        "end": e.is_pipeline_end(),
-    });
-    SseEvent::default()
-        .id(id.to_string())
-        .data(data.to_string())
+    let data = Message {
+        id,
+        t: e.timestamp.timestamp_millis(),
+        r#type: e.event_type(),
+        step: e.step_key.as_deref(),
+        level: e.level,
+        msg: &e.message,
+        host: &e.host,
+        pid: e.pid,
+        worker: e.worker.as_deref(),
+        stream,
+        state: change.state,
+        bar: change.bar,
+        end: e.is_pipeline_end(),
+    };
+    let json = serde_json::to_string(&data).unwrap_or_default();
+    SseEvent::default().id(id.to_string()).data(json)
 }
 
 struct RunStream {

@@ -89,19 +89,31 @@ pub(crate) struct AppState {
     pub token: Option<Arc<str>>,
     /// Whether the server listens on loopback only (then the Host header must say so).
     pub loopback: bool,
+    /// Starts re-executions at normal priority.
+    pub spawner: actions::Spawner,
 }
 
 /// Serves the page until interrupted. Prints the URL (with the token, if any) first.
+///
+/// The server's threads run at a lower CPU priority (nice 10) than the runs it shows,
+/// so on a busy machine a watched run is not slowed by its page.
 pub fn serve(repository: Repository, options: UiOptions) -> Result<(), UiError> {
+    let spawner = actions::Spawner::start().map_err(UiError::Serve)?;
+    actions::lower_thread_priority();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(actions::lower_thread_priority)
         .enable_all()
         .build()
         .map_err(UiError::Serve)?;
-    runtime.block_on(serve_async(repository, options))
+    runtime.block_on(serve_async(repository, options, spawner))
 }
 
-async fn serve_async(repository: Repository, options: UiOptions) -> Result<(), UiError> {
+async fn serve_async(
+    repository: Repository,
+    options: UiOptions,
+    spawner: actions::Spawner,
+) -> Result<(), UiError> {
     let ip: std::net::IpAddr = options.host.parse().map_err(|_| UiError::BadHost {
         host: options.host.clone(),
     })?;
@@ -135,6 +147,7 @@ async fn serve_async(repository: Repository, options: UiOptions) -> Result<(), U
         home: options.home.clone(),
         token: token.map(Arc::from),
         loopback,
+        spawner,
     };
     let shown_host = if ip.is_unspecified() {
         crate::execution::sink::hostname()

@@ -249,6 +249,7 @@ impl RunState {
                 input,
                 type_name,
                 source,
+                ..
             } => step.inputs.push(Value {
                 name: input.clone(),
                 type_name: type_name.clone(),

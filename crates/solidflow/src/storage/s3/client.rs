@@ -5,10 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 
 use super::engine::Engine;
+use super::errors::NO_CREDENTIALS_HINT;
 use super::profile;
 use super::redact::Redactor;
 use super::{S3Config, S3Storage};
@@ -55,6 +56,14 @@ impl S3Storage {
                 builder = builder.with_token(token);
             }
         }
+        let metadata_off = !config.instance_metadata || metadata_disabled_by_env(env);
+        if metadata_off && !has_credential_source(&builder) {
+            return Err(unusable(format!(
+                "found no AWS credentials for bucket {} in this process's environment or profile, and asking the \
+                 instance metadata service is turned off (AWS_EC2_METADATA_DISABLED=true or instance_metadata: false); {NO_CREDENTIALS_HINT}",
+                config.bucket
+            )));
+        }
         let region = config
             .region
             .clone()
@@ -87,7 +96,10 @@ impl S3Storage {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(100),
                 max_backoff: Duration::from_secs(15),
-                base: 2.0,
+                // Each pause is drawn from [100 ms, 3 × the previous one]: about 1.5×
+                // longer on average. With base 2 the mean barely grows, and 10 retries
+                // were spent in ~2 s; see `max_retries` in docs/storage.md.
+                base: 3.0,
             },
             max_retries,
             retry_timeout,
@@ -127,9 +139,32 @@ impl S3Storage {
     }
 }
 
+/// The AWS convention: `AWS_EC2_METADATA_DISABLED=true` turns off the instance metadata
+/// service as a credential source.
+fn metadata_disabled_by_env(env: &dyn Fn(&str) -> Option<String>) -> bool {
+    env("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// Whether `builder` has a credential source other than the instance metadata service
+/// (object_store's last resort): static keys, web identity, container credentials, or
+/// unsigned requests.
+fn has_credential_source(builder: &AmazonS3Builder) -> bool {
+    let set = |key: AmazonS3ConfigKey| builder.get_config_value(&key).is_some();
+    set(AmazonS3ConfigKey::AccessKeyId)
+        || set(AmazonS3ConfigKey::SecretAccessKey)
+        || (set(AmazonS3ConfigKey::WebIdentityTokenFile) && set(AmazonS3ConfigKey::RoleArn))
+        || set(AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
+        || (set(AmazonS3ConfigKey::ContainerCredentialsFullUri)
+            && set(AmazonS3ConfigKey::ContainerAuthorizationTokenFile))
+        || builder
+            .get_config_value(&AmazonS3ConfigKey::SkipSignature)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::S3Credentials;
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
         move |name| {
@@ -162,5 +197,35 @@ mod tests {
             "{debug}"
         );
         assert_eq!(storage.region, "us-east-1");
+    }
+
+    #[test]
+    fn disabled_instance_metadata_without_credentials_fails_at_once() {
+        let off: &'static [(&str, &str)] = &[("AWS_EC2_METADATA_DISABLED", "TRUE")];
+        for (config, env) in [
+            (S3Config::new("b"), off),
+            (
+                S3Config {
+                    instance_metadata: false,
+                    ..S3Config::new("b")
+                },
+                &[] as &[(&str, &str)],
+            ),
+        ] {
+            let Err(e) = S3Storage::with_env(config, &env_of(env)) else {
+                panic!("built a storage without credentials");
+            };
+            let text = e.to_string();
+            assert!(
+                text.contains("found no AWS credentials for bucket b")
+                    && text.contains("AWS_EC2_METADATA_DISABLED")
+                    && text.contains("every worker"),
+                "{text}"
+            );
+        }
+        let mut explicit = S3Config::new("b");
+        explicit.credentials = Some(S3Credentials::new("AKID", "secret"));
+        explicit.instance_metadata = false;
+        assert!(S3Storage::with_env(explicit, &env_of(off)).is_ok());
     }
 }

@@ -88,11 +88,15 @@ pub struct S3Config {
     /// Values one step reads at once, e.g. the inputs of a fan-in step (`read_concurrency`):
     /// this many `GET`s in flight.
     pub read_concurrency: usize,
+    /// Ask the EC2 instance metadata service for credentials when no other source has
+    /// them (`instance_metadata`, default true). `false`, like the AWS convention
+    /// `AWS_EC2_METADATA_DISABLED=true`, fails at once instead of contacting 169.254.169.254.
+    pub instance_metadata: bool,
 }
 
 impl S3Config {
     /// Defaults for `bucket`: prefix `solidflow`, credentials and region from the environment,
-    /// 10 retries within 3 minutes, 16 MiB parts, 4 in flight (the defaults of the
+    /// 50 retries within 3 minutes, 16 MiB parts, 4 in flight (the defaults of the
     /// `config:` block).
     pub fn new(bucket: impl Into<String>) -> Self {
         S3Block::with_bucket(bucket.into()).into_config()
@@ -171,11 +175,12 @@ pub(super) struct S3Block {
     /// Allow a plain http:// endpoint_url.
     #[serde(default)]
     allow_http: bool,
-    /// Retries per request on throttling, 5xx and connection errors, with exponential backoff.
+    /// At most this many retries per request on throttling, 5xx and connection errors, with
+    /// random exponential backoff; retry_timeout_secs is the budget that usually ends them.
     #[serde(default = "default_max_retries")]
     #[schemars(range(max = 100))]
     max_retries: u32,
-    /// Stop retrying a request after this many seconds.
+    /// The retry budget: no retry starts once this many seconds have passed since the request was first sent.
     #[serde(default = "default_retry_timeout_secs")]
     #[schemars(range(max = 86400))]
     retry_timeout_secs: u32,
@@ -191,13 +196,20 @@ pub(super) struct S3Block {
     #[serde(default = "default_read_concurrency")]
     #[schemars(range(min = 1, max = 1024))]
     read_concurrency: u32,
+    /// Ask the EC2 instance metadata service for credentials when no other source has them;
+    /// false (or AWS_EC2_METADATA_DISABLED=true) fails at once instead.
+    #[serde(default = "default_instance_metadata")]
+    instance_metadata: bool,
 }
 
 fn default_prefix() -> String {
     "solidflow".into()
 }
 fn default_max_retries() -> u32 {
-    10
+    50
+}
+fn default_instance_metadata() -> bool {
+    true
 }
 fn default_retry_timeout_secs() -> u32 {
     180
@@ -225,6 +237,7 @@ impl S3Block {
             part_size_mb: default_part_size_mb(),
             concurrency: default_concurrency(),
             read_concurrency: default_read_concurrency(),
+            instance_metadata: default_instance_metadata(),
         }
     }
 
@@ -241,6 +254,7 @@ impl S3Block {
             part_size: self.part_size_mb as usize * MIB,
             concurrency: self.concurrency as usize,
             read_concurrency: self.read_concurrency as usize,
+            instance_metadata: self.instance_metadata,
         }
     }
 }

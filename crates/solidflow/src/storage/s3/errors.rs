@@ -2,6 +2,11 @@
 //! credentials, with a hint at the likely cause.
 
 use super::S3Storage;
+
+/// What to do when no credentials were found, shared by the construction-time check and
+/// the hint on a failed instance-metadata request.
+pub(super) const NO_CREDENTIALS_HINT: &str = "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or attach an instance role; \
+     on a Dask cluster every worker needs them in its own environment";
 use crate::storage::{IntermediateKey, IntermediateStorage, StorageError};
 
 impl S3Storage {
@@ -39,9 +44,10 @@ impl S3Storage {
             // No credentials anywhere else, so object_store asked the EC2 / ECS metadata
             // endpoints, and they are absent or refused.
             _ if text.contains("169.254.169.254") || text.contains("169.254.170.2") => {
-                " (found no AWS credentials in this process's environment or profile, and the instance metadata service \
-                 gave none: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or attach an instance role; \
-                 on a Dask cluster every worker needs them in its own environment)"
+                return format!(
+                    "{text} (found no AWS credentials in this process's environment or profile, and the instance metadata \
+                     service gave none: {NO_CREDENTIALS_HINT})"
+                );
             }
             _ if text.contains("error sending request") || text.contains("timed out") => {
                 " (the endpoint did not answer: check endpoint_url / region and that the server is reachable)"

@@ -118,9 +118,13 @@ pub(crate) fn status_badge(status: RunStatus) -> Markup {
     html! { span class={"badge " (s.to_ascii_lowercase())} { (s) } }
 }
 
-/// A run id as a link, shortened.
+/// A run id as a link; a UUID is shortened to its first 8 characters.
 pub(crate) fn run_link(run_id: &str) -> Markup {
-    let short: String = run_id.chars().take(8).collect();
+    let short: String = if uuid::Uuid::parse_str(run_id).is_ok() {
+        run_id.chars().take(8).collect()
+    } else {
+        run_id.to_string()
+    };
     html! { a class="run-id" href={"/runs/" (run_id)} title=(run_id) { code { (short) } } }
 }
 

@@ -51,7 +51,8 @@ pub(crate) fn refusal(
                 ));
             }
             let here = crate::execution::sink::hostname();
-            match &view.runner {
+            let recorded = run.host.clone().zip(run.pid);
+            match recorded.as_ref().or(view.runner.as_ref()) {
                 None => Some(
                     "the run has not recorded which process runs it yet; try again in a moment"
                         .into(),
@@ -165,6 +166,7 @@ fn render(
                 @if let Some((host, pid)) = &view.runner { dt { "Runs on" } dd { (host) " (pid " (pid) ")" } }
                 dt { "Tags" } dd { @let tags = tags_of(run); @if tags.is_empty() { "none" } @for (k, v) in tags { span class="tag" { (k) "=" (v) } " " } }
                 @if let Some(p) = &run.parent_run_id { dt { "Re-executes" } dd { (run_link(p)) } }
+                @if let Some(r) = run.root_run_id.as_ref().filter(|r| Some(*r) != run.parent_run_id.as_ref()) { dt { "Root run" } dd { (run_link(r)) } }
                 @if !children.is_empty() { dt { "Re-executed as" } dd { @for c in children { (run_link(&c.run_id)) " " (status_badge(c.status)) " " } } }
             }
             @if let Some(e) = &view.engine_error {
