@@ -931,8 +931,22 @@ macro_rules! grace_cancel_cases {
 }
 
 /// Instantiates the suite for one executor: `conformance_suite!(<config key>, "<base run
-/// config>", <case groups>...)`; see the module docs for the groups.
+/// config>", <case groups>...)`; see the module docs for the groups. A second
+/// configuration of the same executor gets its own module name:
+/// `conformance_suite!(<module> as <config key>, ...)`.
 macro_rules! conformance_suite {
+    ($name:ident as $key:ident, $config:expr $(, $group:ident)* $(,)?) => {
+        mod $name {
+            use super::*;
+
+            fn harness() -> Harness {
+                Harness::new(stringify!($key), $config)
+            }
+
+            core_cases!();
+            $($group!();)*
+        }
+    };
     ($name:ident, $config:expr $(, $group:ident)* $(,)?) => {
         mod $name {
             use super::*;
@@ -955,6 +969,14 @@ conformance_suite!(
 conformance_suite!(
     multiprocess,
     "execution: {multiprocess: {config: {max_concurrent: 4}}}\nstorage: {filesystem: {}}\n",
+    scheduling_cases,
+    isolated_cases,
+    escalating_cancel_cases
+);
+// The same executor with warm step servers (`isolation: warm`): every case again.
+conformance_suite!(
+    multiprocess_warm as multiprocess,
+    "execution: {multiprocess: {config: {max_concurrent: 4, isolation: warm}}}\nstorage: {filesystem: {}}\n",
     scheduling_cases,
     isolated_cases,
     escalating_cancel_cases
