@@ -988,6 +988,14 @@ conformance_suite!(
     isolated_cases,
     grace_cancel_cases
 );
+// Dask with warm step servers on the workers (`isolation: warm`).
+conformance_suite!(
+    dask_warm as dask,
+    "execution: {dask: {config: {n_workers: 2, threads_per_worker: 1, isolation: warm}}}\nstorage: {filesystem: {}}\n",
+    worker_resource_cases,
+    isolated_cases,
+    grace_cancel_cases
+);
 
 /// Behaviour specific to the multiprocess executor and the step protocol.
 mod multiprocess_only {
@@ -1328,13 +1336,9 @@ mod multiprocess_warm_only {
     #[test]
     fn recycled_servers_keep_results_right() {
         let h = warm("max_concurrent: 1, max_steps_per_server: 1");
+        cases::success(&h);
         let out = h.run("success", "");
         out.expect_code(0);
-        assert!(
-            out.has_message("total.compute", "total=55"),
-            "{}",
-            out.describe()
-        );
         let servers = servers(&out.events);
         assert_eq!(servers.len(), 4, "one server per step: {servers:?}");
         let recycled = out
@@ -1366,5 +1370,54 @@ mod multiprocess_warm_only {
         for pid in pids.into_iter().chain(grandchildren).chain(servers) {
             assert_dies(pid, "a warm step, its child, or its server");
         }
+    }
+}
+
+/// Dask with `isolation: warm`: the steps are forked by step servers on the workers.
+mod dask_warm_only {
+    use super::*;
+
+    fn warm(config: &str) -> Harness {
+        Harness::new(
+            "dask",
+            &format!(
+                "execution: {{dask: {{config: {{n_workers: 2, threads_per_worker: 1, isolation: warm, {config}}}}}}}\nstorage: {{filesystem: {{}}}}\n"
+            ),
+        )
+    }
+
+    fn parent_of(pid: u32) -> u32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("a live step");
+        let (_, rest) = stat.rsplit_once(") ").expect("stat format");
+        rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Each step process is a child of a `step-server` on its worker; on Ctrl-C the run
+    /// ends canceled and neither the steps nor the servers outlive it.
+    #[test]
+    fn steps_are_forked_by_worker_servers_and_ctrl_c_leaves_nothing() {
+        let h = warm("allowed_failures: 0");
+        let (run, pids) = start_sleepers(&h);
+        let servers: Vec<u32> = pids.iter().map(|&p| parent_of(p)).collect();
+        for server in &servers {
+            let cmdline = std::fs::read(format!("/proc/{server}/cmdline")).unwrap();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(
+                cmdline.contains("step-server"),
+                "parent {server}: {cmdline}"
+            );
+        }
+        run.signal(libc::SIGINT);
+        let out = run.finish();
+        out.expect_canceled();
+        for pid in pids.into_iter().chain(servers) {
+            assert_dies(pid, "a warm step or its worker's step server");
+        }
+    }
+
+    /// A server per step (`max_steps_per_server: 1`): the results are right.
+    #[test]
+    fn recycled_worker_servers_keep_results_right() {
+        cases::success(&warm("max_steps_per_server: 1"));
     }
 }
