@@ -23,6 +23,7 @@ pub use solidflow_macros::solid;
 /// Everything a pipeline author needs.
 pub mod prelude {
     pub use crate::config::ConfigSources;
+    pub use crate::definition::dynamic::{DynamicHandle, DynamicOutput};
     pub use crate::definition::mode::{Mode, With};
     pub use crate::definition::pipeline::{Handle, Pipeline, PipelineBuilder};
     pub use crate::definition::repository::Repository;
@@ -42,6 +43,7 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::config::json_schema::config_type_of;
+    pub use crate::definition::dynamic::DynamicHandle;
     pub use crate::definition::pipeline::{Handle, IntoHandle, IntoInputs, RawHandle};
     pub use crate::definition::retry::RetryPolicy;
     pub use crate::definition::solid::{Inputs, NoConfig, Outputs, Solid, SolidDefinition};

@@ -2,6 +2,8 @@
 //! executor and storage choices a mode offers, and the runtime type information that
 //! lets the engine move typed values around.
 
+pub mod dynamic;
+mod dynamic_check;
 pub mod executor;
 pub mod mode;
 pub mod pipeline;
