@@ -441,3 +441,78 @@ fn the_plan_shows_the_fan_out_as_a_template() {
     );
     assert_eq!(template["inputs"][0]["source"]["from"], "mapped");
 }
+
+/// The run id a `--json` run reported.
+fn run_id_of(events: &[serde_json::Value]) -> String {
+    events
+        .iter()
+        .find(|e| e["event_type"] == "PIPELINE_START")
+        .and_then(|e| e["run_id"].as_str())
+        .expect("a PIPELINE_START")
+        .to_string()
+}
+
+/// `reexecute` (or `logs`) in `home`, with `args`; returns success and the JSON events.
+fn tables(home: &std::path::Path, args: &[&str]) -> (bool, Vec<serde_json::Value>, String) {
+    let (out, stdout, stderr) = run(example("tables", home)
+        .args(args)
+        .env("SOLIDFLOW_PYTHON", dask_support::python()));
+    (out.status.success(), json_lines(&stdout), stderr)
+}
+
+fn started(events: &[serde_json::Value]) -> Vec<String> {
+    let mut keys: Vec<String> = events
+        .iter()
+        .filter(|e| e["event_type"] == "STEP_START")
+        .filter_map(|e| e["step_key"].as_str().map(str::to_string))
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn reexecute_from_failure_runs_only_the_failed_items_and_reuses_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let (ok, events, _) = partitioned(
+        home,
+        "storage: {filesystem: {}}\nexecution: {multiprocess: {}}\nsolids: {partitions: {config: {count: 6}}, summarize: {config: {fail_on: part_4}}}",
+    );
+    assert!(!ok);
+    let parent = run_id_of(&events);
+    std::fs::write(
+        home.join("fix.yaml"),
+        "solids: {summarize: {config: {fail_on: no_such_partition}}}",
+    )
+    .unwrap();
+    let fix = home.join("fix.yaml");
+    let (ok, events, stderr) = tables(
+        home,
+        &[
+            "reexecute",
+            &parent,
+            "--from-failure",
+            "--json",
+            "-c",
+            fix.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        started(&events),
+        ["report.compute", "summarize[part_4].compute"]
+    );
+    assert_eq!(totals(&events), expected(6));
+    // The child's outputs are complete: a selection of the collect alone in a
+    // re-execution of the child reads every item, from the child or the parent.
+    let child = run_id_of(&events);
+    let (ok, events, stderr) = tables(home, &["reexecute", &child, "--select", "report", "--json"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(started(&events), ["report.compute"]);
+    assert_eq!(totals(&events), expected(6));
+    // Run history keeps the real step keys.
+    let (out, stdout, stderr) = run(example("tables", home).args(["logs", &parent]));
+    assert!(out.status.success(), "{stderr}");
+    let log = format!("{stdout}{stderr}");
+    assert!(log.contains("summarize[part_4].compute"), "{log}");
+}

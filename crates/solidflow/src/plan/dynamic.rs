@@ -76,6 +76,73 @@ impl ExecutionStep {
     }
 }
 
+/// Whether `key` is a template's (`<alias>[?].compute`).
+pub(super) fn is_template_key(key: &str) -> bool {
+    StepKey::parse(key).is_some_and(|k| k.is_template())
+}
+
+/// The steps of template `template` that `outputs` (step key → run id) holds, by
+/// mapping key.
+pub fn items_of(template: &str, outputs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let Some(template) = StepKey::parse(template) else {
+        return BTreeMap::new();
+    };
+    outputs
+        .iter()
+        .filter_map(|(key, run)| {
+            let k = StepKey::parse(key)?;
+            let mapping_key = k.mapping_key().filter(|_| !k.is_template())?;
+            (k.solid() == template.solid()).then(|| (mapping_key.to_string(), run.clone()))
+        })
+        .collect()
+}
+
+impl super::ExecutionPlan {
+    /// For `reexecute --from-failure`: the steps of fan-outs that run again reuse the
+    /// items whose steps succeeded in the parent (`outputs`: step key → run id), so only
+    /// the failed (and unfinished) items run, and collects read the others from there.
+    /// A fan-out whose dynamic output is computed again reuses nothing: its items may
+    /// differ.
+    pub fn reuse_succeeded_items(&mut self, outputs: &BTreeMap<String, String>) {
+        let kept: std::collections::HashSet<String> =
+            self.steps.iter().map(|s| s.key.clone()).collect();
+        let rerun = |key: &str| kept.contains(key);
+        for step in &mut self.steps {
+            let over_rerun = step
+                .dynamic
+                .as_ref()
+                .is_some_and(|d| rerun(&d.over.step_key));
+            if step.is_template()
+                && !over_rerun
+                && let Some(d) = &mut step.dynamic
+            {
+                d.reused = items_of(&step.key, outputs);
+            }
+            for input in &mut step.inputs {
+                match &mut input.source {
+                    StepInputSource::Mapped {
+                        step_key, reused, ..
+                    } if !over_rerun && rerun(step_key) && is_template_key(step_key) => {
+                        *reused = items_of(step_key, outputs);
+                    }
+                    StepInputSource::Collect {
+                        step_key,
+                        keys_from,
+                        reused,
+                        ..
+                    } if !rerun(&keys_from.step_key)
+                        && rerun(step_key)
+                        && is_template_key(step_key) =>
+                    {
+                        *reused = items_of(step_key, outputs);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
 /// Where a collect reads item `mapping_key` of `step_key`'s output `output`: the step
 /// and output name.
 pub(crate) fn collect_item(step_key: &str, output: &str, mapping_key: &str) -> (String, String) {

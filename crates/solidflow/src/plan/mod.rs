@@ -10,6 +10,7 @@ mod subset;
 
 pub use dynamic::DynamicStep;
 pub(crate) use dynamic::collect_item;
+pub use dynamic::items_of;
 pub use step_key::StepKey;
 pub use subset::{UnprovidedInput, UnprovidedInputs};
 
