@@ -458,10 +458,11 @@ fn unique_run(history: &RunHistory, prefix: &str) -> Result<RunRecord, String> {
 /// Prints a run's events; with `follow`, polls for new ones until the run ends.
 fn print_logs(history: &RunHistory, run_id: &str, json: bool, follow: bool) -> Result<i32, String> {
     let run = unique_run(history, run_id)?;
+    // The log is what `logs` was asked for: it goes to stdout, so it can be piped.
     if !json {
-        eprintln!("{}", runs::run_line(&run));
+        println!("{}", runs::run_line(&run));
     }
-    let console = Console::new(json, Level::Debug, 0);
+    let console = Console::on_stdout(json, Level::Debug);
     let mut last = 0;
     loop {
         let events = history
