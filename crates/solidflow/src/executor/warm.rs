@@ -229,10 +229,14 @@ impl StepLauncher for WarmLauncher {
 }
 
 impl Drop for WarmLauncher {
-    /// Stops every server (end of stream on its socket) and waits for them.
+    /// Stops every server (end of stream on its socket) and waits for them. A step
+    /// still running (the run loop gave up on an engine error) loses its server, which
+    /// takes it down (`PR_SET_PDEATHSIG`).
     fn drop(&mut self) {
         for slot in &mut self.servers {
-            slot.writer.take();
+            if let Some(writer) = slot.writer.take() {
+                let _ = writer.shutdown(std::net::Shutdown::Both);
+            }
             slot.jobs.take();
         }
         for slot in &mut self.servers {
