@@ -80,7 +80,8 @@ def test_task_code_is_shipped_by_value() -> None:
     import cloudpickle
     from distributed.protocol.pickle import dumps
 
-    cloudpickle.register_pickle_by_value(worker)
+    for module in server.REMOTE_MODULES:
+        cloudpickle.register_pickle_by_value(module)
     check = "import pickle, sys; f = pickle.loads(sys.stdin.buffer.read())['graph'][0]; print(f.__name__)"
 
     def load_elsewhere(fn: Any) -> subprocess.CompletedProcess[bytes]:
