@@ -21,7 +21,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from . import cluster, shipping, topics, worker
+from . import cluster, shipping, topics, warm, worker
 from .protocol import OPS, PROTOCOL_VERSION, BridgeError, Done, causes_of, error, failed
 
 # How long a finished task's "done" waits for its last lines to arrive.
@@ -30,7 +30,7 @@ LINE_GRACE_SECONDS = 5.0
 # uses 10 ms); see Bridge._tune_client.
 CLIENT_SEND_INTERVAL = 0.002
 # The modules whose code runs on the scheduler and the workers: they travel by value.
-REMOTE_MODULES = (worker, shipping, topics)
+REMOTE_MODULES = (worker, warm, shipping, topics)
 
 
 class Output:
@@ -99,6 +99,15 @@ def by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
     copy.__qualname__ = fn.__qualname__
     copy.__doc__ = fn.__doc__
     return copy
+
+
+def register_task_code() -> None:
+    """Workers need nothing solidflow-specific: the modules whose code runs on them
+    and on the scheduler (`REMOTE_MODULES`) travel by value."""
+    import cloudpickle
+
+    for module in REMOTE_MODULES:
+        cloudpickle.register_pickle_by_value(module)
 
 
 class Bridge:
@@ -232,6 +241,7 @@ class Bridge:
             "cwd": req.get("cwd"),
             "log_files": req.get("log_files") or {},
             "parent_pid_env": req.get("parent_pid_env"),
+            "warm": req.get("warm"),
             "log_topic": topic,
         }
         if self.task_impl:
@@ -542,11 +552,7 @@ def main() -> None:
         )
         sys.exit(3)
 
-    import cloudpickle
-
-    # Workers need nothing solidflow-specific: the task code travels by value.
-    for module in REMOTE_MODULES:
-        cloudpickle.register_pickle_by_value(module)
+    register_task_code()
     bridge = Bridge(out)
 
     def on_term(signum: int, frame: Any) -> None:
