@@ -20,6 +20,14 @@ pub mod ui;
 
 pub use solidflow_macros::solid;
 
+/// The Arrow crates [`Table`](definition::table::Table) is made of, re-exported so that a
+/// pipeline builds its record batches with the same versions.
+pub mod arrow {
+    pub use arrow_array as array;
+    pub use arrow_ipc as ipc;
+    pub use arrow_schema as datatypes;
+}
+
 /// Everything a pipeline author needs.
 pub mod prelude {
     pub use crate::config::ConfigSources;
@@ -29,6 +37,7 @@ pub mod prelude {
     pub use crate::definition::repository::Repository;
     pub use crate::definition::retry::RetryPolicy;
     pub use crate::definition::solid::{Outputs, SolidDefinition};
+    pub use crate::definition::table::Table;
     pub use crate::execution::context::SolidContext;
     pub use crate::execution::error::SolidError;
     pub use crate::execution::event::{Event, EventKind, Level};

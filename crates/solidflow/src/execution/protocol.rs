@@ -303,6 +303,23 @@ pub fn run_invocation(
     code
 }
 
+/// Keeps the real stdout for protocol messages and points fd 1 at stderr, so whatever
+/// user code prints cannot corrupt the message stream.
+pub(crate) fn protocol_stdout() -> std::io::Result<Box<dyn Write + Send>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    std::io::stdout().flush()?;
+    // SAFETY: fcntl/dup2 on the process's own standard descriptors; the duplicate is
+    // owned by the returned File and closed exactly once. It is close-on-exec so that
+    // processes the solid starts do not hold the message pipe open.
+    unsafe {
+        let fd = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
+        if fd < 0 || libc::dup2(2, 1) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Box::new(std::fs::File::from(OwnedFd::from_raw_fd(fd))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

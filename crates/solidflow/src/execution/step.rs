@@ -19,7 +19,7 @@ use super::values::ValueStore;
 use crate::config::RunConfig;
 use crate::definition::pipeline::Pipeline;
 use crate::definition::solid::Inputs;
-use crate::definition::types::{Codec, TypeInfo, Value};
+use crate::definition::types::{TypeInfo, Value};
 use crate::plan::{ExecutionPlan, ExecutionStep, StepInputSource};
 use crate::storage::{IntermediateKey, IntermediateStorage};
 
@@ -268,8 +268,8 @@ impl StepEnvironment {
             }),
             None => {
                 let key = IntermediateKey::new(run_id.unwrap_or(&self.run_id), step_key, output);
-                let mut reader = self.storage.read(&key)?;
-                ty.decode(Codec::default(), &mut reader).map_err(|e| {
+                let reader = self.storage.read(&key)?;
+                ty.decode(reader).map_err(|e| {
                     SolidError::new(format!(
                         "cannot decode {} as {}",
                         self.storage.location(&key),
@@ -411,14 +411,16 @@ impl StepEnvironment {
     ) -> Result<(Option<String>, Option<u64>), SolidError> {
         Ok(match &self.memory {
             Some(mem) => {
+                let value = ty.share(value).map_err(|e| {
+                    SolidError::new(format!("output `{output}` of `{step_key}` failed"))
+                        .caused_by(e)
+                })?;
                 mem.put(step_key, output, value);
                 (None, None)
             }
             None => {
                 let key = IntermediateKey::new(&self.run_id, step_key, output);
-                let bytes = self
-                    .storage
-                    .write(&key, &mut |w| ty.encode(&value, Codec::default(), w))?;
+                let bytes = self.storage.write(&key, &mut |w| ty.encode(&value, w))?;
                 (Some(self.storage.location(&key)), Some(bytes))
             }
         })

@@ -12,7 +12,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::bridge::{
-    Bridge, BridgeError, BridgeMessage, FailureReason, Stream, SubmitRequest, TaskDone,
+    Bridge, BridgeError, BridgeMessage, FailureReason, Stream, SubmitRequest, TaskDone, WarmTask,
 };
 use crate::execution::event::{ErrorInfo, Level};
 use crate::execution::launcher::{
@@ -62,6 +62,8 @@ pub(super) struct TaskTemplate {
     pub(super) log_dir: PathBuf,
     pub(super) priorities: Vec<i64>,
     pub(super) allowed_failures: u32,
+    /// Set with `isolation: warm`: steps run on the workers' warm step servers.
+    pub(super) warm: Option<WarmTask>,
 }
 
 /// Submits step attempts to Dask through the bridge.
@@ -115,6 +117,7 @@ impl<'a> DaskLauncher<'a> {
         // finds the worker's pid here, so the bridge can start it without a preexec_fn
         // (vfork instead of fork: ~10 ms less per step).
         request.parent_pid_env = Some(PARENT_PID_ENV.to_string());
+        request.warm = t.warm.clone();
         request.log_files = BTreeMap::from([
             (
                 "stdout".to_string(),
