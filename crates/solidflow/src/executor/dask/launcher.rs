@@ -101,7 +101,8 @@ impl<'a> DaskLauncher<'a> {
     fn request(&self, launch: &Launch) -> SubmitRequest {
         let step = &self.env.plan.steps[launch.step];
         let t = &self.template;
-        let key = StepKey::dask_key(&step.key, &self.env.run_id, launch.invocation.attempt);
+        let step_key = &launch.invocation.step_key;
+        let key = StepKey::dask_key(step_key, &self.env.run_id, launch.invocation.attempt);
         let mut request = SubmitRequest::new(
             key,
             vec![t.command0.clone(), "step".into()],
@@ -120,11 +121,11 @@ impl<'a> DaskLauncher<'a> {
         request.log_files = BTreeMap::from([
             (
                 "stdout".to_string(),
-                t.log_dir.join(format!("{}.stdout.jsonl", step.key)),
+                t.log_dir.join(format!("{step_key}.stdout.jsonl")),
             ),
             (
                 "stderr".to_string(),
-                t.log_dir.join(format!("{}.stderr.log", step.key)),
+                t.log_dir.join(format!("{step_key}.stderr.log")),
             ),
         ]);
         request
