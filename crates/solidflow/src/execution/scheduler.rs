@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::error::SolidError;
 use super::event::{ErrorInfo, EventKind, Level};
-use super::sink::EventSink;
+use super::sink::{EventSink, Origin};
 use crate::plan::ExecutionPlan;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,12 @@ pub(crate) struct Scheduler<'p> {
     in_use: Resources,
     running: usize,
     summary: Summary,
+    /// Where each step's current attempt runs (a remote worker), for its events.
+    origins: Vec<Option<Origin>>,
+    /// With [`Scheduler::restarts_announced_when_placed`]: the last attempt of each
+    /// step whose `STEP_RESTARTED` was emitted.
+    announced: Vec<u32>,
+    announce_when_placed: bool,
 }
 
 /// Checks that every step's requirements fit in `capacity`, naming each step that can
@@ -136,6 +142,14 @@ pub(crate) fn check_resources(
     }
 }
 
+/// ` on worker <address>`, for events of attempts on a remote worker.
+fn on(origin: &Option<Origin>) -> String {
+    origin
+        .as_ref()
+        .map(|o| format!(" on worker {}", o.worker))
+        .unwrap_or_default()
+}
+
 impl<'p> Scheduler<'p> {
     /// A scheduler for `plan`. With `capacity`, steps run only while their required
     /// resources fit; check them first with [`check_resources`].
@@ -165,6 +179,39 @@ impl<'p> Scheduler<'p> {
             in_use: Resources::new(),
             running: 0,
             summary: Summary::default(),
+            origins: vec![None; plan.steps.len()],
+            announced: vec![1; plan.steps.len()],
+            announce_when_placed: false,
+        }
+    }
+
+    /// Emits `STEP_RESTARTED` when the restarted attempt is placed
+    /// ([`Scheduler::placed`]) rather than when it is handed out, so that the event
+    /// names the worker it runs on, like `STEP_START`.
+    pub(crate) fn restarts_announced_when_placed(mut self) -> Self {
+        self.announce_when_placed = true;
+        self
+    }
+
+    /// The current attempt of `step` runs at `origin` (`None`: this machine, or it
+    /// could not be started). Emits a pending `STEP_RESTARTED`; the step's failure and
+    /// retry events carry the origin from now on.
+    pub(crate) fn placed(&mut self, step: usize, origin: Option<Origin>) {
+        self.origins[step] = origin;
+        let attempt = self.attempts[step];
+        if self.announce_when_placed && attempt > self.announced[step] {
+            self.announced[step] = attempt;
+            let key = &self.plan.steps[step].key;
+            self.events.emit_from(
+                self.origins[step].as_ref(),
+                Some(key),
+                Level::Info,
+                format!(
+                    "restarting {key} (attempt {attempt}){}",
+                    on(&self.origins[step])
+                ),
+                EventKind::StepRestarted { attempt },
+            );
         }
     }
 
@@ -182,7 +229,8 @@ impl<'p> Scheduler<'p> {
         self.running += 1;
         self.attempts[step] += 1;
         let attempt = self.attempts[step];
-        if attempt > 1 {
+        self.origins[step] = None;
+        if attempt > 1 && !self.announce_when_placed {
             let key = &self.plan.steps[step].key;
             self.events.emit(
                 Some(key),
@@ -286,12 +334,14 @@ impl<'p> Scheduler<'p> {
             let delay = retry_requested
                 .flatten()
                 .unwrap_or_else(|| policy.delay_before(attempt + 1, fastrand::f64()));
-            self.events.emit(
+            self.events.emit_from(
+                self.origins[step].as_ref(),
                 Some(&s.key),
                 Level::Warning,
                 format!(
-                    "{} failed on attempt {attempt}, retrying in {:.1}s: {}",
+                    "{} failed on attempt {attempt}{}, retrying in {:.1}s: {}",
                     s.key,
+                    on(&self.origins[step]),
                     delay.as_secs_f64(),
                     error.message
                 ),
@@ -305,10 +355,16 @@ impl<'p> Scheduler<'p> {
             self.delayed.push((Instant::now() + delay, step));
             return AfterFailure::Retry;
         }
-        self.events.emit(
+        self.events.emit_from(
+            self.origins[step].as_ref(),
             Some(&s.key),
             Level::Error,
-            format!("{} failed: {}", s.key, error.message),
+            format!(
+                "{} failed{}: {}",
+                s.key,
+                on(&self.origins[step]),
+                error.message
+            ),
             EventKind::StepFailure { error, attempt },
         );
         self.state[step] = State::Failed;
