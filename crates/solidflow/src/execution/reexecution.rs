@@ -243,14 +243,35 @@ pub fn plan_steps(
     };
     let empty = BTreeMap::new();
     let outputs = parent.map(|p| &p.outputs).unwrap_or(&empty);
-    let plan = full.subset(&keep, outputs, parent.map(|p| p.record.run_id.as_str()))?;
-    let reused = full
+    let mut plan = full.subset(&keep, outputs, parent.map(|p| p.record.run_id.as_str()))?;
+    if *steps == StepsToRun::FromFailure {
+        plan.reuse_succeeded_items(outputs);
+    }
+    let mut reused: BTreeMap<String, String> = full
         .steps
         .iter()
         .zip(&keep)
         .filter(|(_, k)| !**k)
         .filter_map(|(s, _)| outputs.get(&s.key).map(|r| (s.key.clone(), r.clone())))
         .collect();
+    // The steps of fan-outs this run does not run again: every item of a template
+    // that is not run, and the reused items of one that is.
+    let kept_key = |key: &str| full.index_of(key).is_some_and(|i| keep[i]);
+    for (step, kept) in full.steps.iter().zip(&keep) {
+        let over_rerun = step
+            .dynamic
+            .as_ref()
+            .is_some_and(|d| kept_key(&d.over.step_key));
+        let reuses = !*kept || (*steps == StepsToRun::FromFailure && !over_rerun);
+        if step.is_template() && reuses {
+            for (mapping_key, run) in crate::plan::items_of(&step.key, outputs) {
+                reused.insert(
+                    crate::plan::StepKey::mapped(&step.solid, &mapping_key).into(),
+                    run,
+                );
+            }
+        }
+    }
     Ok(StepPlan { plan, reused })
 }
 

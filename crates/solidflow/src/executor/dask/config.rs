@@ -13,7 +13,7 @@ use super::bridge::{self, AdaptSpec, ClusterKind, ClusterSpec, TlsConfig};
 use crate::config::json_schema::{config_type_of, parse_block, resources_schema};
 use crate::config::schema::ConfigType;
 use crate::execution::scheduler::Resources;
-use crate::executor::ExecutorError;
+use crate::executor::{ExecutorError, Isolation};
 
 /// The `config:` block of `execution: {dask: ...}`, with defaults applied.
 #[derive(Debug, Clone)]
@@ -52,6 +52,12 @@ pub struct DaskConfig {
     /// Names of environment variables copied from this process to the step processes at
     /// submit time (credentials: their values never enter config or run history).
     pub forward_env: Vec<String>,
+    /// How a worker runs a step: a new process, or forked by a warm step server.
+    pub isolation: Isolation,
+    /// Warm: a worker's step server is replaced after this many steps (0: never).
+    pub max_steps_per_server: u64,
+    /// Warm: a step server above this resident memory in MB is replaced (0: no limit).
+    pub max_server_rss_mb: u64,
 }
 
 impl Default for DaskConfig {
@@ -119,6 +125,14 @@ pub(super) struct DaskBlock {
     /// Names of environment variables (e.g. AWS_SECRET_ACCESS_KEY) copied from the parent to the step processes at submit time; their values are never recorded.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     forward_env: Vec<String>,
+    /// process: each task starts `<binary> step`; warm: each worker keeps step servers (`<binary> step-server`) that fork every step from an already built repository (same isolation, no process start per step).
+    isolation: Isolation,
+    /// warm: a worker's step server is replaced after this many steps (0: never).
+    #[schemars(range(max = 1_000_000_000))]
+    max_steps_per_server: u64,
+    /// warm: a step server whose resident memory exceeds this many MB is replaced after its step (0: no limit).
+    #[schemars(range(max = 1_000_000_000))]
+    max_server_rss_mb: u64,
 }
 
 impl Default for DaskBlock {
@@ -140,6 +154,9 @@ impl Default for DaskBlock {
             allowed_failures: 3,
             env: BTreeMap::new(),
             forward_env: Vec::new(),
+            isolation: Isolation::Process,
+            max_steps_per_server: 0,
+            max_server_rss_mb: 1024,
         }
     }
 }
@@ -215,6 +232,9 @@ impl DaskBlock {
             allowed_failures: self.allowed_failures,
             env: self.env,
             forward_env: self.forward_env,
+            isolation: self.isolation,
+            max_steps_per_server: self.max_steps_per_server,
+            max_server_rss_mb: self.max_server_rss_mb,
         };
         if let Some(adapt) = self.adapt {
             match &mut out.cluster {

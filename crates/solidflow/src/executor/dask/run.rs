@@ -12,14 +12,14 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::DaskExecutor;
 use super::bridge::{
     Bridge, BridgeError, BridgeMessage, BridgeOptions, ClusterKind, ConnectRequest, ConnectedInfo,
-    ErrorKind, WorkerResources,
+    ErrorKind, WarmTask, WorkerResources,
 };
 use super::launcher::{DaskLauncher, TaskTemplate};
 use super::placement::{critical_path, unsatisfiable_resources};
 use crate::execution::event::{EventKind, Level};
 use crate::execution::launcher::{RunOptions, run_steps};
 use crate::execution::scheduler::Summary;
-use crate::executor::{ExecutionContext, ExecutorError};
+use crate::executor::{ExecutionContext, ExecutorError, Isolation};
 
 /// How long canceled steps get between SIGTERM and SIGKILL on the workers.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -202,6 +202,10 @@ impl DaskExecutor {
             log_dir: ctx.home.join("logs").join(&env.run_id),
             priorities,
             allowed_failures: self.config.allowed_failures,
+            warm: (self.config.isolation == Isolation::Warm).then_some(WarmTask {
+                max_steps: self.config.max_steps_per_server,
+                max_rss_mb: self.config.max_server_rss_mb,
+            }),
         };
         let mut launcher = DaskLauncher::new(runtime, bridge, messages, env, template);
         let options = RunOptions {

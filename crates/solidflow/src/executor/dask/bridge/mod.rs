@@ -44,7 +44,7 @@ pub use self::messages::{
 };
 pub use self::requests::{
     AdaptSpec, ClusterKind, ClusterSpec, ConnectRequest, Request, SubmitRequest, TlsConfig,
-    WorkerResources,
+    WarmTask, WorkerResources,
 };
 
 use std::collections::{BTreeMap, HashMap};
@@ -77,6 +77,7 @@ pub const PACKAGE: &[(&str, &str)] = &[
         include_str!("solidflow_dask_bridge/protocol.py"),
     ),
     ("worker.py", include_str!("solidflow_dask_bridge/worker.py")),
+    ("warm.py", include_str!("solidflow_dask_bridge/warm.py")),
     (
         "cluster.py",
         include_str!("solidflow_dask_bridge/cluster.py"),

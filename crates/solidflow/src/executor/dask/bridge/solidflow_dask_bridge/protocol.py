@@ -71,6 +71,7 @@ class SubmitRequest(TypedDict, total=False):
     log_topic: str
     log_files: dict[str, str]
     parent_pid_env: str | None
+    warm: dict[str, int] | None  # {"max_steps": N, "max_rss_mb": M}: run on a warm step server
 
 
 class CancelRequest(TypedDict, total=False):

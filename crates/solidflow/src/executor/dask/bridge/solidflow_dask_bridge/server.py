@@ -21,7 +21,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from . import cluster, cluster_events, connection, worker
+from . import cluster, cluster_events, connection, warm, worker
 from .protocol import OPS, PROTOCOL_VERSION, BridgeError, Done, causes_of, error, failed
 
 # How long a finished task's "done" waits for its last lines to arrive.
@@ -76,8 +76,11 @@ def done_message(key: str, result: dict[str, Any]) -> Done:
 def task_code_digest() -> str:
     """A hash of the worker code, naming its plugin: bridges of other solidflow
     versions on a shared cluster keep their own."""
-    with open(worker.__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for module in (worker, warm):
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,6 +97,15 @@ def by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
     copy.__qualname__ = fn.__qualname__
     copy.__doc__ = fn.__doc__
     return copy
+
+
+def register_task_code() -> None:
+    """Workers need nothing solidflow-specific: the modules whose code runs on them
+    (`worker`, and `warm` which it calls) travel by value."""
+    import cloudpickle
+
+    for module in (worker, warm):
+        cloudpickle.register_pickle_by_value(module)
 
 
 class Bridge:
@@ -282,6 +294,7 @@ class Bridge:
             "cwd": req.get("cwd"),
             "log_files": req.get("log_files") or {},
             "parent_pid_env": req.get("parent_pid_env"),
+            "warm": req.get("warm"),
             "log_topic": topic,
         }
         if self.task_impl:
@@ -579,10 +592,7 @@ def main() -> None:
         )
         sys.exit(3)
 
-    import cloudpickle
-
-    # Workers need nothing solidflow-specific: the task code travels by value.
-    cloudpickle.register_pickle_by_value(worker)
+    register_task_code()
     bridge = Bridge(out)
 
     def on_term(signum: int, frame: Any) -> None:

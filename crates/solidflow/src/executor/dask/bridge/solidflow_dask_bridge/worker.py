@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Any
 
+from .warm import start_step
+
 # A stdout/stderr line longer than this is sent as several events (the last one
 # without "more": true) and reassembled by the server, so that every Dask event stays
 # small: the scheduler keeps the last ~1000 events of each topic in memory.
@@ -269,21 +271,26 @@ def run_command(spec: dict[str, Any]) -> dict[str, Any]:
                 f.close()
 
     started = time.time()
+    warm = spec.get("warm")
     with state["lock"]:
         if key in state["cancelled"]:
             close_tees()
             raise RuntimeError("step %s was canceled before it started" % key)
         try:
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=spec.get("cwd") or None,
-                env=env,
-                start_new_session=True,
-                preexec_fn=preexec if libc is not None else None,
-            )
+            if warm is not None:
+                # The invocation goes to a warm step server, which forks the step.
+                proc: Any = start_step(worker, command, env, spec.get("cwd"), spec.get("stdin") or "", warm)
+            else:
+                proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=spec.get("cwd") or None,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=preexec if libc is not None else None,
+                )
         except OSError as e:
             close_tees()
             return {
@@ -295,9 +302,11 @@ def run_command(spec: dict[str, Any]) -> dict[str, Any]:
     batch = _Batch(worker, spec["log_topic"], key, token)
     batch.started(proc.pid)
 
-    stdin_data = (spec.get("stdin") or "").encode("utf-8")
+    stdin_data = (spec.get("stdin") or "").encode("utf-8") if proc.stdin is not None else b""
 
     def feed() -> None:
+        if proc.stdin is None:
+            return
         try:
             if stdin_data:
                 proc.stdin.write(stdin_data)
