@@ -510,6 +510,30 @@ fn reexecute_from_failure_runs_only_the_failed_items_and_reuses_the_rest() {
     assert!(ok, "{stderr}");
     assert_eq!(started(&events), ["report.compute"]);
     assert_eq!(totals(&events), expected(6));
+    // A selection names one item: only it runs, the collect reads the others.
+    let (ok, events, stderr) = tables(
+        home,
+        &[
+            "reexecute",
+            &child,
+            "--select",
+            "summarize[part_1]+",
+            "--json",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        started(&events),
+        ["report.compute", "summarize[part_1].compute"]
+    );
+    assert_eq!(totals(&events), expected(6));
+    // The alias alone selects every item.
+    let (ok, events, stderr) = tables(
+        home,
+        &["reexecute", &child, "--select", "summarize", "--json"],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(started(&events).len(), 6, "{:?}", started(&events));
     // Run history keeps the real step keys.
     let (out, stdout, stderr) = run(example("tables", home).args(["logs", &parent]));
     assert!(out.status.success(), "{stderr}");

@@ -409,6 +409,8 @@ impl DaskCluster {
             Command::new(&dask)
                 .args(&scheduler_args)
                 .envs(env.iter().map(|(k, v)| (k, v)))
+                // Builds shipped with `ship_binary` live in the cluster's temp dir.
+                .env("SOLIDFLOW_BUILD_STORE", dir.path().join("builds"))
                 .current_dir(dir.path()),
             &dir.path().join("scheduler.log"),
         );
@@ -449,6 +451,7 @@ impl DaskCluster {
             &spec.name,
         ])
         .args(&self.tls_args)
+        .env("SOLIDFLOW_BIN_CACHE", self.bin_cache_of(&spec.name))
         .current_dir(self.dir.path());
         if let Some(r) = &spec.resources {
             cmd.args(["--resources", r]);
@@ -474,6 +477,21 @@ impl DaskCluster {
         );
         self.workers.push((spec, proc, worker_address));
         self.workers.len() - 1
+    }
+
+    fn bin_cache_of(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("bin-{name}"))
+    }
+
+    /// The cache of shipped builds of worker `i` (`$SOLIDFLOW_BIN_CACHE`, unless its
+    /// spec sets another): one file per build, named by its sha256.
+    pub fn bin_cache(&self, i: usize) -> PathBuf {
+        self.bin_cache_of(&self.workers[i].0.name)
+    }
+
+    /// The process id of the scheduler.
+    pub fn scheduler_pid(&self) -> u32 {
+        self.scheduler.child.id()
     }
 
     /// The address (`tcp://127.0.0.1:<port>`) of worker `i`.
@@ -502,11 +520,6 @@ impl DaskCluster {
         format!("tcp://{host_port}")
     }
 
-    /// The scheduler's pid (also its process group id).
-    pub fn scheduler_pid(&self) -> u32 {
-        self.scheduler.child.id()
-    }
-
     /// Kills the scheduler with SIGKILL. Its workers notice and shut down.
     pub fn kill_scheduler(&mut self) {
         self.scheduler.kill();
@@ -521,6 +534,7 @@ impl DaskCluster {
             Command::new(dask_cli())
                 .args(&self.scheduler_args)
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .env("SOLIDFLOW_BUILD_STORE", self.dir.path().join("builds"))
                 .current_dir(self.dir.path()),
             &log,
         );

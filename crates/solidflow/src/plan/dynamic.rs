@@ -104,9 +104,37 @@ impl super::ExecutionPlan {
     /// A fan-out whose dynamic output is computed again reuses nothing: its items may
     /// differ.
     pub fn reuse_succeeded_items(&mut self, outputs: &BTreeMap<String, String>) {
+        self.reuse_items(outputs, None);
+    }
+
+    /// For a selection of items (`summarize[part_3]`): the fan-outs in `items` (alias →
+    /// mapping keys) run only those items and reuse the others from the parent.
+    pub fn reuse_unselected_items(
+        &mut self,
+        outputs: &BTreeMap<String, String>,
+        items: &BTreeMap<String, std::collections::BTreeSet<String>>,
+    ) {
+        self.reuse_items(outputs, Some(items));
+    }
+
+    fn reuse_items(
+        &mut self,
+        outputs: &BTreeMap<String, String>,
+        only: Option<&BTreeMap<String, std::collections::BTreeSet<String>>>,
+    ) {
         let kept: std::collections::HashSet<String> =
             self.steps.iter().map(|s| s.key.clone()).collect();
         let rerun = |key: &str| kept.contains(key);
+        // The parent's items of `template` this run reuses; `None`: it reruns them all.
+        let reusable = |template: &str| -> Option<BTreeMap<String, String>> {
+            let mut items = items_of(template, outputs);
+            if let Some(only) = only {
+                let alias = StepKey::parse(template)?.solid().to_string();
+                let selected = only.get(&alias)?;
+                items.retain(|k, _| !selected.contains(k));
+            }
+            Some(items)
+        };
         for step in &mut self.steps {
             let over_rerun = step
                 .dynamic
@@ -114,16 +142,19 @@ impl super::ExecutionPlan {
                 .is_some_and(|d| rerun(&d.over.step_key));
             if step.is_template()
                 && !over_rerun
+                && let Some(items) = reusable(&step.key)
                 && let Some(d) = &mut step.dynamic
             {
-                d.reused = items_of(&step.key, outputs);
+                d.reused = items;
             }
             for input in &mut step.inputs {
                 match &mut input.source {
                     StepInputSource::Mapped {
                         step_key, reused, ..
                     } if !over_rerun && rerun(step_key) && is_template_key(step_key) => {
-                        *reused = items_of(step_key, outputs);
+                        if let Some(items) = reusable(step_key) {
+                            *reused = items;
+                        }
                     }
                     StepInputSource::Collect {
                         step_key,
@@ -134,7 +165,9 @@ impl super::ExecutionPlan {
                         && rerun(step_key)
                         && is_template_key(step_key) =>
                     {
-                        *reused = items_of(step_key, outputs);
+                        if let Some(items) = reusable(step_key) {
+                            *reused = items;
+                        }
                     }
                     _ => {}
                 }
