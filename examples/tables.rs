@@ -7,6 +7,8 @@
 //! cargo run --release --example tables -- execute fan_in
 //! cargo run --release --example tables -- plan fan_in --json     # every upstream of `collect`
 //! cargo run --release --example tables -- config-schema fan_in   # the defaults set in code
+//! cargo run --release --example tables -- plan partitioned        # the fan-out as a template
+//! cargo run --release --example tables -- execute partitioned -c <(echo 'solids: {partitions: {config: {count: 100}}}')
 //! ```
 //!
 //! ```text
@@ -194,9 +196,86 @@ fn readings_pipeline() -> Pipeline {
     .with_executors(default_executors().with(dask_executor()))
 }
 
+/// How many partitions `partitioned` splits its rows into, unless configured.
+const PARTITIONS: u32 = 8;
+
+/// How many rows one partition holds.
+const ROWS_PER_PARTITION: i64 = 4;
+
+/// The config of `partitions`.
+#[derive(Serialize, Deserialize, JsonSchema)]
+pub struct PartitionsConfig {
+    /// How many partitions (items of the fan-out) there are; 0 is allowed.
+    #[serde(default = "default_partitions")]
+    count: u32,
+}
+
+fn default_partitions() -> u32 {
+    PARTITIONS
+}
+
+/// Splits the rows into partitions: one item per partition, keyed `part_<n>`. How
+/// many there are is known only when this runs, so the steps downstream are too.
+#[solid(config = PartitionsConfig)]
+fn partitions(ctx: &SolidContext) -> Result<DynamicOutput<Vec<i64>>, SolidError> {
+    let config: PartitionsConfig = ctx.config()?;
+    Ok((0..i64::from(config.count))
+        .map(|n| {
+            let rows = (0..ROWS_PER_PARTITION)
+                .map(|r| n * ROWS_PER_PARTITION + r)
+                .collect();
+            (format!("part_{n}"), rows)
+        })
+        .collect())
+}
+
+/// The config of `summarize`.
+#[derive(Serialize, Deserialize, JsonSchema)]
+pub struct SummarizeConfig {
+    /// Fail on this partition (to try retries, skips and `reexecute --from-failure`).
+    #[serde(default)]
+    fail_on: Option<String>,
+}
+
+/// Sums the rows of one partition; runs as one step per partition,
+/// `summarize[part_<n>].compute`.
+#[solid(config = SummarizeConfig)]
+fn summarize(ctx: &SolidContext, rows: Vec<i64>) -> Result<i64, SolidError> {
+    let config: SummarizeConfig = ctx.config()?;
+    if config.fail_on.is_some() && config.fail_on.as_deref() == ctx.mapping_key() {
+        return Err(SolidError::new(format!(
+            "partition {} is configured to fail",
+            ctx.mapping_key().unwrap_or_default()
+        )));
+    }
+    Ok(rows.iter().sum())
+}
+
+/// Gathers the partition totals, in partition order.
+#[solid]
+fn report(ctx: &SolidContext, totals: Vec<i64>) -> i64 {
+    ctx.log()
+        .info(format!("partitions={} totals={totals:?}", totals.len()));
+    totals.iter().sum()
+}
+
+/// A dynamic fan-out over partitions: `partitions` decides at run time how many
+/// `summarize` steps run; `report` collects their results in partition order.
+fn partitioned() -> Pipeline {
+    Pipeline::build("partitioned", |p| {
+        let parts = p.invoke(partitions, ());
+        let totals = p.map(&parts, |p, rows| p.invoke(summarize, (rows,)));
+        p.invoke(report, (totals.collect(),));
+    })
+    .expect("valid pipeline")
+    .with_description("A dynamic fan-out over partitions, collected in partition order.")
+    .with_executors(default_executors().with(dask_executor()))
+}
+
 fn main() {
     Repository::new("tables")
         .with_lazy_pipeline("fan_in", fan_in)
         .with_lazy_pipeline("readings", readings_pipeline)
+        .with_lazy_pipeline("partitioned", partitioned)
         .main();
 }

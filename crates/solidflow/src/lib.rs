@@ -31,6 +31,7 @@ pub mod arrow {
 /// Everything a pipeline author needs.
 pub mod prelude {
     pub use crate::config::ConfigSources;
+    pub use crate::definition::dynamic::{DynamicHandle, DynamicOutput};
     pub use crate::definition::mode::{Mode, With};
     pub use crate::definition::pipeline::{Handle, Pipeline, PipelineBuilder};
     pub use crate::definition::repository::Repository;
@@ -51,6 +52,7 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::config::json_schema::config_type_of;
+    pub use crate::definition::dynamic::DynamicHandle;
     pub use crate::definition::pipeline::{Handle, IntoHandle, IntoInputs, RawHandle};
     pub use crate::definition::retry::RetryPolicy;
     pub use crate::definition::solid::{Inputs, NoConfig, Outputs, Solid, SolidDefinition};

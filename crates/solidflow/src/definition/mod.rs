@@ -4,6 +4,8 @@
 //! with, and tables of Arrow record batches.
 
 pub mod codec;
+pub mod dynamic;
+mod dynamic_check;
 pub mod executor;
 pub mod mode;
 pub mod pipeline;

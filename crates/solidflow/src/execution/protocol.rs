@@ -54,19 +54,24 @@ pub struct StepInvocation {
 }
 
 impl StepInvocation {
-    /// The invocation of attempt `attempt` of step `step` of the run in `env`: the one
+    /// The invocation of attempt `attempt` of `step` of the run in `env`: the one
     /// place every out-of-process executor builds it.
-    pub fn for_attempt(env: &StepEnvironment, home: &Path, step: usize, attempt: u32) -> Self {
+    pub fn for_attempt(
+        env: &StepEnvironment,
+        home: &Path,
+        step: &crate::plan::ExecutionStep,
+        attempt: u32,
+    ) -> Self {
         Self {
             protocol: PROTOCOL_VERSION,
             run_id: env.run_id.clone(),
             pipeline: env.pipeline.name().to_string(),
             mode: env.config.mode.clone(),
-            step_key: env.plan.steps[step].key.clone(),
+            step_key: step.key.clone(),
             attempt,
             run_config: env.config.value.clone(),
             home: home.to_path_buf(),
-            input_runs: env.plan.steps[step].input_runs(),
+            input_runs: step.input_runs(),
         }
     }
 }

@@ -101,9 +101,10 @@ impl<'a> DaskLauncher<'a> {
     fn request(&self, launch: &Launch) -> SubmitRequest {
         let step = &self.env.plan.steps[launch.step];
         let t = &self.template;
+        let step_key = &launch.invocation.step_key;
         let key = StepKey::dask_key(
             &step.solid_definition,
-            &step.key,
+            step_key,
             &self.env.run_id,
             launch.invocation.attempt,
         );
@@ -125,11 +126,11 @@ impl<'a> DaskLauncher<'a> {
         request.log_files = BTreeMap::from([
             (
                 "stdout".to_string(),
-                t.log_dir.join(format!("{}.stdout.jsonl", step.key)),
+                t.log_dir.join(format!("{step_key}.stdout.jsonl")),
             ),
             (
                 "stderr".to_string(),
-                t.log_dir.join(format!("{}.stderr.log", step.key)),
+                t.log_dir.join(format!("{step_key}.stderr.log")),
             ),
         ]);
         request
