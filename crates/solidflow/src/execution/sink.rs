@@ -127,6 +127,12 @@ impl EventCollector {
     pub fn events(&self) -> Vec<Event> {
         self.events.lock().expect("collector lock").clone()
     }
+
+    /// Everything collected so far, moved out: the collector is empty afterwards. At the
+    /// end of a run this hands the events over without a second copy of all of them.
+    pub fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock().expect("collector lock"))
+    }
 }
 
 impl EventListener for EventCollector {
