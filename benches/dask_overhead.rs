@@ -5,7 +5,8 @@
 //! scripts/python-env.sh          # once: the venv with dask + distributed
 //! cargo bench --bench dask_overhead
 //! SOLIDFLOW_BENCH_REPS=5 cargo bench --bench dask_overhead
-//! SOLIDFLOW_BENCH_ONLY=chain,fan cargo bench --bench dask_overhead   # parts: chain,fan,big,critical,first
+//! SOLIDFLOW_BENCH_ONLY=chain,fan cargo bench --bench dask_overhead   # parts: chain,fan,big,vec,critical,first
+//! SOLIDFLOW_BENCH_ONLY=vec cargo bench --bench dask_overhead          # the codec before/after (issue 13)
 //! ```
 //!
 //! It starts one real cluster (`dask scheduler` + 2 × `dask worker --nthreads 1` on
@@ -26,7 +27,10 @@
 //!   `head -c` and the consumers read it with `wc -c`).
 //!
 //! Shapes: a 100-step chain, a 200-wide fan-out/fan-in (202 steps), one 100 MB
-//! intermediate consumed by 4 steps (5 steps), and `critical` (20 × 0.2 s leaves next to
+//! intermediate consumed by 4 steps (5 steps), `vec`: a 100 MB `Vec<f64>` consumed by 4
+//! steps, stored as MessagePack (`vec_before`: a `#[serde(transparent)]` newtype, which
+//! is how every `Vec<f64>` was stored before per-type codecs) and with its own raw codec
+//! (`vec_after`), on Dask and in process with filesystem storage, and `critical` (20 × 0.2 s leaves next to
 //! an 8-step chain of 0.2 s steps) with and without `critical_path_priority`. Finally
 //! time-to-first-step with `execution: {dask: {}}` (a local cluster started for the
 //! run).
@@ -65,6 +69,40 @@ fn make_blob(_ctx: &SolidContext) -> Vec<u8> {
 #[solid]
 fn blob_len(_ctx: &SolidContext, blob: &Vec<u8>) -> u64 {
     blob.len() as u64
+}
+
+/// 100 MB of `f64`s.
+fn series_values() -> Vec<f64> {
+    (0..12_500_000).map(|i| i as f64 * 0.5).collect()
+}
+
+/// A `Vec<f64>` stored as MessagePack, the codec every type had before issue 13.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+struct Msgpack(Vec<f64>);
+
+/// Makes a 100 MB `Vec<f64>` (raw codec).
+#[solid]
+fn make_series(_ctx: &SolidContext) -> Vec<f64> {
+    series_values()
+}
+
+/// Sums the series.
+#[solid]
+fn series_sum(_ctx: &SolidContext, series: &Vec<f64>) -> f64 {
+    series.iter().sum()
+}
+
+/// Makes the same series, stored as MessagePack.
+#[solid]
+fn make_msgpack(_ctx: &SolidContext) -> Msgpack {
+    Msgpack(series_values())
+}
+
+/// Sums the MessagePack series.
+#[solid]
+fn msgpack_sum(_ctx: &SolidContext, series: &Msgpack) -> f64 {
+    series.0.iter().sum()
 }
 
 /// Sleeps 0.2 s.
@@ -118,6 +156,20 @@ fn repository() -> Repository {
         }
     })
     .unwrap();
+    let vec_before = Pipeline::build("vec_before", |p| {
+        let series = p.invoke(make_msgpack, ());
+        for i in 0..4 {
+            p.invoke_as(&format!("sum_{i}"), msgpack_sum, (series.clone(),));
+        }
+    })
+    .unwrap();
+    let vec_after = Pipeline::build("vec_after", |p| {
+        let series = p.invoke(make_series, ());
+        for i in 0..4 {
+            p.invoke_as(&format!("sum_{i}"), series_sum, (series.clone(),));
+        }
+    })
+    .unwrap();
     let critical = Pipeline::build("critical", |p| {
         let s = p.invoke(source, ());
         for i in 0..20 {
@@ -137,6 +189,8 @@ fn repository() -> Repository {
         .with_pipeline(mode(chain))
         .with_pipeline(mode(fan))
         .with_pipeline(mode(big))
+        .with_pipeline(mode(vec_before))
+        .with_pipeline(mode(vec_after))
         .with_pipeline(mode(critical))
         .with_pipeline(mode(one))
 }
@@ -177,6 +231,16 @@ fn run_solidflow(
     execution: serde_json::Value,
     home: &std::path::Path,
 ) -> Timing {
+    run_with(repo, pipeline, json!({"dask": execution}), home)
+}
+
+/// Runs `pipeline` with filesystem storage and `execution` (`{"dask": ..}`, `{"in_process": {}}`).
+fn run_with(
+    repo: &Repository,
+    pipeline: &str,
+    execution: serde_json::Value,
+    home: &std::path::Path,
+) -> Timing {
     let pipeline = repo.pipeline(pipeline).unwrap();
     let marks = Arc::new(Mutex::new(Marks::default()));
     let options = RunOptions {
@@ -184,7 +248,7 @@ fn run_solidflow(
         listeners: vec![Arc::new(Recorder(marks.clone()))],
         ..RunOptions::default()
     };
-    let config = json!({"storage": {"filesystem": {}}, "execution": {"dask": execution}});
+    let config = json!({"storage": {"filesystem": {}}, "execution": execution});
     let started = Instant::now();
     let result = execute_pipeline_with(pipeline, &ConfigSources::from_value(config), options)
         .expect("run starts");
@@ -314,14 +378,21 @@ fn main() {
         "| shape | isolation | steps | solidflow total | solidflow after connect | per step | raw (a) no-op per step | raw (b) subprocess per step | solidflow / (a) | solidflow / (b) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let shapes = [("chain", 100usize), ("fan", 202), ("big", 5)];
-    for ((name, steps), isolation) in shapes
+    let shapes = [
+        ("chain", 100usize, "chain"),
+        ("fan", 202, "fan"),
+        ("big", 5, "big"),
+        ("vec_before", 5, "vec"),
+        ("vec_after", 5, "vec"),
+    ];
+    for ((name, steps, part), isolation) in shapes
         .into_iter()
         .flat_map(|s| [(s, "process"), (s, "warm")])
     {
-        if !wanted(name) {
+        if !wanted(part) {
             continue;
         }
+        let baseline = if part == "vec" { "big" } else { name };
         let config = json!({"config": {"address": cluster.address, "isolation": isolation}});
         let mut best: Option<Timing> = None;
         for _ in 0..reps {
@@ -335,8 +406,8 @@ fn main() {
         }
         let t = best.unwrap();
         let per = t.after_connect.as_secs_f64() / steps as f64;
-        let a = raw[format!("{name}_a")].as_f64().unwrap() / steps as f64;
-        let b = raw[format!("{name}_b")].as_f64().unwrap() / steps as f64;
+        let a = raw[format!("{baseline}_a")].as_f64().unwrap() / steps as f64;
+        let b = raw[format!("{baseline}_b")].as_f64().unwrap() / steps as f64;
         println!(
             "| {name} | {isolation} | {steps} | {:.2} s | {:.2} s | {:.1} ms | {:.1} ms | {:.1} ms | {:.2}× | {:.2}× |",
             t.total.as_secs_f64(),
@@ -347,6 +418,19 @@ fn main() {
             per / a,
             per / b
         );
+    }
+
+    if wanted("vec") {
+        println!();
+        println!("| 100 MB `Vec<f64>` → 4, in_process, filesystem | whole run (best of {reps}) |");
+        println!("|---|---|");
+        for name in ["vec_before", "vec_after"] {
+            let best = (0..reps)
+                .map(|_| run_with(&repo, name, json!({"in_process": {}}), home.path()).total)
+                .min()
+                .unwrap();
+            println!("| {name} | {:.0} ms |", best.as_secs_f64() * 1e3);
+        }
     }
 
     let priorities: &[bool] = if wanted("critical") {

@@ -5,7 +5,14 @@
 //! scripts/s3-server.sh            # once: installs the local S3 server (s3s-fs)
 //! cargo bench --bench storage_throughput
 //! SOLIDFLOW_BENCH_SIZES_MB=100 SOLIDFLOW_BENCH_REPS=5 cargo bench --bench storage_throughput
+//! SOLIDFLOW_BENCH_ONLY=table SOLIDFLOW_BENCH_TABLE_MB=1000 cargo bench --bench storage_throughput
 //! ```
+//!
+//! The `table` part (always run last, alone with `SOLIDFLOW_BENCH_ONLY=table`) moves an
+//! Arrow [`Table`] of `SOLIDFLOW_BENCH_TABLE_MB` (default 1000) through the S3 storage with
+//! the engine's own codec path, `TypeInfo::encode`/`decode`: the producer's batches are
+//! made one at a time as the upload asks for them, and the reader iterates the batches of
+//! the decoded table, so peak memory must stay bounded by the part budget, not the table.
 //!
 //! For every size (default 100 MB and 1 GB) and backend it measures write and read
 //! throughput (best of `SOLIDFLOW_BENCH_REPS`, default 3) and the peak resident memory of
@@ -105,6 +112,8 @@ fn main() {
         .build()
         .unwrap();
 
+    let only_table = std::env::var("SOLIDFLOW_BENCH_ONLY").is_ok_and(|v| v == "table");
+    let sizes = if only_table { Vec::new() } else { sizes };
     let block = random_block(1 << 20);
     println!(
         "| size | backend | write MB/s | write peak RSS (growth) | read MB/s | read peak RSS (growth) | vs raw (write / read) |"
@@ -224,7 +233,74 @@ fn main() {
             }
         }
     }
+    let table_mb: usize = std::env::var("SOLIDFLOW_BENCH_TABLE_MB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    table_through_s3(&s3, reps, table_mb * MB);
     drop(server);
+}
+
+/// Rows per batch of the bench table: an `Int64` and a `Float64` column, 16 MB a batch.
+const TABLE_ROWS: usize = 1 << 20;
+
+/// A streamed Arrow table of about `size` bytes through S3, with the type's codec.
+fn table_through_s3(s3: &S3Storage, reps: usize, size: usize) {
+    use solidflow::arrow::array::{Array, Float64Array, Int64Array, RecordBatch};
+    use solidflow::arrow::datatypes::{DataType, Field, Schema};
+    use solidflow::definition::types::{TypeInfo, Value};
+    use solidflow::prelude::Table;
+
+    let ty = TypeInfo::of::<Table>();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("value", DataType::Float64, false),
+    ]));
+    let batches = size.div_ceil(TABLE_ROWS * 16);
+    let rows = batches * TABLE_ROWS;
+    let key = IntermediateKey::new("bench-run", "table.compute", "result");
+    let make = || {
+        let batch_schema = schema.clone();
+        let stream = (0..batches).map(move |b| {
+            let start = (b * TABLE_ROWS) as i64;
+            let ids = Int64Array::from_iter_values(start..start + TABLE_ROWS as i64);
+            let values = Float64Array::from_iter_values((0..TABLE_ROWS).map(|i| i as f64));
+            RecordBatch::try_new(batch_schema.clone(), vec![Arc::new(ids), Arc::new(values)])
+        });
+        Arc::new(Table::from_stream(schema.clone(), stream)) as Value
+    };
+    let mut stored = 0u64;
+    let measured = measure(
+        reps,
+        rows * 16,
+        || {
+            let table = make();
+            stored = s3
+                .write(&key, &mut |w| ty.encode(&table, w))
+                .expect("table write");
+        },
+        || {
+            let reader = s3.read(&key).expect("table read");
+            let table = ty.decode(reader).expect("table decode");
+            let table = table.downcast_ref::<Table>().expect("a table");
+            let mut seen = 0;
+            for batch in table.batches() {
+                let batch = batch.expect("a batch");
+                seen += batch.num_rows();
+                assert_eq!(batch.column(0).len(), batch.num_rows());
+            }
+            assert_eq!(seen, rows);
+        },
+    );
+    println!();
+    println!(
+        "| Arrow table through s3 | rows | stored bytes | write MB/s | write peak RSS (growth) | read MB/s | read peak RSS (growth) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {batches} batches of {TABLE_ROWS} rows (Int64, Float64) | {rows} | {stored} | {:.0} | {} | {:.0} | {} |",
+        measured.write_mbps, measured.write_peak, measured.read_mbps, measured.read_peak
+    );
 }
 
 struct Measured {
