@@ -208,6 +208,23 @@ impl<T> Handle<T> {
 ///     p.invoke(collect, (h,)); // a Handle<i64> is not a list; write `(vec![h],)`
 /// });
 /// ```
+///
+/// And a list of handles only fits a list input:
+///
+/// ```compile_fail
+/// use solidflow::prelude::*;
+///
+/// #[solid]
+/// fn one(_ctx: &SolidContext) -> i64 { 1 }
+///
+/// #[solid]
+/// fn double(_ctx: &SolidContext, x: i64) -> i64 { x * 2 }
+///
+/// Pipeline::build("broken", |p| {
+///     let handles = vec![p.invoke_as("a", one, ()), p.invoke_as("b", one, ())];
+///     p.invoke(double, (handles,)); // `x: i64` takes one handle, not a Vec<Handle<i64>>
+/// });
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be wired into an input of type `{T}`",
     label = "expected a `Handle<{T}>` (or, for a `Vec<E>` input, a `Vec<Handle<E>>`)"

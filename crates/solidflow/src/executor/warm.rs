@@ -20,6 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -63,14 +64,28 @@ impl StepHandle {
     }
 }
 
+/// One attempt handed to a slot's thread. The request was already written to the
+/// server by `launch` (so the server forks while the thread wakes up).
 struct Job {
     launch: Launch,
     handle: Arc<StepHandle>,
+    /// When the request was sent.
+    sent: Instant,
+    /// The read ends of the step's stdout and stderr, or why the request could not be
+    /// sent (the server is then replaced).
+    pipes: Result<[OwnedFd; 2], String>,
+    /// A server started for this attempt: the slot's previous one is gone.
+    new_server: Option<Server>,
 }
 
 struct Slot {
     jobs: Option<Sender<Job>>,
     thread: Option<JoinHandle<()>>,
+    /// This process's end of the current server's socket (a duplicate of the one the
+    /// slot's thread reads); `None`: start a server with the next attempt.
+    writer: Option<UnixStream>,
+    /// Set by the slot's thread when it stopped its server (lost or recycled).
+    stale: Arc<AtomicBool>,
 }
 
 /// Where a slot's thread finds its settings.
@@ -118,14 +133,17 @@ impl WarmLauncher {
         }
         let index = self.servers.len();
         let (jobs, rx) = unbounded();
-        let (context, idle) = (self.context.clone(), self.idle_tx.clone());
+        let stale = Arc::new(AtomicBool::new(false));
+        let (context, idle, flag) = (self.context.clone(), self.idle_tx.clone(), stale.clone());
         let thread = std::thread::Builder::new()
             .name(format!("step-server-{index}"))
-            .spawn(move || serve_slot(index, &context, &rx, &idle))
+            .spawn(move || serve_slot(index, &context, &rx, &idle, &flag))
             .map_err(|e| LaunchError::Engine(format!("cannot start a step server thread: {e}")))?;
         self.servers.push(Slot {
             jobs: Some(jobs),
             thread: Some(thread),
+            writer: None,
+            stale,
         });
         Ok(index)
     }
@@ -142,11 +160,43 @@ impl StepLauncher for WarmLauncher {
         }
         let index = self.free_slot()?;
         let handle = Arc::new(StepHandle::default());
+        let program = self.context.program.clone();
+        let slot = &mut self.servers[index];
+        if slot.stale.swap(false, Ordering::AcqRel) {
+            slot.writer = None;
+        }
+        let mut new_server = None;
+        if slot.writer.is_none() {
+            match Server::start(&program) {
+                Ok(server) => {
+                    slot.writer = server.socket.try_clone().ok();
+                    new_server = Some(server);
+                }
+                Err(e) => {
+                    let _ = self.idle_tx.send(index);
+                    return Err(LaunchError::Step(crash(format!(
+                        "cannot start a step server ({} step-server): {e}",
+                        program.display()
+                    ))));
+                }
+            }
+        }
+        let pipes = slot
+            .writer
+            .as_ref()
+            .ok_or_else(|| "the step server's socket cannot be duplicated".to_string())
+            .and_then(|writer| send_request(writer, &launch.invocation));
+        if pipes.is_err() {
+            slot.writer = None;
+        }
         let job = Job {
             launch,
             handle: handle.clone(),
+            sent: Instant::now(),
+            pipes,
+            new_server,
         };
-        let sent = self.servers[index]
+        let sent = slot
             .jobs
             .as_ref()
             .is_some_and(|jobs| jobs.send(job).is_ok());
@@ -179,9 +229,14 @@ impl StepLauncher for WarmLauncher {
 }
 
 impl Drop for WarmLauncher {
-    /// Stops every server (end of stream on its socket) and waits for them.
+    /// Stops every server (end of stream on its socket) and waits for them. A step
+    /// still running (the run loop gave up on an engine error) loses its server, which
+    /// takes it down (`PR_SET_PDEATHSIG`).
     fn drop(&mut self) {
         for slot in &mut self.servers {
+            if let Some(writer) = slot.writer.take() {
+                let _ = writer.shutdown(std::net::Shutdown::Both);
+            }
             slot.jobs.take();
         }
         for slot in &mut self.servers {
@@ -192,31 +247,54 @@ impl Drop for WarmLauncher {
     }
 }
 
-/// A slot's thread: runs its jobs one after another on its server, starting,
-/// replacing and stopping the server as needed.
-fn serve_slot(index: usize, context: &SlotContext, jobs: &Receiver<Job>, idle: &Sender<usize>) {
+/// Sends `{"run": invocation}` with two new pipes' write ends; returns the read ends.
+fn send_request(
+    writer: &UnixStream,
+    invocation: &crate::execution::protocol::StepInvocation,
+) -> Result<[OwnedFd; 2], String> {
+    let (out_r, out_w) = std::io::pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
+    let (err_r, err_w) = std::io::pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
+    let mut line = serde_json::to_vec(&ServerRequest::Run(Box::new(invocation.clone())))
+        .map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    send_with_fds(writer, &line, &[out_w.as_raw_fd(), err_w.as_raw_fd()])
+        .map_err(|e| format!("cannot reach the step server: {e}"))?;
+    Ok([OwnedFd::from(out_r), OwnedFd::from(err_r)])
+}
+
+/// A slot's thread: follows its jobs one after another on its server, and stops the
+/// server when it is lost or due for recycling (`stale` tells `launch`).
+fn serve_slot(
+    index: usize,
+    context: &SlotContext,
+    jobs: &Receiver<Job>,
+    idle: &Sender<usize>,
+    stale: &AtomicBool,
+) {
     let mut server: Option<Server> = None;
-    let free = || {
+    let free = |keep: bool| {
+        if !keep {
+            stale.store(true, Ordering::Release);
+        }
         let _ = idle.send(index);
     };
-    for job in jobs {
-        if server.is_none() {
-            match Server::start(&context.program) {
-                Ok(s) => server = Some(s),
-                Err(e) => {
-                    free();
-                    job.launch.reporter.send(Report::Failed(crash(format!(
-                        "cannot start a step server ({} step-server): {e}",
-                        context.program.display()
-                    ))));
-                    continue;
-                }
-            }
-        }
-        let Some(s) = server.as_mut() else { continue };
-        if !s.run(context, job, &free)
-            && let Some(done) = server.take()
+    for mut job in jobs {
+        if let Some(new) = job.new_server.take()
+            && let Some(old) = server.replace(new)
         {
+            old.stop();
+        }
+        let keep = match server.as_mut() {
+            Some(s) => s.run(context, job, &free),
+            None => {
+                free(false);
+                job.launch.reporter.send(Report::Failed(crash(
+                    "the slot has no step server (this is a bug)".into(),
+                )));
+                false
+            }
+        };
+        if !keep && let Some(done) = server.take() {
             done.stop();
         }
     }
@@ -313,17 +391,23 @@ impl Server {
         None
     }
 
-    /// Runs one job on this server and reports it; `free` marks the slot free right
-    /// before the last report. Returns whether the server can serve another step.
-    fn run(&mut self, context: &SlotContext, job: Job, free: &dyn Fn()) -> bool {
-        let Job { launch, handle } = job;
+    /// Follows one job on this server and reports it; `free(keep)` marks the slot free
+    /// right before the last report. Returns whether the server can serve another step.
+    fn run(&mut self, context: &SlotContext, job: Job, free: &dyn Fn(bool)) -> bool {
+        let Job {
+            launch,
+            handle,
+            sent,
+            pipes,
+            ..
+        } = job;
         let Launch {
             invocation,
             reporter,
             ..
         } = launch;
-        if handle.lock().canceled {
-            free();
+        if handle.lock().canceled && pipes.is_err() {
+            free(true);
             reporter.send(Report::Failed(ErrorInfo {
                 message: format!("{} was canceled before it started", invocation.step_key),
                 causes: vec![],
@@ -342,14 +426,14 @@ impl Server {
             attempt,
             server: self.pid(),
             server_steps: self.steps,
-            sent: Instant::now(),
+            sent,
             pid: None,
             log: None,
             early: Vec::new(),
             exit: None,
             not_started: None,
         };
-        let lost = match self.exchange(ServerRequest::Run(Box::new(invocation)), &mut step) {
+        let lost = match pipes.and_then(|p| self.follow(p, &mut step)) {
             Ok(lost) => lost,
             Err(e) => {
                 step.not_started = Some(format!(
@@ -376,7 +460,8 @@ impl Server {
             });
         }
         let how = lost.then(|| describe_exit(&self.wait_lost()));
-        free();
+        let keep = !lost && recycle.is_none();
+        free(keep);
         match (step.exit.take(), step.not_started.take(), step.pid, how) {
             (Some(exit), _, _, _) => reporter.send(Report::Exited(exit)),
             (None, Some(message), _, _) => reporter.send(Report::Failed(crash(message))),
@@ -405,29 +490,14 @@ impl Server {
                 how.unwrap_or_else(|| "ended".into())
             )))),
         }
-        !lost && recycle.is_none()
+        keep
     }
 
-    /// Sends the request with the step's pipes and reads replies and output until the
-    /// step is over. Returns whether the server was lost on the way.
-    fn exchange(
-        &mut self,
-        request: ServerRequest,
-        step: &mut StepRun<'_>,
-    ) -> std::io::Result<bool> {
-        let (out_r, out_w) = std::io::pipe()?;
-        let (err_r, err_w) = std::io::pipe()?;
-        let mut line = serde_json::to_vec(&request).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        step.sent = Instant::now();
-        if send_with_fds(&self.socket, &line, &[out_w.as_raw_fd(), err_w.as_raw_fd()]).is_err() {
-            return Ok(true);
-        }
-        drop((out_w, err_w));
-        let mut streams = [
-            Stream::new(OwnedFd::from(out_r)),
-            Stream::new(OwnedFd::from(err_r)),
-        ];
+    /// Reads the server's replies and the step's output until the step is over.
+    /// Returns whether the server was lost on the way.
+    fn follow(&mut self, pipes: [OwnedFd; 2], step: &mut StepRun<'_>) -> Result<bool, String> {
+        let [out_r, err_r] = pipes;
+        let mut streams = [Stream::new(out_r), Stream::new(err_r)];
         let mut socket_open = true;
         let mut lost = false;
         let mut deadline: Option<Instant> = None;
@@ -467,7 +537,7 @@ impl Server {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(e);
+                return Err(format!("poll: {e}"));
             }
             let ready = |fd: i32| polled.iter().any(|p| p.fd == fd && p.revents != 0);
             // The server's replies first: `started` comes before the step's lines.

@@ -96,10 +96,15 @@ impl StepKey {
         format!("{output}[{mapping_key}]")
     }
 
-    /// The Dask task key of one attempt: unique per run and attempt, so a retry is a new
-    /// task and two runs on one scheduler never collide.
-    pub fn dask_key(key: &str, run_id: &str, attempt: u32) -> String {
-        format!("{key}-{run_id}-a{attempt}")
+    /// The Dask task key of one attempt of step `key`, which runs solid definition
+    /// `solid`: `<solid>-<key>-<run id>-a<attempt>`. Unique per run and attempt, so a
+    /// retry is a new task and two runs on one scheduler never collide. Dask names a
+    /// key's task prefix and group after its first word (up to the `-` before the step
+    /// key, whose `.` ends the prefix), so tasks group by solid definition in the
+    /// dashboard, and the scheduler keeps one prefix record per solid, not one per
+    /// step ever run.
+    pub fn dask_key(solid: &str, key: &str, run_id: &str, attempt: u32) -> String {
+        format!("{solid}-{key}-{run_id}-a{attempt}")
     }
 }
 
@@ -152,8 +157,8 @@ mod tests {
         assert_eq!(StepKey::parse(".compute"), None);
         assert_eq!(StepKey::parse("hello_world"), None);
         assert_eq!(
-            StepKey::dask_key(key.as_str(), "r1", 2),
-            "hello_world.compute-r1-a2"
+            StepKey::dask_key("hello", key.as_str(), "r1", 2),
+            "hello-hello_world.compute-r1-a2"
         );
         assert_eq!(StepKey::path_segment(key.as_str()), "hello_world.compute");
     }

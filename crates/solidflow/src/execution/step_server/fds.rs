@@ -7,6 +7,18 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 /// Most descriptors one message carries.
 const MAX_FDS: usize = 4;
 
+/// A peer that is gone is an error, not a SIGPIPE.
+#[cfg(target_os = "linux")]
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(not(target_os = "linux"))]
+const SEND_FLAGS: libc::c_int = 0;
+
+/// Received descriptors are close-on-exec from the start.
+#[cfg(target_os = "linux")]
+const RECV_FLAGS: libc::c_int = libc::MSG_CMSG_CLOEXEC;
+#[cfg(not(target_os = "linux"))]
+const RECV_FLAGS: libc::c_int = 0;
+
 /// Room for the control message of `MAX_FDS` descriptors, aligned for `cmsghdr`.
 #[repr(C)]
 struct ControlBuffer {
@@ -46,7 +58,7 @@ pub fn send_with_fds(socket: &impl AsRawFd, bytes: &[u8], fds: &[RawFd]) -> io::
                     len as usize,
                 );
             }
-            libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+            libc::sendmsg(socket.as_raw_fd(), &msg, SEND_FLAGS)
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -81,7 +93,7 @@ pub fn recv_with_fds(
             msg.msg_iovlen = 1;
             msg.msg_control = (&mut control as *mut ControlBuffer).cast();
             msg.msg_controllen = std::mem::size_of::<ControlBuffer>() as _;
-            let n = libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            let n = libc::recvmsg(socket.as_raw_fd(), &mut msg, RECV_FLAGS);
             if n >= 0 {
                 let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
                 while !cmsg.is_null() {

@@ -12,7 +12,7 @@
 //! process`; a panic stays a step failure; cancellation is SIGTERM, then SIGKILL, to the
 //! child's process group. The server never runs a step's code itself, which is why it
 //! can be the step's supervisor: it is a child subreaper, and when the step's child
-//! exits it SIGKILLs whatever the step left running (see [`super::supervisor`]). Running
+//! exits it SIGKILLs whatever the step left running (see `execution/supervisor.rs`). Running
 //! steps inside the server (faster by one fork, but a crash or a leak would take the
 //! server and every later step with it) was the alternative; the fork keeps the
 //! isolation of one process per step for about the cost of a `fork`.

@@ -41,6 +41,9 @@ pub struct DaskConfig {
     pub executable: Option<PathBuf>,
     /// Upload the executable to every worker (content-addressed) before the run.
     pub ship_binary: bool,
+    /// How many shipped builds the scheduler keeps (most recently used first); older
+    /// ones that no connected run uses are deleted.
+    pub keep_builds: u32,
     /// Give steps on longer downstream paths a higher Dask priority.
     pub critical_path_priority: bool,
     /// How many worker deaths a step survives (Dask re-runs it elsewhere) before it
@@ -114,6 +117,9 @@ pub(super) struct DaskBlock {
     executable: Option<PathBuf>,
     /// Upload the running binary to every worker (content-addressed, once per worker) so workers need only Python + distributed.
     ship_binary: bool,
+    /// With ship_binary: how many builds the scheduler keeps, most recently used first. Older builds are deleted from the scheduler unless a connected run uses them; a run of a kept build uploads nothing.
+    #[schemars(range(min = 1, max = 1000))]
+    keep_builds: u32,
     /// Give steps with longer downstream paths a higher Dask priority.
     critical_path_priority: bool,
     /// Worker deaths a step survives (re-run on another worker) before it fails with "worker lost". On an existing scheduler this changes its setting for every client.
@@ -150,6 +156,7 @@ impl Default for DaskBlock {
             python: None,
             executable: None,
             ship_binary: false,
+            keep_builds: 3,
             critical_path_priority: true,
             allowed_failures: 3,
             env: BTreeMap::new(),
@@ -228,6 +235,7 @@ impl DaskBlock {
             python: self.python.unwrap_or_else(bridge::default_python),
             executable: self.executable,
             ship_binary: self.ship_binary,
+            keep_builds: self.keep_builds.max(1),
             critical_path_priority: self.critical_path_priority,
             allowed_failures: self.allowed_failures,
             env: self.env,

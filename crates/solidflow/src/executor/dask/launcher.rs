@@ -102,7 +102,12 @@ impl<'a> DaskLauncher<'a> {
         let step = &self.env.plan.steps[launch.step];
         let t = &self.template;
         let step_key = &launch.invocation.step_key;
-        let key = StepKey::dask_key(step_key, &self.env.run_id, launch.invocation.attempt);
+        let key = StepKey::dask_key(
+            &step.solid_definition,
+            step_key,
+            &self.env.run_id,
+            launch.invocation.attempt,
+        );
         let mut request = SubmitRequest::new(
             key,
             vec![t.command0.clone(), "step".into()],

@@ -195,12 +195,15 @@ pub enum Request<'a> {
         /// The tasks.
         keys: &'a [String],
     },
-    /// Ship an executable to every current and future worker.
+    /// Make sure the scheduler holds an executable (uploaded only if it does not);
+    /// workers fetch it when a task first needs it.
     UploadBinary {
         /// The file on this machine.
         path: &'a Path,
         /// Its expected sha256, if known.
         sha256: Option<&'a str>,
+        /// How many builds the scheduler keeps.
+        keep: u32,
     },
     /// The workers connected now.
     Workers,

@@ -174,6 +174,10 @@ class Uploaded(TypedDict):
     remote_path: str | None
     worker_paths: dict[str, str]
     command0: str
+    cached: bool
+    bytes_sent: int
+    kept: list[str]
+    evicted: list[str]
 
 
 class Workers(TypedDict):
