@@ -1,5 +1,6 @@
 //! Picks the default intermediate codec: JSON vs MessagePack vs postcard, on a 100 MB
-//! `Vec<f64>` and on a small struct.
+//! `Vec<f64>` and on a small struct; then the engine's path, MessagePack (before issue 13)
+//! against each type's own codec (raw `.npy` bytes for numeric vectors).
 //!
 //! ```sh
 //! cargo bench --bench codec
@@ -81,13 +82,14 @@ fn main() {
     engine_path();
 }
 
-/// The engine's own path: `TypeInfo` encoding into `&mut dyn Write` and decoding from
-/// `&mut dyn Read`, as storage does.
+/// The engine's own path: `TypeInfo` encoding into `&mut dyn Write` and decoding from a
+/// storage-like `Box<dyn Read + Send>`, as storage does; MessagePack (every type's codec
+/// before issue 13) against the type's own codec now (raw `.npy` bytes for these two).
 fn engine_path() {
     use solidflow::definition::types::{Codec, TypeInfo, Value};
     println!();
-    println!("| value | path | encode | decode |");
-    println!("|---|---|---|---|");
+    println!("| value | path | bytes | encode | decode |");
+    println!("|---|---|---|---|---|");
     let cases: [(&str, Value, TypeInfo); 2] = [
         (
             "Vec<f64> 100 MB",
@@ -105,25 +107,34 @@ fn engine_path() {
         ),
     ];
     for (label, value, ty) in cases {
-        let (te, bytes) = time(3, || {
-            let mut out: Vec<u8> = Vec::new();
-            ty.encode(
-                &value,
-                Codec::MessagePack,
-                &mut out as &mut dyn std::io::Write,
-            )
-            .unwrap();
-            out
-        });
-        let (td, _) = time(3, || {
-            let mut input = std::io::Cursor::new(&bytes);
-            ty.decode(Codec::MessagePack, &mut input as &mut dyn std::io::Read)
-                .unwrap()
-        });
-        println!(
-            "| {label} | TypeInfo, messagepack | {:.1} ms | {:.1} ms |",
-            te.as_secs_f64() * 1e3,
-            td.as_secs_f64() * 1e3
-        );
+        for own in [false, true] {
+            let (te, bytes) = time(3, || {
+                let mut out: Vec<u8> = Vec::new();
+                let out_ref = &mut out as &mut dyn std::io::Write;
+                match own {
+                    true => ty.encode(&value, out_ref),
+                    false => ty.encode_with(&value, Codec::MessagePack, out_ref),
+                }
+                .unwrap();
+                out
+            });
+            // MessagePack bytes are read by the raw codec's fallback for old values.
+            let shared: std::sync::Arc<[u8]> = bytes.clone().into();
+            let (td, back) = time(3, || {
+                ty.decode(Box::new(std::io::Cursor::new(shared.clone())))
+                    .unwrap()
+            });
+            assert!(ty.matches(&back));
+            let path = match own {
+                true => format!("TypeInfo, {:?} (now)", ty.codec()),
+                false => "TypeInfo, MessagePack (before)".to_string(),
+            };
+            println!(
+                "| {label} | {path} | {} | {:.1} ms | {:.1} ms |",
+                bytes.len(),
+                te.as_secs_f64() * 1e3,
+                td.as_secs_f64() * 1e3
+            );
+        }
     }
 }

@@ -13,7 +13,9 @@
 //! `SOLIDFLOW_BENCH_REPS` (default 3) each:
 //!
 //! - **solidflow**: `execute_pipeline` with `execution: {dask: {config: {address: ...}}}`
-//!   and filesystem storage. The bench binary is its own pipeline binary: the workers
+//!   and filesystem storage, once with `isolation: process` (a `<binary> step` process
+//!   per task) and once with `isolation: warm` (the workers' step servers fork each
+//!   step; the servers stay on the workers between runs, so best-of-N is warm). The bench binary is its own pipeline binary: the workers
 //!   run `<this binary> step`. Reported are the whole run (bridge start and connect
 //!   included) and the part after connecting (from the executor's "connected" event to
 //!   the end), which is what scales with the number of steps.
@@ -264,7 +266,10 @@ client.close()
 
 fn main() {
     // The workers run this binary in step mode.
-    if std::env::args().nth(1).as_deref() == Some("step") {
+    if matches!(
+        std::env::args().nth(1).as_deref(),
+        Some("step" | "step-server")
+    ) {
         repository().main();
     }
     let reps: usize = std::env::var("SOLIDFLOW_BENCH_REPS")
@@ -288,7 +293,6 @@ fn main() {
         .prefix("solidflow-dask-bench-")
         .tempdir()
         .unwrap();
-    let address = json!({"config": {"address": cluster.address}});
 
     // Raw Dask baselines, same cluster.
     let script = home.path().join("raw.py");
@@ -307,16 +311,21 @@ fn main() {
     let raw: serde_json::Value = serde_json::from_slice(&out.stdout).expect("baseline JSON");
 
     println!(
-        "| shape | steps | solidflow total | solidflow after connect | per step | raw (a) no-op per step | raw (b) subprocess per step | solidflow / (b) |"
+        "| shape | isolation | steps | solidflow total | solidflow after connect | per step | raw (a) no-op per step | raw (b) subprocess per step | solidflow / (a) | solidflow / (b) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for (name, steps) in [("chain", 100usize), ("fan", 202), ("big", 5)] {
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let shapes = [("chain", 100usize), ("fan", 202), ("big", 5)];
+    for ((name, steps), isolation) in shapes
+        .into_iter()
+        .flat_map(|s| [(s, "process"), (s, "warm")])
+    {
         if !wanted(name) {
             continue;
         }
+        let config = json!({"config": {"address": cluster.address, "isolation": isolation}});
         let mut best: Option<Timing> = None;
         for _ in 0..reps {
-            let t = run_solidflow(&repo, name, address.clone(), home.path());
+            let t = run_solidflow(&repo, name, config.clone(), home.path());
             if best
                 .as_ref()
                 .is_none_or(|b| t.after_connect < b.after_connect)
@@ -329,12 +338,13 @@ fn main() {
         let a = raw[format!("{name}_a")].as_f64().unwrap() / steps as f64;
         let b = raw[format!("{name}_b")].as_f64().unwrap() / steps as f64;
         println!(
-            "| {name} | {steps} | {:.2} s | {:.2} s | {:.1} ms | {:.1} ms | {:.1} ms | {:.2}× |",
+            "| {name} | {isolation} | {steps} | {:.2} s | {:.2} s | {:.1} ms | {:.1} ms | {:.1} ms | {:.2}× | {:.2}× |",
             t.total.as_secs_f64(),
             t.after_connect.as_secs_f64(),
             per * 1e3,
             a * 1e3,
             b * 1e3,
+            per / a,
             per / b
         );
     }

@@ -1,4 +1,5 @@
-//! Per-step overhead of the multiprocess executor, next to in_process, on trivial solids.
+//! Per-step overhead of the multiprocess executor (`isolation: process` and `warm`), next
+//! to in_process and to raw subprocesses, on trivial solids.
 //!
 //! ```sh
 //! cargo bench --bench multiprocess_overhead                 # 1,000 steps per shape
@@ -20,6 +21,13 @@
 //!   writing the output to filesystem storage (compute is trivial) plus event output;
 //! - **exit + bookkeeping** (chain only, where steps are sequential): the rest of the
 //!   wall time per step: process exit, reaping, event forwarding and scheduling.
+//!
+//! With `isolation: warm` "spawn" is the request to the step server until its `started`
+//! reply (the fork), and "startup" no longer contains exec or the repository build.
+//!
+//! The raw baselines, in the same run: N subprocesses of `/bin/true` one after another
+//! (chain) and N with two at a time (fan-out), spawned and waited for with
+//! `std::process::Command`: what a process per step costs with nothing else.
 
 #[path = "shapes/mod.rs"]
 mod shapes;
@@ -116,7 +124,10 @@ fn child_setup(pipeline: &str, config: &Value) -> (f64, f64) {
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("step") {
+    if matches!(
+        std::env::args().nth(1).as_deref(),
+        Some("step" | "step-server")
+    ) {
         std::process::exit(solidflow::cli::run(&repository(), std::env::args_os()));
     }
     let n = steps();
@@ -134,6 +145,10 @@ fn main() {
             "multiprocess, filesystem",
             json!({"storage": {"filesystem": {}}, "execution": {"multiprocess": {}}}),
         ),
+        (
+            "multiprocess warm, filesystem",
+            json!({"storage": {"filesystem": {}}, "execution": {"multiprocess": {"config": {"isolation": "warm"}}}}),
+        ),
     ];
     println!("{n} steps per shape, {cores} cores, default max_concurrent (one per core)\n");
     println!(
@@ -141,6 +156,15 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for (shape, name) in [("chain", "chain"), ("fan-out", "fan_out")] {
+        let parallel = if shape == "chain" { 1 } else { cores.min(2) };
+        let t = Instant::now();
+        raw_subprocesses(n, parallel);
+        let raw = t.elapsed();
+        println!(
+            "| {shape} | raw subprocess (`/bin/true`, {parallel} at a time) | {n} | {} | {} | — | — | — | — |",
+            fmt(raw),
+            us(raw.as_secs_f64() * 1e6 / n as f64)
+        );
         let repo = repository();
         let pipeline = repo.pipeline(name).expect("pipeline");
         for (label, config) in &configs {
@@ -187,6 +211,22 @@ fn main() {
             }
         }
     }
+}
+
+/// Runs `/bin/true` `n` times, `parallel` at a time, waiting for each.
+fn raw_subprocesses(n: usize, parallel: usize) {
+    std::thread::scope(|scope| {
+        for worker in 0..parallel {
+            scope.spawn(move || {
+                for _ in (worker..n).step_by(parallel) {
+                    let status = std::process::Command::new("/bin/true")
+                        .status()
+                        .expect("run /bin/true");
+                    assert!(status.success());
+                }
+            });
+        }
+    });
 }
 
 fn fmt(d: Duration) -> String {

@@ -4,6 +4,9 @@
 //! ```sh
 //! cargo run --example resources_retries -- execute model_refresh -c examples/config/multiprocess.yaml
 //! cargo run --example resources_retries -- plan model_refresh -c examples/config/multiprocess.yaml
+//! # the same with warm step servers (steps forked from a server, not started anew):
+//! cargo run --example resources_retries -- execute model_refresh \
+//!     -c examples/config/multiprocess.yaml -c examples/config/multiprocess_warm.yaml
 //! cargo run --example resources_retries -- logs <run id>     # every event, incl. retries
 //! ```
 //!

@@ -246,3 +246,35 @@ fn usage_errors_exit_2_with_a_hint() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_resources_example_runs_with_warm_step_servers() {
+    let home = tempfile::tempdir().unwrap();
+    let (out, stdout, stderr) = run(example("resources_retries", home.path()).args([
+        "execute",
+        "model_refresh",
+        "--json",
+        "-c",
+        "examples/config/multiprocess.yaml",
+        "-c",
+        "examples/config/multiprocess_warm.yaml",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let events = json_lines(&stdout);
+    let warm_launches = events
+        .iter()
+        .filter(|e| {
+            e["data"]["details"]["isolation"] == "warm" && e["data"]["details"]["forked"] == true
+        })
+        .count();
+    assert!(
+        warm_launches >= 4,
+        "every step forked by a warm server: {stdout}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event_type"] == "STEP_UP_FOR_RETRY"),
+        "the flaky fetch is retried as with process isolation"
+    );
+}

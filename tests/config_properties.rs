@@ -58,6 +58,7 @@ const KEYS: &[&str] = &[
     "python",
     "executable",
     "ship_binary",
+    "keep_builds",
     "critical_path_priority",
     "allowed_failures",
     "env",

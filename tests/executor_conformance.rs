@@ -14,7 +14,7 @@
 //! ```
 //!
 //! The module name is the executor's config key (used to add `resources` to its config);
-//! `conformance_suite!(multiprocess_warm = multiprocess, "<config>", ...)` runs the same
+//! `conformance_suite!(multiprocess_warm as multiprocess, "<config>", ...)` runs the same
 //! executor again under another module name, with another base config (a mode, an
 //! isolation setting).
 //! Every executor gets the core cases; the names after the config add groups of cases:
@@ -755,11 +755,11 @@ macro_rules! grace_cancel_cases {
 }
 
 /// Instantiates the suite for one executor: `conformance_suite!(<config key>, "<base run
-/// config>", <case groups>...)`; see the module docs for the groups. The same executor
-/// in another mode or isolation gets a module of its own:
-/// `conformance_suite!(<module> = <config key>, "<base run config>", ...)`.
+/// config>", <case groups>...)`; see the module docs for the groups. A second
+/// configuration of the same executor gets its own module name:
+/// `conformance_suite!(<module> as <config key>, ...)`.
 macro_rules! conformance_suite {
-    ($name:ident = $key:ident, $config:expr $(, $group:ident)* $(,)?) => {
+    ($name:ident as $key:ident, $config:expr $(, $group:ident)* $(,)?) => {
         mod $name {
             use super::*;
 
@@ -772,7 +772,7 @@ macro_rules! conformance_suite {
         }
     };
     ($name:ident, $config:expr $(, $group:ident)* $(,)?) => {
-        conformance_suite!($name = $name, $config $(, $group)*);
+        conformance_suite!($name as $name, $config $(, $group)*);
     };
 }
 
@@ -788,9 +788,25 @@ conformance_suite!(
     isolated_cases,
     escalating_cancel_cases
 );
+// The same executor with warm step servers (`isolation: warm`): every case again.
+conformance_suite!(
+    multiprocess_warm as multiprocess,
+    "execution: {multiprocess: {config: {max_concurrent: 4, isolation: warm}}}\nstorage: {filesystem: {}}\n",
+    scheduling_cases,
+    isolated_cases,
+    escalating_cancel_cases
+);
 conformance_suite!(
     dask,
     "execution: {dask: {config: {n_workers: 2, threads_per_worker: 1}}}\nstorage: {filesystem: {}}\n",
+    worker_resource_cases,
+    isolated_cases,
+    grace_cancel_cases
+);
+// Dask with warm step servers on the workers (`isolation: warm`).
+conformance_suite!(
+    dask_warm as dask,
+    "execution: {dask: {config: {n_workers: 2, threads_per_worker: 1, isolation: warm}}}\nstorage: {filesystem: {}}\n",
     worker_resource_cases,
     isolated_cases,
     grace_cancel_cases
@@ -994,5 +1010,220 @@ mod dask_only {
             let path = shared.join(format!("{run_id}/intermediates/{step}.compute/result"));
             assert!(path.is_file(), "{} is missing", path.display());
         }
+    }
+}
+
+/// Warm step servers (`isolation: warm`): what a server does when a step crashes, when
+/// it dies itself, when it is recycled, and on Ctrl-C.
+mod multiprocess_warm_only {
+    use super::*;
+
+    fn warm(config: &str) -> Harness {
+        Harness::new(
+            "multiprocess",
+            &format!(
+                "execution: {{multiprocess: {{config: {{isolation: warm, {config}}}}}}}\nstorage: {{filesystem: {{}}}}\n"
+            ),
+        )
+    }
+
+    /// The "started step process" events' details: `(step key, details)`.
+    fn launches(events: &[Value]) -> Vec<(String, Value)> {
+        events
+            .iter()
+            .filter(|e| {
+                e["event_type"] == "ENGINE_EVENT"
+                    && e["data"]["details"]["isolation"] == "warm"
+                    && e["data"]["details"]["server"].is_u64()
+            })
+            .map(|e| {
+                (
+                    e["step_key"].as_str().unwrap_or_default().to_string(),
+                    e["data"]["details"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn servers(events: &[Value]) -> Vec<u32> {
+        let mut pids: Vec<u32> = launches(events)
+            .iter()
+            .map(|(_, d)| d["server"].as_u64().unwrap() as u32)
+            .collect();
+        pids.dedup();
+        pids
+    }
+
+    /// A step that aborts is a crash with its own pid and signal, as with `process`; the
+    /// server was not in that process, so it serves the remaining steps, and it is gone
+    /// after the run.
+    #[test]
+    fn an_aborting_step_is_a_crash_and_the_server_serves_on() {
+        let h = warm("max_concurrent: 1");
+        let out = h.run("crash", "solids: {crash: {config: {how: abort}}}\n");
+        out.expect_code(1);
+        let error = &out.one("crash.compute", "STEP_FAILURE")["data"]["error"];
+        assert_eq!(error["kind"], "crash", "{error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains("killed by signal 6")
+                && message.contains("without reporting a result"),
+            "{message}"
+        );
+        let launched = launches(&out.events);
+        let crash_pid = launched
+            .iter()
+            .find(|(k, _)| k == "crash.compute")
+            .map(|(_, d)| d["pid"].clone())
+            .expect("crash.compute was launched");
+        assert!(
+            message.contains(&format!("step process {crash_pid} ")),
+            "{message}"
+        );
+        assert!(
+            launched.iter().all(|(_, d)| d["forked"] == true),
+            "{launched:?}"
+        );
+        let servers = servers(&out.events);
+        assert_eq!(servers.len(), 1, "one slot, one server: {launched:?}");
+        out.one("numbers.compute", "STEP_SUCCESS");
+        out.one("sum_evens.compute", "STEP_SUCCESS");
+        out.one("downstream.compute", "STEP_SKIPPED");
+        assert_dies(servers[0], "the step server after the run");
+    }
+
+    /// A server killed under a running step: the step fails as a crash (its process died
+    /// with the server), its retry runs on a new server, and the run succeeds.
+    #[test]
+    fn a_killed_server_crashes_its_step_and_a_new_server_runs_the_retry() {
+        let h = warm("max_concurrent: 1");
+        let mut run = h.start(
+            "live",
+            "solids: {waits_for_go: {retry: {max_retries: 1}}}\n",
+        );
+        let launch = run.wait_event("the warm launch", |e| {
+            e["event_type"] == "ENGINE_EVENT" && e["data"]["details"]["server"].is_u64()
+        });
+        run.wait_event("the log line `waiting for go`", |e| {
+            e["event_type"] == "LOG_MESSAGE" && e["message"] == "waiting for go"
+        });
+        let server = launch["data"]["details"]["server"].as_u64().unwrap() as u32;
+        let step = launch["data"]["details"]["pid"].as_u64().unwrap() as u32;
+        // SAFETY: kill(2) by pid on the server, a live child of the pipeline process.
+        assert_eq!(
+            unsafe { libc::kill(server as libc::pid_t, libc::SIGKILL) },
+            0
+        );
+        run.wait_event("the retry", |e| e["event_type"] == "STEP_UP_FOR_RETRY");
+        std::fs::write(h.work("go"), "go").unwrap();
+        let out = run.finish();
+        out.expect_code(0);
+        assert_dies(step, "the step process of a killed server");
+        let retry = &out.one("waits_for_go.compute", "STEP_UP_FOR_RETRY")["data"]["error"];
+        assert_eq!(retry["kind"], "crash", "{retry}");
+        assert!(
+            out.has_message(
+                "waits_for_go.compute",
+                &format!("step server {server} was killed by signal 9")
+            ),
+            "{}",
+            out.describe()
+        );
+        let servers = servers(&out.events);
+        assert_eq!(servers.len(), 2, "a new server for the retry: {servers:?}");
+        assert_eq!(
+            out.one("waits_for_go.compute", "STEP_SUCCESS")["data"]["attempt"],
+            2
+        );
+    }
+
+    /// `max_steps_per_server: 1` replaces the server after every step; the results are
+    /// those of any other run.
+    #[test]
+    fn recycled_servers_keep_results_right() {
+        let h = warm("max_concurrent: 1, max_steps_per_server: 1");
+        cases::success(&h);
+        let out = h.run("success", "");
+        out.expect_code(0);
+        let servers = servers(&out.events);
+        assert_eq!(servers.len(), 4, "one server per step: {servers:?}");
+        let recycled = out
+            .of_type("ENGINE_EVENT")
+            .filter(|e| e["data"]["details"]["recycled"] == true)
+            .count();
+        assert_eq!(recycled, 4, "{}", out.describe());
+        for pid in servers {
+            assert_dies(pid, "a recycled step server");
+        }
+    }
+
+    /// Ctrl-C while warm steps run: the steps (and what they started) are stopped, the
+    /// run ends canceled with 130, and no server outlives the run.
+    #[test]
+    fn ctrl_c_during_warm_steps_stops_them_and_the_servers() {
+        let h = warm("max_concurrent: 2").env("SF_CONFORMANCE_GRANDCHILD", "1");
+        let (run, pids) = start_sleepers(&h);
+        let servers = servers(&run.events);
+        assert_eq!(servers.len(), 2, "two slots: {servers:?}");
+        let grandchildren = [
+            read_pid(&h.work("sleep_a.grandchild.pid")),
+            read_pid(&h.work("sleep_b.grandchild.pid")),
+        ];
+        run.signal(libc::SIGINT);
+        let out = run.finish();
+        out.expect_canceled();
+        out.one("downstream.compute", "STEP_SKIPPED");
+        for pid in pids.into_iter().chain(grandchildren).chain(servers) {
+            assert_dies(pid, "a warm step, its child, or its server");
+        }
+    }
+}
+
+/// Dask with `isolation: warm`: the steps are forked by step servers on the workers.
+mod dask_warm_only {
+    use super::*;
+
+    fn warm(config: &str) -> Harness {
+        Harness::new(
+            "dask",
+            &format!(
+                "execution: {{dask: {{config: {{n_workers: 2, threads_per_worker: 1, isolation: warm, {config}}}}}}}\nstorage: {{filesystem: {{}}}}\n"
+            ),
+        )
+    }
+
+    fn parent_of(pid: u32) -> u32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("a live step");
+        let (_, rest) = stat.rsplit_once(") ").expect("stat format");
+        rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Each step process is a child of a `step-server` on its worker; on Ctrl-C the run
+    /// ends canceled and neither the steps nor the servers outlive it.
+    #[test]
+    fn steps_are_forked_by_worker_servers_and_ctrl_c_leaves_nothing() {
+        let h = warm("allowed_failures: 0");
+        let (run, pids) = start_sleepers(&h);
+        let servers: Vec<u32> = pids.iter().map(|&p| parent_of(p)).collect();
+        for server in &servers {
+            let cmdline = std::fs::read(format!("/proc/{server}/cmdline")).unwrap();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(
+                cmdline.contains("step-server"),
+                "parent {server}: {cmdline}"
+            );
+        }
+        run.signal(libc::SIGINT);
+        let out = run.finish();
+        out.expect_canceled();
+        for pid in pids.into_iter().chain(servers) {
+            assert_dies(pid, "a warm step or its worker's step server");
+        }
+    }
+
+    /// A server per step (`max_steps_per_server: 1`): the results are right.
+    #[test]
+    fn recycled_worker_servers_keep_results_right() {
+        cases::success(&warm("max_steps_per_server: 1"));
     }
 }

@@ -8,18 +8,26 @@
 mod common;
 #[path = "support/dask.rs"]
 mod dask_support;
+#[path = "support/s3.rs"]
+mod s3_support;
 
 use common::{example, json_lines, run};
 
 /// Runs `tables execute fan_in` with `config` and returns the `collected=` log line.
 fn collected(config: &str) -> String {
+    collected_with(config, &[])
+}
+
+/// [`collected`] with extra environment variables (S3 credentials).
+fn collected_with(config: &str, env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("run.yaml");
     std::fs::write(&file, config).unwrap();
     let (out, stdout, stderr) = run(example("tables", &dir.path().join("home"))
         .args(["execute", "fan_in", "--json", "-c"])
         .arg(&file)
-        .env("SOLIDFLOW_PYTHON", dask_support::python()));
+        .env("SOLIDFLOW_PYTHON", dask_support::python())
+        .envs(env.iter().copied()));
     assert!(out.status.success(), "run failed:\n{stdout}\n{stderr}");
     json_lines(&stdout)
         .iter()
@@ -51,6 +59,22 @@ fn dask_gathers_every_branch_in_order() {
         collected("storage: {filesystem: {}}\nexecution: {dask: {}}"),
         ALL
     );
+}
+
+#[test]
+fn dask_with_s3_gathers_every_branch_in_order() {
+    let server = s3_support::S3Server::start();
+    server.create_bucket("fan-in");
+    let config = format!(
+        "storage: {{s3: {{config: {{s3_bucket: fan-in, endpoint_url: '{}', allow_http: true}}}}}}\n\
+         execution: {{dask: {{}}}}",
+        server.endpoint()
+    );
+    let env = [
+        ("AWS_ACCESS_KEY_ID", s3_support::ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", s3_support::SECRET_KEY),
+    ];
+    assert_eq!(collected_with(&config, &env), ALL);
 }
 
 #[test]

@@ -77,10 +77,9 @@ def test_a_done_whose_lines_were_lost_says_how_many(monkeypatch: pytest.MonkeyPa
 def test_task_code_is_shipped_by_value() -> None:
     """A task graph holding the task function unpickles where this package is not
     importable (a remote scheduler or worker)."""
-    import cloudpickle
     from distributed.protocol.pickle import dumps
 
-    cloudpickle.register_pickle_by_value(worker)
+    server.register_task_code()
     check = "import pickle, sys; f = pickle.loads(sys.stdin.buffer.read())['graph'][0]; print(f.__name__)"
 
     def load_elsewhere(fn: Any) -> subprocess.CompletedProcess[bytes]:

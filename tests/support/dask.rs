@@ -383,6 +383,8 @@ impl DaskCluster {
                 ])
                 .args(tls.map(|_| ["--protocol", "tls"]).into_iter().flatten())
                 .args(&tls_args)
+                // Builds shipped with `ship_binary` live in the cluster's temp dir.
+                .env("SOLIDFLOW_BUILD_STORE", dir.path().join("builds"))
                 .current_dir(dir.path()),
             &dir.path().join("scheduler.log"),
         );
@@ -421,6 +423,7 @@ impl DaskCluster {
             &spec.name,
         ])
         .args(&self.tls_args)
+        .env("SOLIDFLOW_BIN_CACHE", self.bin_cache_of(&spec.name))
         .current_dir(self.dir.path());
         if let Some(r) = &spec.resources {
             cmd.args(["--resources", r]);
@@ -445,6 +448,21 @@ impl DaskCluster {
         );
         self.workers.push((spec, proc, worker_address));
         self.workers.len() - 1
+    }
+
+    fn bin_cache_of(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("bin-{name}"))
+    }
+
+    /// The cache of shipped builds of worker `i` (`$SOLIDFLOW_BIN_CACHE`, unless its
+    /// spec sets another): one file per build, named by its sha256.
+    pub fn bin_cache(&self, i: usize) -> PathBuf {
+        self.bin_cache_of(&self.workers[i].0.name)
+    }
+
+    /// The process id of the scheduler.
+    pub fn scheduler_pid(&self) -> u32 {
+        self.scheduler.child.id()
     }
 
     /// The address (`tcp://127.0.0.1:<port>`) of worker `i`.

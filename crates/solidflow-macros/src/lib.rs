@@ -127,9 +127,14 @@ impl Parse for SolidArgs {
 }
 
 fn is_result(ty: &Type) -> Option<&Type> {
+    generic_of(ty, "Result")
+}
+
+/// The first type argument of `ty` when it is spelled `<path>::Name<T, ..>`.
+fn generic_of<'a>(ty: &'a Type, name: &str) -> Option<&'a Type> {
     let Type::Path(p) = ty else { return None };
     let last = p.path.segments.last()?;
-    if last.ident != "Result" {
+    if last.ident != name {
         return None;
     }
     let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
@@ -138,6 +143,25 @@ fn is_result(ty: &Type) -> Option<&Type> {
     match args.args.first()? {
         syn::GenericArgument::Type(t) => Some(t),
         _ => None,
+    }
+}
+
+/// The item type `T` of an output spelled `DynamicOutput<T>` (any path ending so).
+fn dynamic_item(ty: &Type) -> Option<&Type> {
+    generic_of(ty, "DynamicOutput")
+}
+
+/// The handle type of an output of type `ty` and the expression that builds it.
+fn output_handle(ty: &Type, name: &str) -> (TokenStream2, TokenStream2) {
+    match dynamic_item(ty) {
+        Some(item) => (
+            quote! { ::solidflow::__private::DynamicHandle<#item> },
+            quote! { ::solidflow::__private::DynamicHandle::output(__alias, #name) },
+        ),
+        None => (
+            quote! { ::solidflow::__private::Handle<#ty> },
+            quote! { ::solidflow::__private::Handle::output(__alias, #name) },
+        ),
     }
 }
 
@@ -251,7 +275,10 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
     };
     let output_defs = outputs.iter().map(|(n, t)| {
         let s = n.to_string();
-        quote! { .output(#s, ::solidflow::__private::TypeInfo::of::<#t>()) }
+        match dynamic_item(t) {
+            Some(item) => quote! { .dynamic_output::<#item>(#s) },
+            None => quote! { .output(#s, ::solidflow::__private::TypeInfo::of::<#t>()) },
+        }
     });
     let input_defs = inputs.iter().map(|(n, t, _)| {
         let s = n.to_string();
@@ -324,20 +351,17 @@ fn expand(args: SolidArgs, func: ItemFn) -> syn::Result<TokenStream2> {
     let (outputs_ty, outputs_value, outputs_struct) = match outputs.len() {
         0 => (quote! { () }, quote! { () }, quote! {}),
         1 if args.outputs.is_none() => {
-            let t = &outputs[0].1;
-            (
-                quote! { ::solidflow::__private::Handle<#t> },
-                quote! { ::solidflow::__private::Handle::output(__alias, "result") },
-                quote! {},
-            )
+            let (ty, value) = output_handle(&outputs[0].1, "result");
+            (ty, value, quote! {})
         }
         _ => {
-            let fields = outputs
-                .iter()
-                .map(|(n, t)| quote! { pub #n: ::solidflow::__private::Handle<#t> });
-            let inits = outputs.iter().map(|(n, _)| {
-                let s = n.to_string();
-                quote! { #n: ::solidflow::__private::Handle::output(__alias, #s) }
+            let fields = outputs.iter().map(|(n, t)| {
+                let (ty, _) = output_handle(t, &n.to_string());
+                quote! { pub #n: #ty }
+            });
+            let inits = outputs.iter().map(|(n, t)| {
+                let (_, value) = output_handle(t, &n.to_string());
+                quote! { #n: #value }
             });
             let doc = format!("Typed handles to the outputs of solid `{name}`.");
             (

@@ -22,14 +22,24 @@ pub mod ui;
 
 pub use solidflow_macros::solid;
 
+/// The Arrow crates [`Table`](definition::table::Table) is made of, re-exported so that a
+/// pipeline builds its record batches with the same versions.
+pub mod arrow {
+    pub use arrow_array as array;
+    pub use arrow_ipc as ipc;
+    pub use arrow_schema as datatypes;
+}
+
 /// Everything a pipeline author needs.
 pub mod prelude {
     pub use crate::config::ConfigSources;
+    pub use crate::definition::dynamic::{DynamicHandle, DynamicOutput};
     pub use crate::definition::mode::{Mode, With};
     pub use crate::definition::pipeline::{Handle, Pipeline, PipelineBuilder};
     pub use crate::definition::repository::Repository;
     pub use crate::definition::retry::RetryPolicy;
     pub use crate::definition::solid::{Outputs, SolidDefinition};
+    pub use crate::definition::table::Table;
     pub use crate::execution::context::SolidContext;
     pub use crate::execution::error::SolidError;
     pub use crate::execution::event::{Event, EventKind, Level};
@@ -44,6 +54,7 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::config::json_schema::config_type_of;
+    pub use crate::definition::dynamic::DynamicHandle;
     pub use crate::definition::pipeline::{Handle, IntoHandle, IntoInputs, RawHandle};
     pub use crate::definition::retry::RetryPolicy;
     pub use crate::definition::solid::{Inputs, NoConfig, Outputs, Solid, SolidDefinition};

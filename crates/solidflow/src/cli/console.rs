@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use owo_colors::{OwoColorize, Stream::Stderr};
+use owo_colors::{OwoColorize, Stream};
 
 use crate::execution::event::{Event, EventKind, Level};
 use crate::execution::sink::EventListener;
@@ -15,6 +15,9 @@ pub struct Console {
     json: bool,
     min_level: Level,
     progress: Option<ProgressBar>,
+    /// Where the human log goes: stderr for `execute` (stdout stays free for results),
+    /// stdout for `logs` (so `logs RUN | grep` works).
+    human: Stream,
     out: Mutex<()>,
 }
 
@@ -37,7 +40,16 @@ impl Console {
             json,
             min_level,
             progress,
+            human: Stream::Stderr,
             out: Mutex::new(()),
+        }
+    }
+
+    /// A console printer whose human log goes to stdout, without a progress line (`logs`).
+    pub fn on_stdout(json: bool, min_level: Level) -> Self {
+        Self {
+            human: Stream::Stdout,
+            ..Self::new(json, min_level, 0)
         }
     }
 
@@ -55,30 +67,30 @@ impl Console {
             .format("%H:%M:%S%.3f")
             .to_string();
         let level = match e.level {
-            Level::Debug => format!("{}", "DEBUG".if_supports_color(Stderr, |t| t.dimmed())),
-            Level::Info => format!("{}", "INFO ".if_supports_color(Stderr, |t| t.blue())),
-            Level::Warning => format!("{}", "WARN ".if_supports_color(Stderr, |t| t.yellow())),
-            Level::Error => format!("{}", "ERROR".if_supports_color(Stderr, |t| t.red())),
+            Level::Debug => format!("{}", "DEBUG".if_supports_color(self.human, |t| t.dimmed())),
+            Level::Info => format!("{}", "INFO ".if_supports_color(self.human, |t| t.blue())),
+            Level::Warning => format!("{}", "WARN ".if_supports_color(self.human, |t| t.yellow())),
+            Level::Error => format!("{}", "ERROR".if_supports_color(self.human, |t| t.red())),
         };
         let kind = e.event_type();
         let kind = match &e.kind {
             EventKind::StepSuccess { .. } | EventKind::PipelineSuccess { .. } => {
-                format!("{}", kind.if_supports_color(Stderr, |t| t.green()))
+                format!("{}", kind.if_supports_color(self.human, |t| t.green()))
             }
             EventKind::StepFailure { .. }
             | EventKind::PipelineFailure { .. }
             | EventKind::PipelineCanceled { .. } => {
-                format!("{}", kind.if_supports_color(Stderr, |t| t.red()))
+                format!("{}", kind.if_supports_color(self.human, |t| t.red()))
             }
             EventKind::StepSkipped { .. } | EventKind::StepUpForRetry { .. } => {
-                format!("{}", kind.if_supports_color(Stderr, |t| t.yellow()))
+                format!("{}", kind.if_supports_color(self.human, |t| t.yellow()))
             }
-            _ => format!("{}", kind.if_supports_color(Stderr, |t| t.bold())),
+            _ => format!("{}", kind.if_supports_color(self.human, |t| t.bold())),
         };
         let step = e
             .step_key
             .as_deref()
-            .map(|s| format!(" {}", s.if_supports_color(Stderr, |t| t.cyan())))
+            .map(|s| format!(" {}", s.if_supports_color(self.human, |t| t.cyan())))
             .unwrap_or_default();
         let worker = e
             .worker
@@ -133,6 +145,10 @@ impl EventListener for Console {
         let line = self.render(e);
         match &self.progress {
             Some(bar) => bar.println(line),
+            None if matches!(self.human, Stream::Stdout) => {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+            }
             None => eprintln!("{line}"),
         }
     }

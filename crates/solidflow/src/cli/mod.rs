@@ -21,7 +21,7 @@ use crate::definition::pipeline::Pipeline;
 use crate::definition::repository::Repository;
 use crate::execution::cancel::CancelToken;
 use crate::execution::event::Level;
-use crate::execution::protocol::{StepInvocation, run_invocation};
+use crate::execution::protocol::{StepInvocation, protocol_stdout, run_invocation};
 use crate::execution::reexecution::StepsToRun;
 use crate::execution::run::{PreparedRun, RunOptions, solidflow_home};
 use crate::storage::run_history::{RunFilter, RunHistory, RunRecord, RunStatus};
@@ -176,6 +176,10 @@ enum Command {
     /// Run one step from a step invocation on stdin (used by out-of-process executors).
     #[command(hide = true)]
     Step,
+    /// Serve step requests on stdin, a Unix socket (warm step servers; see
+    /// `execution::step_server`).
+    #[command(hide = true)]
+    StepServer,
 }
 
 impl Repository {
@@ -372,6 +376,7 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
             }
         }
         Command::Step => step_mode(repository),
+        Command::StepServer => step_server(repository),
     }
 }
 
@@ -453,10 +458,11 @@ fn unique_run(history: &RunHistory, prefix: &str) -> Result<RunRecord, String> {
 /// Prints a run's events; with `follow`, polls for new ones until the run ends.
 fn print_logs(history: &RunHistory, run_id: &str, json: bool, follow: bool) -> Result<i32, String> {
     let run = unique_run(history, run_id)?;
+    // The log is what `logs` was asked for: it goes to stdout, so it can be piped.
     if !json {
-        eprintln!("{}", runs::run_line(&run));
+        println!("{}", runs::run_line(&run));
     }
-    let console = Console::new(json, Level::Debug, 0);
+    let console = Console::on_stdout(json, Level::Debug);
     let mut last = 0;
     loop {
         let events = history
@@ -609,30 +615,32 @@ fn step_mode(repository: &Repository) -> i32 {
     run_invocation(repository, invocation, events)
 }
 
+/// `<binary> step-server`: a warm step server for the multiprocess executor and Dask
+/// workers with `isolation: warm`.
+fn step_server(repository: &Repository) -> i32 {
+    #[cfg(target_os = "linux")]
+    {
+        crate::execution::step_server::serve(repository, parent_pid())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = repository;
+        eprintln!("error: warm step servers need Linux; use `isolation: process`");
+        EXIT_USAGE
+    }
+}
+
+/// The pid local executors say started this process ([`PARENT_PID_ENV`](crate::executor::PARENT_PID_ENV)).
+fn parent_pid() -> Option<libc::pid_t> {
+    std::env::var(crate::executor::PARENT_PID_ENV)
+        .ok()
+        .and_then(|p| p.parse::<libc::pid_t>().ok())
+}
+
 /// Splits the step process into a supervisor and the runner that returns here, so that
 /// nothing the step starts outlives it (see [`crate::execution::supervisor`]). Local
 /// executors set [`PARENT_PID_ENV`](crate::executor::PARENT_PID_ENV) to their pid: a
 /// step whose parent is already gone does not run.
 fn supervise() {
-    let parent = std::env::var(crate::executor::PARENT_PID_ENV)
-        .ok()
-        .and_then(|p| p.parse::<libc::pid_t>().ok());
-    crate::execution::supervisor::supervise_step(parent);
-}
-
-/// Keeps the real stdout for protocol messages and points fd 1 at stderr, so whatever
-/// user code prints cannot corrupt the message stream.
-fn protocol_stdout() -> std::io::Result<Box<dyn Write + Send>> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    std::io::stdout().flush()?;
-    // SAFETY: fcntl/dup2 on the process's own standard descriptors; the duplicate is
-    // owned by the returned File and closed exactly once. It is close-on-exec so that
-    // processes the solid starts do not hold the message pipe open.
-    unsafe {
-        let fd = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
-        if fd < 0 || libc::dup2(2, 1) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Box::new(std::fs::File::from(OwnedFd::from_raw_fd(fd))))
-    }
+    crate::execution::supervisor::supervise_step(parent_pid());
 }

@@ -64,6 +64,23 @@ pub enum InputSource {
         /// The upstream outputs, in the order their values appear in the list.
         sources: Vec<OutputRef>,
     },
+    /// One item of a fan-out, in an invocation mapped over it
+    /// ([`PipelineBuilder::map`]): item `<key>` of dynamic output `output` of `solid`,
+    /// or, when `solid` is itself mapped, its output in the step of the same key.
+    Item {
+        /// The invocation holding the items.
+        solid: String,
+        /// Its output.
+        output: String,
+    },
+    /// Every item of a fan-out gathered into a list, in item order
+    /// ([`DynamicHandle::collect`](super::dynamic::DynamicHandle::collect)).
+    Collect {
+        /// The invocation holding the items (a dynamic output, or a mapped invocation).
+        solid: String,
+        /// Its output.
+        output: String,
+    },
 }
 
 impl InputSource {
@@ -76,6 +93,10 @@ impl InputSource {
             }],
             Self::Config => Vec::new(),
             Self::FanIn { sources } => sources.clone(),
+            Self::Item { solid, output } | Self::Collect { solid, output } => vec![OutputRef {
+                solid: solid.clone(),
+                output: output.clone(),
+            }],
         }
     }
 }
@@ -124,6 +145,13 @@ impl<T> Handle<T> {
     /// The untyped reference.
     pub fn raw(self) -> RawHandle {
         self.raw
+    }
+
+    pub(crate) fn from_source(source: InputSource) -> Self {
+        Self {
+            raw: RawHandle(source),
+            _type: PhantomData,
+        }
     }
 }
 
@@ -178,6 +206,23 @@ impl<T> Handle<T> {
 /// Pipeline::build("broken", |p| {
 ///     let h = p.invoke(one, ());
 ///     p.invoke(collect, (h,)); // a Handle<i64> is not a list; write `(vec![h],)`
+/// });
+/// ```
+///
+/// And a list of handles only fits a list input:
+///
+/// ```compile_fail
+/// use solidflow::prelude::*;
+///
+/// #[solid]
+/// fn one(_ctx: &SolidContext) -> i64 { 1 }
+///
+/// #[solid]
+/// fn double(_ctx: &SolidContext, x: i64) -> i64 { x * 2 }
+///
+/// Pipeline::build("broken", |p| {
+///     let handles = vec![p.invoke_as("a", one, ()), p.invoke_as("b", one, ())];
+///     p.invoke(double, (handles,)); // `x: i64` takes one handle, not a Vec<Handle<i64>>
 /// });
 /// ```
 #[diagnostic::on_unimplemented(
@@ -238,6 +283,9 @@ pub struct Invocation {
     /// The config given when the pipeline was built ([`PipelineBuilder::invoke_with`]):
     /// the default of `solids.<alias>.config`, which run config may override key by key.
     pub config: Option<serde_json::Value>,
+    /// The dynamic output this invocation fans out over, one step per item, when it was
+    /// invoked inside [`PipelineBuilder::map`].
+    pub mapped_over: Option<OutputRef>,
 }
 
 /// A pipeline that was built and checked.
@@ -374,6 +422,16 @@ pub enum DefinitionError {
     /// A pipeline name or mode was given twice in one repository or pipeline.
     #[error("{0}")]
     Duplicate(String),
+    /// A dynamic fan-out is wired in a way that cannot run.
+    #[error("pipeline `{pipeline}`: solid `{solid}`: {reason}")]
+    Dynamic {
+        /// The pipeline.
+        pipeline: String,
+        /// The solid (invocation) where the wiring is wrong.
+        solid: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
 }
 
 /// An invocation as added, before [`Pipeline::build`] checks it: alias, solid, wiring.
@@ -382,12 +440,17 @@ type PendingInvocation = (
     Arc<SolidDefinition>,
     Vec<(String, RawHandle)>,
     Option<serde_json::Value>,
+    Option<OutputRef>,
 );
 
 /// Collects invocations; [`Pipeline::build`] checks them.
 pub struct PipelineBuilder {
     invocations: Vec<Invocation>,
     pending: Vec<PendingInvocation>,
+    /// The dynamic output being mapped over, inside [`map`](Self::map).
+    mapping: Option<OutputRef>,
+    /// Wiring mistakes found while building, reported by [`Pipeline::build`].
+    errors: Vec<String>,
 }
 
 impl PipelineBuilder {
@@ -477,9 +540,36 @@ impl PipelineBuilder {
             .into_iter()
             .map(|(n, h)| (n.to_string(), h))
             .collect();
-        self.pending
-            .push((alias.to_string(), Arc::new(S::definition()), wiring, config));
+        self.pending.push((
+            alias.to_string(),
+            Arc::new(S::definition()),
+            wiring,
+            config,
+            self.mapping.clone(),
+        ));
         S::outputs(alias)
+    }
+
+    /// Starts wiring the body of a map over `over`; returns what to restore after.
+    pub(crate) fn enter_map(&mut self, over: OutputRef) -> Option<OutputRef> {
+        if let Some(outer) = &self.mapping {
+            self.errors.push(format!(
+                "a map over `{}.{}` is nested in a map over `{}.{}`; nested fan-outs are not supported: collect the inner one first",
+                over.solid, over.output, outer.solid, outer.output
+            ));
+        }
+        self.mapping.replace(over)
+    }
+
+    pub(crate) fn leave_map(&mut self, outer: Option<OutputRef>) {
+        self.mapping = outer;
+    }
+
+    pub(crate) fn note_bad_map(&mut self, over: &OutputRef) {
+        self.errors.push(format!(
+            "the body of the map over `{}.{}` returned a handle that is not a value of a solid invoked in it; return the handle of the mapped solid's output",
+            over.solid, over.output
+        ));
     }
 
     /// Adds an erased solid under `alias`, with inputs as `(input name, source)`;
@@ -490,8 +580,13 @@ impl PipelineBuilder {
         definition: SolidDefinition,
         inputs: Vec<(String, RawHandle)>,
     ) {
-        self.pending
-            .push((alias.to_string(), Arc::new(definition), inputs, None));
+        self.pending.push((
+            alias.to_string(),
+            Arc::new(definition),
+            inputs,
+            None,
+            self.mapping.clone(),
+        ));
     }
 
     /// Like [`add`](Self::add), with the invocation's own config (see
@@ -508,6 +603,7 @@ impl PipelineBuilder {
             Arc::new(definition),
             inputs,
             Some(config),
+            self.mapping.clone(),
         ));
     }
 
@@ -546,11 +642,20 @@ impl Pipeline {
         let mut builder = PipelineBuilder {
             invocations: Vec::new(),
             pending: Vec::new(),
+            mapping: None,
+            errors: Vec::new(),
         };
         body(&mut builder);
+        if let Some(reason) = builder.errors.into_iter().next() {
+            return Err(DefinitionError::Dynamic {
+                pipeline: name.into(),
+                solid: "(map)".into(),
+                reason,
+            });
+        }
         let mut invocations = builder.invocations;
         let mut seen = HashMap::new();
-        for (alias, def, wiring, config) in builder.pending {
+        for (alias, def, wiring, config, mapped_over) in builder.pending {
             if config.is_some() && def.config.is_none() {
                 return Err(DefinitionError::ConfigWithoutSchema {
                     pipeline: name.into(),
@@ -592,6 +697,7 @@ impl Pipeline {
                 definition: def,
                 inputs,
                 config,
+                mapped_over,
             });
         }
         let pipeline = Self {
@@ -676,7 +782,10 @@ impl Pipeline {
                         input: input.name.clone(),
                     });
                 };
-                let fan_in = matches!(source, InputSource::FanIn { .. });
+                let fan_in = matches!(
+                    source,
+                    InputSource::FanIn { .. } | InputSource::Collect { .. }
+                );
                 for OutputRef { solid, output } in source.upstream_outputs() {
                     if solid.is_empty() {
                         return Err(DefinitionError::FanInFromConfig {
@@ -710,6 +819,7 @@ impl Pipeline {
                                 .join(", "),
                         }
                     })?;
+                    super::dynamic_check::wiring(self, inv, &input.name, source, upstream, out)?;
                     let fits = if fan_in {
                         out.ty.is_element_of(&input.ty)
                     } else {
@@ -733,6 +843,9 @@ impl Pipeline {
                     }
                 }
             }
+        }
+        for inv in self.invocations.iter() {
+            super::dynamic_check::outputs(self, inv)?;
         }
         let mut graph = petgraph::graph::DiGraph::<usize, ()>::new();
         let nodes: Vec<_> = (0..self.invocations.len())

@@ -43,8 +43,10 @@ pub struct InputDefinition {
 pub struct OutputDefinition {
     /// The output name (`result` by default).
     pub name: String,
-    /// The output's type.
+    /// The output's type; for a dynamic output, the type of one item.
     pub ty: TypeInfo,
+    /// Set for a dynamic output (`DynamicOutput<T>`): how to split it into its items.
+    pub dynamic: Option<super::dynamic::SplitFn>,
 }
 
 /// The values a solid received, by input name.
@@ -199,6 +201,19 @@ impl SolidDefinition {
         self.outputs.push(OutputDefinition {
             name: name.into(),
             ty,
+            dynamic: None,
+        });
+        self
+    }
+
+    /// Adds a dynamic output: the solid returns a
+    /// [`DynamicOutput<T>`](super::dynamic::DynamicOutput) under this name, and each
+    /// item is a value of type `T` for a step mapped over it.
+    pub fn dynamic_output<T: super::types::SolidType>(mut self, name: impl Into<String>) -> Self {
+        self.outputs.push(OutputDefinition {
+            name: name.into(),
+            ty: TypeInfo::of::<T>(),
+            dynamic: Some(super::dynamic::split::<T>),
         });
         self
     }

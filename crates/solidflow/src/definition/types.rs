@@ -2,38 +2,24 @@
 //!
 //! Solids are plain Rust functions, but the executor moves their values around without
 //! knowing their types: in memory as [`Value`], and through storage as bytes. A
-//! [`TypeInfo`] carries what is needed for both, captured once from the static type.
+//! [`TypeInfo`] carries what is needed for both, captured once from the static type,
+//! including the type's codec (see [`super::codec`]).
 
 use std::any::{Any, TypeId};
-use std::io::{BufReader, BufWriter, Read, Write};
-
-/// Buffer between a codec and the storage stream.
-const CODEC_BUFFER: usize = 64 * 1024;
+use std::io::{Read, Write};
 use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use super::codec::Codec;
+use super::codec::{self as codecs, TypeCodec};
+
 /// A value produced by a solid, shared without copying between steps in one process.
 pub type Value = Arc<dyn Any + Send + Sync>;
 
-/// The serialization format of stored intermediates.
-///
-/// The default, [`Codec::MessagePack`], was picked by benchmark (see `docs/benchmarks.md`):
-/// it is compact and fast on large numeric vectors and, unlike postcard, is self-describing,
-/// so every serde type round-trips (including `#[serde(flatten)]` and `serde_json::Value`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Codec {
-    /// MessagePack via `rmp-serde`.
-    #[default]
-    MessagePack,
-    /// JSON via `serde_json`: readable, larger and slower.
-    Json,
-}
-
-type EncodeFn = fn(&Value, Codec, &mut dyn Write) -> std::io::Result<()>;
-type DecodeFn = fn(Codec, &mut dyn Read) -> std::io::Result<Value>;
+type SerdeEncodeFn = fn(&Value, Codec, &mut dyn Write) -> std::io::Result<()>;
+type SerdeDecodeFn = fn(Codec, &mut dyn Read) -> std::io::Result<Value>;
 type FromJsonFn = fn(serde_json::Value) -> Result<Value, String>;
 type ToJsonFn = fn(&Value) -> Option<serde_json::Value>;
 type CollectFn = fn(Vec<Value>) -> Result<Value, String>;
@@ -44,8 +30,9 @@ pub struct TypeInfo {
     /// `std::any::type_name` of the type, for messages and plans.
     pub name: &'static str,
     id: fn() -> TypeId,
-    encode: EncodeFn,
-    decode: DecodeFn,
+    codec: TypeCodec,
+    serde_encode: SerdeEncodeFn,
+    serde_decode: SerdeDecodeFn,
     from_json: FromJsonFn,
     to_json: ToJsonFn,
     vec_id: fn() -> TypeId,
@@ -69,13 +56,14 @@ pub trait SolidType: Serialize + DeserializeOwned + Send + Sync + 'static {}
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> SolidType for T {}
 
 impl TypeInfo {
-    /// Type information for `T`.
+    /// Type information for `T`, with `T`'s codec.
     pub fn of<T: SolidType>() -> Self {
         Self {
             name: std::any::type_name::<T>(),
             id: TypeId::of::<T>,
-            encode: encode::<T>,
-            decode: decode::<T>,
+            codec: codecs::for_type::<T>(),
+            serde_encode: codecs::encode_serde::<T>,
+            serde_decode: codecs::decode_serde::<T>,
             from_json: |v| {
                 serde_json::from_value::<T>(v)
                     .map(|t| Arc::new(t) as Value)
@@ -100,14 +88,44 @@ impl TypeInfo {
         (self.collect)(values)
     }
 
-    /// Writes `value` (which must be of this type) with `codec`.
-    pub fn encode(&self, value: &Value, codec: Codec, out: &mut dyn Write) -> std::io::Result<()> {
-        (self.encode)(value, codec, out)
+    /// The codec storage uses for this type: [`Codec::Raw`] for plain numeric vectors,
+    /// [`Codec::Arrow`] for [`Table`](super::table::Table), [`Codec::MessagePack`] otherwise.
+    pub fn codec(&self) -> Codec {
+        self.codec.codec
     }
 
-    /// Reads a value of this type written with `codec`.
-    pub fn decode(&self, codec: Codec, input: &mut dyn Read) -> std::io::Result<Value> {
-        (self.decode)(codec, input)
+    /// Writes `value` (which must be of this type) with this type's codec.
+    pub fn encode(&self, value: &Value, out: &mut dyn Write) -> std::io::Result<()> {
+        (self.codec.encode)(value, out)
+    }
+
+    /// Reads a value of this type written with its codec (or, for a type whose codec was
+    /// MessagePack in earlier releases, written by those). A table keeps `input` and
+    /// reads it batch by batch as the table is iterated.
+    pub fn decode(&self, input: Box<dyn Read + Send>) -> std::io::Result<Value> {
+        (self.codec.decode)(input)
+    }
+
+    /// Writes `value` with a serde codec ([`Codec::MessagePack`] or [`Codec::Json`]),
+    /// whatever this type's own codec is.
+    pub fn encode_with(
+        &self,
+        value: &Value,
+        codec: Codec,
+        out: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        (self.serde_encode)(value, codec, out)
+    }
+
+    /// Reads a value written by [`encode_with`](Self::encode_with).
+    pub fn decode_with(&self, codec: Codec, input: &mut dyn Read) -> std::io::Result<Value> {
+        (self.serde_decode)(codec, input)
+    }
+
+    /// Makes `value` safe to hand to several readers in one process (a streaming table
+    /// is read into memory); the in-memory store calls it on every output it keeps.
+    pub fn share(&self, value: Value) -> Result<Value, String> {
+        (self.codec.share)(value)
     }
 
     /// Builds a value from config (`solids.<name>.inputs.<input>: ...`).
@@ -127,98 +145,33 @@ impl TypeInfo {
 }
 
 fn collect<T: SolidType>(values: Vec<Value>) -> Result<Value, String> {
+    let codec = codecs::for_type::<T>();
     let items = values
         .into_iter()
         .map(|value| {
             let typed = value
                 .downcast::<T>()
                 .map_err(|_| format!("a fan-in item is not a {}", std::any::type_name::<T>()))?;
-            // A value another step also reads (in memory) is copied through the codec.
+            // A value another step also reads (in memory) is copied through its codec.
             Arc::try_unwrap(typed).or_else(|shared| {
-                let bytes = rmp_serde::to_vec_named(&*shared).map_err(|e| e.to_string())?;
-                rmp_serde::from_slice::<T>(&bytes).map_err(|e| e.to_string())
+                let mut bytes = Vec::new();
+                (codec.encode)(&(shared as Value), &mut bytes).map_err(|e| e.to_string())?;
+                let copy = (codec.decode)(Box::new(std::io::Cursor::new(bytes)))
+                    .map_err(|e| e.to_string())?;
+                copy.downcast::<T>()
+                    .ok()
+                    .and_then(|t| Arc::try_unwrap(t).ok())
+                    .ok_or_else(|| "a decoded fan-in item is shared".to_string())
             })
         })
         .collect::<Result<Vec<T>, String>>()?;
     Ok(Arc::new(items))
 }
 
-fn encode<T: SolidType>(value: &Value, codec: Codec, out: &mut dyn Write) -> std::io::Result<()> {
-    let value = value.downcast_ref::<T>().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("value is not a {}", std::any::type_name::<T>()),
-        )
-    })?;
-    // Serializers write a few bytes at a time; buffering here keeps those writes out of
-    // the `dyn Write` calls (4x faster on a 100 MB `Vec<u8>`, see docs/benchmarks.md).
-    let mut out = BufWriter::with_capacity(CODEC_BUFFER, WriteRef(out));
-    match codec {
-        Codec::MessagePack => {
-            rmp_serde::encode::write_named(&mut out, value).map_err(msgpack_write_error)?
-        }
-        // A failed write comes back as the original io::Error (kind and all).
-        Codec::Json => serde_json::to_writer(&mut out, value).map_err(std::io::Error::from)?,
-    }
-    out.flush()
-}
-
-/// The I/O error under a MessagePack write error, so that a full disk reads as
-/// "No space left on device" first, not under the serializer's message.
-fn msgpack_write_error(e: rmp_serde::encode::Error) -> std::io::Error {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            return match io.raw_os_error() {
-                Some(code) => std::io::Error::from_raw_os_error(code),
-                None => std::io::Error::new(io.kind(), io.to_string()),
-            };
-        }
-        cause = c.source();
-    }
-    std::io::Error::other(e)
-}
-
-fn decode<T: SolidType>(codec: Codec, input: &mut dyn Read) -> std::io::Result<Value> {
-    let input = BufReader::with_capacity(CODEC_BUFFER, ReadRef(input));
-    let value: T = match codec {
-        Codec::MessagePack => rmp_serde::from_read(input).map_err(invalid)?,
-        Codec::Json => serde_json::from_reader(input).map_err(invalid)?,
-    };
-    Ok(Arc::new(value))
-}
-
-fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
-}
-
-/// `&mut dyn Write` is not `Sized`; these adapters make it usable where `W: Write` is needed.
-struct WriteRef<'a>(&'a mut dyn Write);
-impl Write for WriteRef<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.0.write_all(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
-struct ReadRef<'a>(&'a mut dyn Read);
-impl Read for ReadRef<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-    fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_exact(buf)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::definition::table::Table;
 
     #[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
     struct Row {
@@ -228,8 +181,9 @@ mod tests {
     }
 
     #[test]
-    fn round_trips_through_every_codec() {
+    fn round_trips_through_every_serde_codec() {
         let info = TypeInfo::of::<Row>();
+        assert_eq!(info.codec(), Codec::MessagePack);
         let row = Row {
             name: "a".into(),
             extra: [("x".to_string(), 1.5)].into(),
@@ -238,12 +192,40 @@ mod tests {
             name: row.name.clone(),
             extra: row.extra.clone(),
         });
+        let mut own = Vec::new();
+        info.encode(&value, &mut own).unwrap();
+        let back = info.decode(Box::new(std::io::Cursor::new(own))).unwrap();
+        assert_eq!(back.downcast_ref::<Row>(), Some(&row));
         for codec in [Codec::MessagePack, Codec::Json] {
             let mut buf = Vec::new();
-            info.encode(&value, codec, &mut buf).unwrap();
-            let back = info.decode(codec, &mut buf.as_slice()).unwrap();
+            info.encode_with(&value, codec, &mut buf).unwrap();
+            let back = info.decode_with(codec, &mut buf.as_slice()).unwrap();
             assert_eq!(back.downcast_ref::<Row>(), Some(&row));
         }
+    }
+
+    #[test]
+    fn each_type_picks_its_codec() {
+        assert_eq!(TypeInfo::of::<Vec<f64>>().codec(), Codec::Raw);
+        assert_eq!(TypeInfo::of::<Vec<u8>>().codec(), Codec::Raw);
+        assert_eq!(TypeInfo::of::<Vec<i32>>().codec(), Codec::Raw);
+        assert_eq!(TypeInfo::of::<Table>().codec(), Codec::Arrow);
+        assert_eq!(TypeInfo::of::<Vec<String>>().codec(), Codec::MessagePack);
+        assert_eq!(TypeInfo::of::<f64>().codec(), Codec::MessagePack);
+        assert_eq!(TypeInfo::of::<Vec<Vec<f64>>>().codec(), Codec::MessagePack);
+    }
+
+    #[test]
+    fn a_shared_fan_in_item_is_copied_through_its_codec() {
+        let shared: Value = Arc::new(vec![1.0f64, 2.0]);
+        let _other_reader = shared.clone();
+        let list = TypeInfo::of::<Vec<f64>>()
+            .collect(vec![shared, Arc::new(vec![3.0f64])])
+            .unwrap();
+        assert_eq!(
+            list.downcast_ref::<Vec<Vec<f64>>>(),
+            Some(&vec![vec![1.0, 2.0], vec![3.0]])
+        );
     }
 
     #[test]

@@ -47,6 +47,13 @@ impl<'a> SolidContext<'a> {
         self.step_key
     }
 
+    /// The key of the item this step runs for, in a step of a fan-out
+    /// (`double[part_3].compute` → `part_3`); `None` for other steps.
+    pub fn mapping_key(&self) -> Option<&str> {
+        let head = self.step_key.strip_suffix(crate::plan::StepKey::SUFFIX)?;
+        head.strip_suffix(']')?.split_once('[').map(|(_, k)| k)
+    }
+
     /// The solid's alias in the pipeline.
     pub fn solid_name(&self) -> &str {
         self.solid

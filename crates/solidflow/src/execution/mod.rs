@@ -14,6 +14,7 @@ pub mod run_id;
 pub(crate) mod scheduler;
 pub mod sink;
 pub(crate) mod step;
+pub mod step_server;
 pub(crate) mod supervisor;
 pub(crate) mod values;
 

@@ -54,19 +54,24 @@ pub struct StepInvocation {
 }
 
 impl StepInvocation {
-    /// The invocation of attempt `attempt` of step `step` of the run in `env`: the one
+    /// The invocation of attempt `attempt` of `step` of the run in `env`: the one
     /// place every out-of-process executor builds it.
-    pub fn for_attempt(env: &StepEnvironment, home: &Path, step: usize, attempt: u32) -> Self {
+    pub fn for_attempt(
+        env: &StepEnvironment,
+        home: &Path,
+        step: &crate::plan::ExecutionStep,
+        attempt: u32,
+    ) -> Self {
         Self {
             protocol: PROTOCOL_VERSION,
             run_id: env.run_id.clone(),
             pipeline: env.pipeline.name().to_string(),
             mode: env.config.mode.clone(),
-            step_key: env.plan.steps[step].key.clone(),
+            step_key: step.key.clone(),
             attempt,
             run_config: env.config.value.clone(),
             home: home.to_path_buf(),
-            input_runs: env.plan.steps[step].input_runs(),
+            input_runs: step.input_runs(),
         }
     }
 }
@@ -296,6 +301,23 @@ pub fn run_invocation(
     };
     writer.send(&StepMessage::result(outcome));
     code
+}
+
+/// Keeps the real stdout for protocol messages and points fd 1 at stderr, so whatever
+/// user code prints cannot corrupt the message stream.
+pub(crate) fn protocol_stdout() -> std::io::Result<Box<dyn Write + Send>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    std::io::stdout().flush()?;
+    // SAFETY: fcntl/dup2 on the process's own standard descriptors; the duplicate is
+    // owned by the returned File and closed exactly once. It is close-on-exec so that
+    // processes the solid starts do not hold the message pipe open.
+    unsafe {
+        let fd = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
+        if fd < 0 || libc::dup2(2, 1) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Box::new(std::fs::File::from(OwnedFd::from_raw_fd(fd))))
+    }
 }
 
 #[cfg(test)]

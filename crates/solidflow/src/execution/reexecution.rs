@@ -210,6 +210,8 @@ pub fn plan_steps(
     steps: &StepsToRun,
     parent: Option<&ParentRun>,
 ) -> Result<StepPlan, ReexecutionError> {
+    // Items of fan-outs a selection names (`summarize[part_3]`): alias → keys.
+    let mut items = BTreeMap::new();
     let keep: Vec<bool> = match steps {
         StepsToRun::All => {
             return Ok(StepPlan {
@@ -217,7 +219,11 @@ pub fn plan_steps(
                 reused: BTreeMap::new(),
             });
         }
-        StepsToRun::Selection(text) => StepSelection::parse(text)?.resolve(&full)?,
+        StepsToRun::Selection(text) => {
+            let selection = StepSelection::parse(text)?;
+            items = selection.items();
+            selection.resolve(&full)?
+        }
         StepsToRun::FromFailure => {
             let parent = parent.ok_or(ReexecutionError::FromFailureWithoutParent)?;
             let mut keep: Vec<bool> = full
@@ -243,14 +249,42 @@ pub fn plan_steps(
     };
     let empty = BTreeMap::new();
     let outputs = parent.map(|p| &p.outputs).unwrap_or(&empty);
-    let plan = full.subset(&keep, outputs, parent.map(|p| p.record.run_id.as_str()))?;
-    let reused = full
+    let mut plan = full.subset(&keep, outputs, parent.map(|p| p.record.run_id.as_str()))?;
+    if *steps == StepsToRun::FromFailure {
+        plan.reuse_succeeded_items(outputs);
+    } else if !items.is_empty() && parent.is_some() {
+        plan.reuse_unselected_items(outputs, &items);
+    }
+    let mut reused: BTreeMap<String, String> = full
         .steps
         .iter()
         .zip(&keep)
         .filter(|(_, k)| !**k)
         .filter_map(|(s, _)| outputs.get(&s.key).map(|r| (s.key.clone(), r.clone())))
         .collect();
+    // The steps of fan-outs this run does not run again: every item of a template
+    // that is not run, and the reused items of one that is.
+    let kept_key = |key: &str| full.index_of(key).is_some_and(|i| keep[i]);
+    for (step, kept) in full.steps.iter().zip(&keep) {
+        let over_rerun = step
+            .dynamic
+            .as_ref()
+            .is_some_and(|d| kept_key(&d.over.step_key));
+        let selected = items.get(&step.solid);
+        let reuses =
+            !*kept || ((*steps == StepsToRun::FromFailure || selected.is_some()) && !over_rerun);
+        if step.is_template() && reuses {
+            for (mapping_key, run) in crate::plan::items_of(&step.key, outputs) {
+                if selected.is_some_and(|keys| keys.contains(&mapping_key)) {
+                    continue;
+                }
+                reused.insert(
+                    crate::plan::StepKey::mapped(&step.solid, &mapping_key).into(),
+                    run,
+                );
+            }
+        }
+    }
     Ok(StepPlan { plan, reused })
 }
 

@@ -18,7 +18,6 @@ use super::values::ValueStore;
 use crate::config::{ConfigErrors, ConfigSources, RunConfig};
 use crate::definition::pipeline::Pipeline;
 use crate::definition::storage::StorageContext;
-use crate::definition::types::Codec;
 use crate::plan::ExecutionPlan;
 use crate::storage::run_history::{HistoryError, RunHistory, RunRecord, RunStatus};
 use crate::storage::{IntermediateKey, IntermediateStorage, StorageError};
@@ -205,14 +204,12 @@ impl ExecutionResult {
                 })?,
             None => {
                 let key = IntermediateKey::new(run_id, &step_key, output);
-                let mut reader = self.env.storage.read(&key)?;
-                def.ty
-                    .decode(Codec::default(), &mut reader)
-                    .map_err(|source| StorageError::Io {
-                        operation: "decode",
-                        location: self.env.storage.location(&key),
-                        source,
-                    })?
+                let reader = self.env.storage.read(&key)?;
+                def.ty.decode(reader).map_err(|source| StorageError::Io {
+                    operation: "decode",
+                    location: self.env.storage.location(&key),
+                    source,
+                })?
             }
         };
         Ok(value

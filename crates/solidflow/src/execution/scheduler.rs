@@ -6,17 +6,26 @@
 //! [`Scheduler::is_finished`]. Events for retries, failures and skips are emitted here,
 //! so every executor reports them the same way.
 //!
+//! Steps can be added while the run goes: a template step (the steps of a fan-out,
+//! `double[?].compute`) whose upstreams succeeded is expanded into one step per item
+//! of the dynamic output it maps over (`double[<key>].compute`), with the keys read by
+//! the executor's resolver. Those steps are scheduled like any other (retries, resources,
+//! cancel), keyed by their index after the plan's steps. The template succeeds when
+//! they all did (a `STEP_SUCCESS` for the template key, so run history knows it is
+//! done), and fails (skipping what is downstream, e.g. the collect) when one failed.
+//!
 //! A retry whose delay has passed goes to the front of the ready queue: it has waited
 //! its delay already, and must not also wait behind every step that became ready
 //! meanwhile.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::SolidError;
 use super::event::{ErrorInfo, EventKind, Level};
 use super::sink::EventSink;
-use crate::plan::ExecutionPlan;
+use crate::plan::{ExecutionPlan, ExecutionStep};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -27,6 +36,30 @@ enum State {
     Succeeded,
     Failed,
     Skipped,
+    /// A template whose steps were added and have not all finished.
+    Expanded,
+}
+
+/// Reads the item keys of the dynamic output a template maps over.
+pub(crate) type KeyResolver<'p> =
+    Box<dyn FnMut(&ExecutionStep) -> Result<Vec<String>, ErrorInfo> + 'p>;
+
+/// A template whose steps run: how many have not finished, and which failed.
+struct FanOut {
+    pending: usize,
+    failed: Vec<String>,
+}
+
+/// Step `i` of the run: a plan step, or one added after them.
+fn step_of<'a>(
+    plan: &'a ExecutionPlan,
+    added: &'a [Arc<ExecutionStep>],
+    i: usize,
+) -> &'a ExecutionStep {
+    match i.checked_sub(plan.steps.len()) {
+        None => &plan.steps[i],
+        Some(a) => &added[a],
+    }
 }
 
 /// Resources a machine (or executor) offers, e.g. `{GPU: 2}`.
@@ -103,6 +136,16 @@ pub(crate) struct Scheduler<'p> {
     in_use: Resources,
     running: usize,
     summary: Summary,
+    /// Steps added while the run goes (fan-outs): step `plan.steps.len() + i`.
+    added: Vec<Arc<ExecutionStep>>,
+    /// The template of each added step.
+    template_of: Vec<usize>,
+    /// Templates whose upstreams succeeded, to expand.
+    expand: VecDeque<usize>,
+    fanouts: HashMap<usize, FanOut>,
+    /// The failed steps of each failed template, to name them in skips.
+    failed_items: HashMap<usize, Vec<String>>,
+    resolve: KeyResolver<'p>,
 }
 
 /// Checks that every step's requirements fit in `capacity`, naming each step that can
@@ -147,10 +190,15 @@ impl<'p> Scheduler<'p> {
         let waiting_on: Vec<usize> = plan.steps.iter().map(|s| s.upstream.len()).collect();
         let mut state = vec![State::Waiting; plan.steps.len()];
         let mut ready = VecDeque::new();
+        let mut expand = VecDeque::new();
         for (i, w) in waiting_on.iter().enumerate() {
             if *w == 0 {
                 state[i] = State::Ready;
-                ready.push_back(i);
+                if plan.steps[i].is_template() {
+                    expand.push_back(i);
+                } else {
+                    ready.push_back(i);
+                }
             }
         }
         Self {
@@ -165,17 +213,180 @@ impl<'p> Scheduler<'p> {
             in_use: Resources::new(),
             running: 0,
             summary: Summary::default(),
+            added: Vec::new(),
+            template_of: Vec::new(),
+            expand,
+            fanouts: HashMap::new(),
+            failed_items: HashMap::new(),
+            resolve: Box::new(|template| {
+                Err(ErrorInfo {
+                    message: format!(
+                        "{}: this executor cannot read the keys of a dynamic output",
+                        template.key
+                    ),
+                    causes: vec![],
+                    kind: "error".into(),
+                    location: None,
+                })
+            }),
         }
+    }
+
+    /// Reads the item keys of fan-outs with `resolve` (see the module docs).
+    pub(crate) fn with_resolver(mut self, resolve: KeyResolver<'p>) -> Self {
+        self.resolve = resolve;
+        self
+    }
+
+    /// Step `i` of the run: a plan step, or one added while the run goes.
+    pub(crate) fn step(&self, i: usize) -> &ExecutionStep {
+        step_of(self.plan, &self.added, i)
+    }
+
+    /// Step `i`, shared, when it was added while the run goes (`None` for plan steps).
+    pub(crate) fn added_step(&self, i: usize) -> Option<Arc<ExecutionStep>> {
+        i.checked_sub(self.plan.steps.len())
+            .map(|a| self.added[a].clone())
+    }
+
+    /// The plan step a run step stands for: itself, or the template it was added for.
+    pub(crate) fn plan_index(&self, i: usize) -> usize {
+        i.checked_sub(self.plan.steps.len())
+            .map_or(i, |a| self.template_of[a])
+    }
+
+    /// Adds the steps of template `t`, one per item not reused from a parent run.
+    fn expand_template(&mut self, t: usize) {
+        let template = &self.plan.steps[t];
+        let keys = match (self.resolve)(template) {
+            Ok(keys) => keys,
+            Err(error) => {
+                self.events.emit(
+                    Some(&template.key),
+                    Level::Error,
+                    format!("{} failed: {}", template.key, error.message),
+                    EventKind::StepFailure { error, attempt: 1 },
+                );
+                self.state[t] = State::Failed;
+                self.summary.failed.push(template.key.clone());
+                self.skip_downstream(t);
+                return;
+            }
+        };
+        let reused = template
+            .dynamic
+            .as_ref()
+            .map(|d| &d.reused)
+            .filter(|r| !r.is_empty());
+        let runs = BTreeMap::new();
+        let mut pending = 0;
+        for key in &keys {
+            if reused.is_some_and(|r| r.contains_key(key)) {
+                continue;
+            }
+            let i = self.plan.steps.len() + self.added.len();
+            self.added.push(Arc::new(template.instantiate(key, &runs)));
+            self.template_of.push(t);
+            self.state.push(State::Ready);
+            self.waiting_on.push(0);
+            self.attempts.push(0);
+            self.ready.push_back(i);
+            pending += 1;
+        }
+        let over = template.dynamic.as_ref().map(|d| &d.over);
+        let over = over
+            .map(|o| format!("{}.{}", o.step_key, o.output))
+            .unwrap_or_default();
+        let reused_count = keys.len() - pending;
+        self.events.emit(
+            Some(&template.key),
+            Level::Info,
+            format!(
+                "{}: {} step(s) for the {} item(s) of {over}{}",
+                template.key,
+                pending,
+                keys.len(),
+                if reused_count > 0 {
+                    format!(" ({reused_count} reused from the parent run)")
+                } else {
+                    String::new()
+                }
+            ),
+            EventKind::EngineEvent {
+                details: serde_json::json!({
+                    "fan_out": template.key,
+                    "over": over,
+                    "items": keys.len(),
+                    "reused": reused_count,
+                }),
+            },
+        );
+        if pending == 0 {
+            self.template_succeeded(t);
+        } else {
+            self.state[t] = State::Expanded;
+            self.fanouts.insert(
+                t,
+                FanOut {
+                    pending,
+                    failed: Vec::new(),
+                },
+            );
+        }
+    }
+
+    /// An added step of template `t` finished for good (`failed`: its key, if it failed).
+    fn fan_out_step_done(&mut self, step: usize, failed: bool) {
+        let Some(a) = step.checked_sub(self.plan.steps.len()) else {
+            return;
+        };
+        let t = self.template_of[a];
+        let Some(f) = self.fanouts.get_mut(&t) else {
+            return;
+        };
+        f.pending -= 1;
+        if failed {
+            f.failed.push(self.added[a].key.clone());
+        }
+        if f.pending > 0 {
+            return;
+        }
+        let f = self.fanouts.remove(&t).expect("fan-out is tracked");
+        if f.failed.is_empty() {
+            self.template_succeeded(t);
+        } else {
+            self.state[t] = State::Failed;
+            self.failed_items.insert(t, f.failed);
+            self.skip_downstream(t);
+        }
+    }
+
+    fn template_succeeded(&mut self, t: usize) {
+        let key = &self.plan.steps[t].key;
+        self.events.emit(
+            Some(key),
+            Level::Info,
+            format!("{key}: every step of the fan-out succeeded"),
+            EventKind::StepSuccess {
+                duration_ms: 0,
+                attempt: 1,
+            },
+        );
+        self.state[t] = State::Succeeded;
+        self.unblock_downstream(t);
     }
 
     /// The next step to start and its attempt number, or `None` if nothing can start
     /// now (nothing ready, delays pending, or resources busy).
     #[allow(clippy::should_implement_trait)] // not an iterator: `None` means "not now", not "done"
     pub(crate) fn next(&mut self) -> Option<(usize, u32)> {
+        while let Some(t) = self.expand.pop_front() {
+            self.expand_template(t);
+        }
         self.promote_due_retries();
         let pos = self.ready.iter().position(|&s| self.fits(s))?;
         let step = self.ready.remove(pos).expect("position is valid");
-        for (name, need) in &self.plan.steps[step].required_resources {
+        for (name, need) in &step_of(self.plan, &self.added, step).required_resources {
             *self.in_use.entry(name.clone()).or_default() += need;
         }
         self.state[step] = State::Running;
@@ -183,7 +394,7 @@ impl<'p> Scheduler<'p> {
         self.attempts[step] += 1;
         let attempt = self.attempts[step];
         if attempt > 1 {
-            let key = &self.plan.steps[step].key;
+            let key = &step_of(self.plan, &self.added, step).key;
             self.events.emit(
                 Some(key),
                 Level::Info,
@@ -220,7 +431,7 @@ impl<'p> Scheduler<'p> {
         let Some(capacity) = &self.capacity else {
             return true;
         };
-        self.plan.steps[step]
+        self.step(step)
             .required_resources
             .iter()
             .all(|(name, need)| {
@@ -231,7 +442,7 @@ impl<'p> Scheduler<'p> {
 
     fn release(&mut self, step: usize) {
         self.running -= 1;
-        for (name, need) in &self.plan.steps[step].required_resources {
+        for (name, need) in &step_of(self.plan, &self.added, step).required_resources {
             if let Some(v) = self.in_use.get_mut(name) {
                 *v -= need;
             }
@@ -258,11 +469,22 @@ impl<'p> Scheduler<'p> {
     fn succeeded(&mut self, step: usize) {
         self.release(step);
         self.state[step] = State::Succeeded;
-        for &d in &self.plan.steps[step].downstream {
+        self.unblock_downstream(step);
+        self.fan_out_step_done(step, false);
+    }
+
+    /// Dependents of `step` whose upstreams all succeeded become ready (a template:
+    /// due for expansion).
+    fn unblock_downstream(&mut self, step: usize) {
+        for &d in &step_of(self.plan, &self.added, step).downstream {
             self.waiting_on[d] -= 1;
             if self.waiting_on[d] == 0 && self.state[d] == State::Waiting {
                 self.state[d] = State::Ready;
-                self.ready.push_back(d);
+                if self.plan.steps[d].is_template() {
+                    self.expand.push_back(d);
+                } else {
+                    self.ready.push_back(d);
+                }
             }
         }
     }
@@ -274,7 +496,7 @@ impl<'p> Scheduler<'p> {
         retry_requested: Option<Option<Duration>>,
     ) -> AfterFailure {
         self.release(step);
-        let s = &self.plan.steps[step];
+        let s = step_of(self.plan, &self.added, step);
         let attempt = self.attempts[step];
         let policy = &s.retry_policy;
         let max_retries = if retry_requested.is_some() {
@@ -314,23 +536,27 @@ impl<'p> Scheduler<'p> {
         self.state[step] = State::Failed;
         self.summary.failed.push(s.key.clone());
         self.skip_downstream(step);
+        self.fan_out_step_done(step, true);
         AfterFailure::Failed
     }
 
     fn skip_downstream(&mut self, failed: usize) {
         let mut stack = vec![failed];
         while let Some(step) = stack.pop() {
-            for &d in &self.plan.steps[step].downstream {
+            for &d in &step_of(self.plan, &self.added, step).downstream {
                 if self.state[d] != State::Waiting {
                     continue;
                 }
                 self.state[d] = State::Skipped;
-                let ds = &self.plan.steps[d];
+                let ds = step_of(self.plan, &self.added, d);
                 let upstream: Vec<String> = ds
                     .upstream
                     .iter()
                     .filter(|&&u| matches!(self.state[u], State::Failed | State::Skipped))
-                    .map(|&u| self.plan.steps[u].key.clone())
+                    .flat_map(|&u| match self.failed_items.get(&u) {
+                        Some(items) => items.clone(),
+                        None => vec![step_of(self.plan, &self.added, u).key.clone()],
+                    })
                     .collect();
                 self.events.emit(
                     Some(&ds.key),
@@ -364,6 +590,7 @@ impl<'p> Scheduler<'p> {
         }
         self.ready.clear();
         self.delayed.clear();
+        self.expand.clear();
     }
 
     /// How many steps are running.
@@ -378,12 +605,15 @@ impl<'p> Scheduler<'p> {
 
     /// Whether a step is ready but waiting for resources or a free slot.
     pub(crate) fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
+        !self.ready.is_empty() || !self.expand.is_empty()
     }
 
     /// Whether nothing is running, ready or waiting for a retry.
     pub(crate) fn is_finished(&self) -> bool {
-        self.running == 0 && self.ready.is_empty() && self.delayed.is_empty()
+        self.running == 0
+            && self.ready.is_empty()
+            && self.delayed.is_empty()
+            && self.expand.is_empty()
     }
 
     /// The outcome so far.
@@ -419,6 +649,7 @@ mod tests {
                     tags: Default::default(),
                     retry_policy: retry.clone(),
                     level: 0,
+                    dynamic: None,
                     invocation: 0,
                     upstream: up.iter().map(|u| index(u)).collect(),
                     downstream: vec![],
@@ -638,5 +869,112 @@ mod tests {
         assert!(summary.canceled);
         assert_eq!(summary.failed, ["a.compute"]);
         assert_eq!(summary.skipped, ["c.compute"]);
+    }
+
+    /// `src` → `map[?]` (a template over `src.result`) → `join`.
+    fn fan_out_plan() -> ExecutionPlan {
+        let mut plan = plan(&[
+            ("src", &[], NONE, &[]),
+            ("map", &["src"], RetryPolicy::new(1), &[]),
+            ("join", &["map"], NONE, &[]),
+        ]);
+        plan.steps[1].key = "map[?].compute".into();
+        plan.steps[1].dynamic = Some(crate::plan::DynamicStep {
+            over: crate::plan::StepOutputRef {
+                step_key: "src.compute".into(),
+                output: "result".into(),
+            },
+            over_run_id: None,
+            mapping_key: None,
+            reused: Default::default(),
+        });
+        plan
+    }
+
+    fn keys(keys: &'static [&'static str]) -> KeyResolver<'static> {
+        Box::new(move |_| Ok(keys.iter().map(|k| k.to_string()).collect()))
+    }
+
+    #[test]
+    fn a_template_becomes_one_step_per_key_and_its_dependents_wait_for_all() {
+        let plan = fan_out_plan();
+        let (events, collector) = sink();
+        let mut s = Scheduler::new(&plan, events, None).with_resolver(keys(&["a", "b"]));
+        assert_eq!(s.next(), Some((0, 1)));
+        assert_eq!(s.next(), None);
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.next(), Some((3, 1)));
+        assert_eq!(s.next(), Some((4, 1)));
+        assert_eq!(s.step(3).key, "map[a].compute");
+        assert_eq!(s.step(4).key, "map[b].compute");
+        assert_eq!(s.plan_index(4), 1);
+        s.finished(4, StepOutcome::Succeeded);
+        assert_eq!(s.next(), None, "join waits for map[a] too");
+        // A step of a fan-out retries with its template's policy.
+        s.finished(3, StepOutcome::Failed(error("flake")));
+        while s.next_wakeup().is_some_and(|t| t > Instant::now()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(s.next(), Some((3, 2)));
+        s.finished(3, StepOutcome::Succeeded);
+        assert_eq!(s.next(), Some((2, 1)));
+        s.finished(2, StepOutcome::Succeeded);
+        assert!(s.is_finished());
+        let kinds = types(&collector);
+        assert!(
+            kinds.contains(&"STEP_SUCCESS map[?].compute".to_string()),
+            "{kinds:?}"
+        );
+    }
+
+    #[test]
+    fn no_keys_means_no_steps_and_dependents_run() {
+        let plan = fan_out_plan();
+        let (events, _) = sink();
+        let mut s = Scheduler::new(&plan, events, None).with_resolver(keys(&[]));
+        assert_eq!(s.next(), Some((0, 1)));
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.next(), Some((2, 1)), "join runs on an empty collect");
+    }
+
+    #[test]
+    fn a_failed_step_of_a_fan_out_skips_the_dependents_naming_it() {
+        let mut plan = fan_out_plan();
+        plan.steps[1].retry_policy = NONE;
+        let (events, collector) = sink();
+        let mut s = Scheduler::new(&plan, events, None).with_resolver(keys(&["a", "b"]));
+        s.next();
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.next(), Some((3, 1)));
+        assert_eq!(s.next(), Some((4, 1)));
+        s.finished(3, StepOutcome::Failed(error("boom")));
+        s.finished(4, StepOutcome::Succeeded);
+        assert!(s.is_finished());
+        let skipped = collector
+            .events()
+            .into_iter()
+            .find(|e| e.kind.name() == "STEP_SKIPPED")
+            .unwrap();
+        assert!(
+            matches!(&skipped.kind, EventKind::StepSkipped { upstream } if upstream == &["map[a].compute"]),
+            "{skipped:?}"
+        );
+        let summary = s.summary();
+        assert_eq!(summary.failed, ["map[a].compute"]);
+        assert_eq!(summary.skipped, ["join.compute"]);
+    }
+
+    #[test]
+    fn keys_that_cannot_be_read_fail_the_template() {
+        let plan = fan_out_plan();
+        let (events, _) = sink();
+        let mut s = Scheduler::new(&plan, events, None);
+        s.next();
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.next(), None);
+        assert!(s.is_finished());
+        let summary = s.summary();
+        assert_eq!(summary.failed, ["map[?].compute"]);
+        assert_eq!(summary.skipped, ["join.compute"]);
     }
 }

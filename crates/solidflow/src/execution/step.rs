@@ -19,7 +19,7 @@ use super::values::ValueStore;
 use crate::config::RunConfig;
 use crate::definition::pipeline::Pipeline;
 use crate::definition::solid::Inputs;
-use crate::definition::types::{Codec, TypeInfo, Value};
+use crate::definition::types::{TypeInfo, Value};
 use crate::plan::{ExecutionPlan, ExecutionStep, StepInputSource};
 use crate::storage::{IntermediateKey, IntermediateStorage};
 
@@ -43,11 +43,16 @@ pub struct StepEnvironment {
 }
 
 impl StepEnvironment {
-    /// Runs attempt `attempt` of step `index`. Emits `STEP_START`, `STEP_INPUT`,
-    /// `STEP_OUTPUT` and, on success, `STEP_SUCCESS`; a failure is returned for the
-    /// caller to turn into `STEP_UP_FOR_RETRY` or `STEP_FAILURE`.
+    /// Runs attempt `attempt` of step `index` of the plan. Emits `STEP_START`,
+    /// `STEP_INPUT`, `STEP_OUTPUT` and, on success, `STEP_SUCCESS`; a failure is
+    /// returned for the caller to turn into `STEP_UP_FOR_RETRY` or `STEP_FAILURE`.
     pub fn run_step(&self, index: usize, attempt: u32) -> Result<(), SolidError> {
-        let step = &self.plan.steps[index];
+        self.run(&self.plan.steps[index], attempt)
+    }
+
+    /// Runs attempt `attempt` of `step`, a step of the plan or one added while the run
+    /// goes (a step of a fan-out); see [`run_step`](Self::run_step).
+    pub fn run(&self, step: &ExecutionStep, attempt: u32) -> Result<(), SolidError> {
         let key = step.key.as_str();
         let started = Instant::now();
         self.events.emit(
@@ -93,6 +98,16 @@ impl StepEnvironment {
                     ))
                 })?;
             let (_, value) = produced.swap_remove(pos);
+            if let Some(split) = out.dynamic {
+                let items = split(value).map_err(|e| {
+                    SolidError::new(format!(
+                        "dynamic output `{}` of solid `{}`: {e}",
+                        out.name, step.solid
+                    ))
+                })?;
+                self.store_dynamic_output(step, &out.name, out.ty, items)?;
+                continue;
+            }
             if !out.ty.matches(&value) {
                 return Err(SolidError::new(format!(
                     "output `{}` of solid `{}` is not a {}",
@@ -158,6 +173,47 @@ impl StepEnvironment {
                     let value = item_ty.collect(items).map_err(SolidError::new)?;
                     (value, format!("fan-in of {} outputs", sources.len()), None)
                 }
+                StepInputSource::Mapped { step_key, .. } => {
+                    return Err(SolidError::new(format!(
+                        "{} is the template of a fan-out over {step_key}; it runs as one step per item, never itself",
+                        step.key
+                    )));
+                }
+                StepInputSource::Collect {
+                    step_key,
+                    output,
+                    keys_from,
+                    keys_run_id,
+                    reused,
+                } => {
+                    let keys = self.dynamic_keys(
+                        keys_run_id.as_deref(),
+                        &keys_from.step_key,
+                        &keys_from.output,
+                    )?;
+                    let item_ty = self.collect_item_type(&step.solid, &input.name)?;
+                    let limit = match self.memory {
+                        Some(_) => 1,
+                        None => self.storage.read_concurrency().max(1),
+                    };
+                    let same_run =
+                        crate::plan::StepKey::parse(step_key).is_none_or(|k| !k.is_template());
+                    let items = map_bounded(&keys, limit, |k| {
+                        let (key, out) = crate::plan::collect_item(step_key, output, k);
+                        let run = match reused.get(k) {
+                            Some(run) => Some(run.as_str()),
+                            None if same_run => keys_run_id.as_deref(),
+                            None => None,
+                        };
+                        self.load_output(run, &key, &out, item_ty)
+                    })?;
+                    let value = item_ty.collect(items).map_err(SolidError::new)?;
+                    (
+                        value,
+                        format!("collect of {} items of {step_key}.{output}", keys.len()),
+                        None,
+                    )
+                }
                 StepInputSource::Config => {
                     let json = self
                         .config
@@ -212,8 +268,8 @@ impl StepEnvironment {
             }),
             None => {
                 let key = IntermediateKey::new(run_id.unwrap_or(&self.run_id), step_key, output);
-                let mut reader = self.storage.read(&key)?;
-                ty.decode(Codec::default(), &mut reader).map_err(|e| {
+                let reader = self.storage.read(&key)?;
+                ty.decode(reader).map_err(|e| {
                     SolidError::new(format!(
                         "cannot decode {} as {}",
                         self.storage.location(&key),
@@ -223,6 +279,151 @@ impl StepEnvironment {
                 })
             }
         }
+    }
+
+    /// How a scheduler of this run reads the item keys of a fan-out.
+    pub(crate) fn key_resolver(&self) -> super::scheduler::KeyResolver<'_> {
+        Box::new(move |template: &ExecutionStep| {
+            let d = template.dynamic.as_ref().ok_or_else(|| {
+                SolidError::new(format!("{} is not a fan-out", template.key)).info()
+            })?;
+            self.dynamic_keys(d.over_run_id.as_deref(), &d.over.step_key, &d.over.output)
+                .map_err(|e| {
+                    SolidError::new(format!(
+                        "cannot read the item keys of {}.{} for {}",
+                        d.over.step_key, d.over.output, template.key
+                    ))
+                    .caused_by(e.to_string())
+                    .info()
+                })
+        })
+    }
+
+    /// The item keys of dynamic output `output` of `step_key`, in order, from run
+    /// `run_id` (this run when `None`).
+    pub(crate) fn dynamic_keys(
+        &self,
+        run_id: Option<&str>,
+        step_key: &str,
+        output: &str,
+    ) -> Result<Vec<String>, SolidError> {
+        let value = self.load_output(run_id, step_key, output, TypeInfo::of::<Vec<String>>())?;
+        value.downcast_ref::<Vec<String>>().cloned().ok_or_else(|| {
+            SolidError::new(format!(
+                "the keys of dynamic output `{output}` of `{step_key}` are not a list"
+            ))
+        })
+    }
+
+    /// The type of one item of collect input `input` of invocation `alias`: the type
+    /// of the collected output.
+    fn collect_item_type(&self, alias: &str, input: &str) -> Result<TypeInfo, SolidError> {
+        let missing = || {
+            SolidError::new(format!(
+                "collect input `{input}` of `{alias}` has no upstream type"
+            ))
+        };
+        let inv = self.pipeline.invocation(alias).ok_or_else(missing)?;
+        let Some(crate::definition::pipeline::InputSource::Collect { solid, output }) =
+            inv.inputs.get(input)
+        else {
+            return Err(missing());
+        };
+        self.pipeline
+            .invocation(solid)
+            .and_then(|u| u.definition.find_output(output))
+            .map(|o| o.ty)
+            .ok_or_else(missing)
+    }
+
+    /// Stores the items of dynamic output `output` each on its own (as output
+    /// `<output>[<key>]`), then the list of keys as `output`: a step mapped over it
+    /// finds its item, and the executor the keys. A bad or repeated key fails the
+    /// step, naming it.
+    fn store_dynamic_output(
+        &self,
+        step: &ExecutionStep,
+        output: &str,
+        ty: TypeInfo,
+        items: Vec<(String, Value)>,
+    ) -> Result<(), SolidError> {
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        for (key, _) in &items {
+            crate::plan::step_key::check_mapping_key(key).map_err(|e| {
+                SolidError::new(format!(
+                    "{}: dynamic output `{output}` has an item with the bad mapping key {key:?}: {e}",
+                    step.key
+                ))
+            })?;
+            if !seen.insert(key.as_str()) {
+                return Err(SolidError::new(format!(
+                    "{}: dynamic output `{output}` has two items with the mapping key {key:?}; mapping keys must be unique",
+                    step.key
+                )));
+            }
+        }
+        let keys: Vec<String> = items.iter().map(|(k, _)| k.clone()).collect();
+        let count = keys.len();
+        let limit = match self.memory {
+            Some(_) => 1,
+            // Items are independent objects: written as many at once as reads are.
+            None => self.storage.read_concurrency().max(1),
+        };
+        map_bounded(&items, limit, |(key, value)| {
+            let name = crate::plan::StepKey::item_output(output, key);
+            self.put(&step.key, &name, ty, value.clone()).map(|_| ())
+        })?;
+        let list = TypeInfo::of::<Vec<String>>();
+        let stored = self.put(&step.key, output, list, Arc::new(keys))?;
+        let message = format!("output {output}: {count} dynamic items");
+        self.output_event(step, output, ty, stored, message);
+        Ok(())
+    }
+
+    fn output_event(
+        &self,
+        step: &ExecutionStep,
+        output: &str,
+        ty: TypeInfo,
+        (location, bytes): (Option<String>, Option<u64>),
+        message: String,
+    ) {
+        self.events.emit(
+            Some(&step.key),
+            Level::Debug,
+            message,
+            EventKind::StepOutput {
+                output: output.into(),
+                type_name: ty.name.into(),
+                location,
+                bytes,
+            },
+        );
+    }
+
+    /// Writes one value to memory or storage; where and how many bytes, for storage.
+    fn put(
+        &self,
+        step_key: &str,
+        output: &str,
+        ty: TypeInfo,
+        value: Value,
+    ) -> Result<(Option<String>, Option<u64>), SolidError> {
+        Ok(match &self.memory {
+            Some(mem) => {
+                let value = ty.share(value).map_err(|e| {
+                    SolidError::new(format!("output `{output}` of `{step_key}` failed"))
+                        .caused_by(e)
+                })?;
+                mem.put(step_key, output, value);
+                (None, None)
+            }
+            None => {
+                let key = IntermediateKey::new(&self.run_id, step_key, output);
+                let bytes = self.storage.write(&key, &mut |w| ty.encode(&value, w))?;
+                (Some(self.storage.location(&key)), Some(bytes))
+            }
+        })
     }
 
     /// The type of one item of fan-in input `input` of invocation `alias`: the type of
@@ -257,30 +458,8 @@ impl StepEnvironment {
         ty: TypeInfo,
         value: Value,
     ) -> Result<(), SolidError> {
-        let (location, bytes) = match &self.memory {
-            Some(mem) => {
-                mem.put(&step.key, output, value);
-                (None, None)
-            }
-            None => {
-                let key = IntermediateKey::new(&self.run_id, &step.key, output);
-                let bytes = self
-                    .storage
-                    .write(&key, &mut |w| ty.encode(&value, Codec::default(), w))?;
-                (Some(self.storage.location(&key)), Some(bytes))
-            }
-        };
-        self.events.emit(
-            Some(&step.key),
-            Level::Debug,
-            format!("output {output}"),
-            EventKind::StepOutput {
-                output: output.into(),
-                type_name: ty.name.into(),
-                location,
-                bytes,
-            },
-        );
+        let stored = self.put(&step.key, output, ty, value)?;
+        self.output_event(step, output, ty, stored, format!("output {output}"));
         Ok(())
     }
 }

@@ -51,7 +51,7 @@ fn check_parent(parent: Option<i32>) {
 }
 
 #[cfg(target_os = "linux")]
-mod linux {
+pub(crate) mod linux {
     use super::PARENT_GONE_EXIT;
     use libc::{c_int, pid_t};
 
@@ -64,7 +64,8 @@ mod linux {
         libc::SIGQUIT,
     ];
 
-    fn single_threaded() -> bool {
+    /// Whether this process has one thread (so forking it may keep running Rust code).
+    pub(crate) fn single_threaded() -> bool {
         std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() == 1)
     }
 
@@ -87,21 +88,10 @@ mod linux {
         // mask, dispositions, prctl flags, process group) or forks it. The process is
         // single-threaded (checked above), so the child may keep running Rust code.
         unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for s in HANDLED {
-                libc::sigaddset(&mut set, s);
-            }
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
-            // A SIGCHLD disposition of SIG_IGN inherited from the spawner would make the
-            // kernel reap children on its own; waiting needs the default.
-            libc::signal(libc::SIGCHLD, libc::SIG_DFL);
             if libc::getpgrp() != libc::getpid() {
                 libc::setpgid(0, 0);
             }
-            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong);
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP as libc::c_ulong);
+            let (set, old) = become_supervisor();
             if parent_gone(parent) {
                 gone(parent);
             }
@@ -122,6 +112,32 @@ mod linux {
                 }
                 runner => run_supervisor(runner, &set),
             }
+        }
+    }
+
+    /// Blocks the signals [`wait_runner`] waits for, restores SIGCHLD's default
+    /// disposition, and makes this process a child subreaper that gets SIGHUP when its
+    /// parent dies. Returns the blocked set and the previous signal mask (for a child
+    /// to restore).
+    ///
+    /// # Safety
+    /// Changes process-wide attributes; call it while the process is single-threaded.
+    pub(crate) unsafe fn become_supervisor() -> (libc::sigset_t, libc::sigset_t) {
+        // SAFETY: only this process's own mask, dispositions and prctl flags change.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in HANDLED {
+                libc::sigaddset(&mut set, s);
+            }
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+            // A SIGCHLD disposition of SIG_IGN inherited from the spawner would make the
+            // kernel reap children on its own; waiting needs the default.
+            libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP as libc::c_ulong);
+            (set, old)
         }
     }
 
@@ -149,6 +165,22 @@ mod linux {
                 libc::dup2(null.as_raw_fd(), 1);
             }
         }
+        let status = wait_runner(runner, set, |sig| {
+            // SAFETY: signals our own child, not yet reaped.
+            unsafe { libc::kill(runner, sig) };
+        });
+        exit_like(status)
+    }
+
+    /// Waits for `runner` to exit, then SIGKILLs and reaps every remaining descendant
+    /// and returns the runner's wait status. SIGTERM / SIGINT / SIGQUIT meanwhile go to
+    /// `on_stop`; SIGHUP (the parent died, `PR_SET_PDEATHSIG`) kills every descendant
+    /// and exits. The signals of `set` must be blocked, and this process a subreaper.
+    pub(crate) fn wait_runner(
+        runner: pid_t,
+        set: &libc::sigset_t,
+        mut on_stop: impl FnMut(c_int),
+    ) -> c_int {
         let mut status = None;
         loop {
             // SAFETY: `set` is a valid, initialized signal set; siginfo is written by the kernel.
@@ -164,7 +196,7 @@ mod linux {
                         if children_left {
                             kill_descendants(runner, &mut status);
                         }
-                        exit_like(s);
+                        return s;
                     }
                 }
                 libc::SIGHUP => {
@@ -174,17 +206,14 @@ mod linux {
                     // SAFETY: _exit(2) ends this process without running destructors.
                     unsafe { libc::_exit(128 + libc::SIGHUP) };
                 }
-                libc::SIGTERM | libc::SIGINT | libc::SIGQUIT if status.is_none() => {
-                    // SAFETY: signals our own child, not yet reaped (status is None).
-                    unsafe { libc::kill(runner, sig) };
-                }
+                libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => on_stop(sig),
                 _ => {} // EINTR or an unexpected signal: wait again.
             }
         }
     }
 
     /// Reaps children; records the runner's status. Returns false when there are none.
-    fn reap(runner: pid_t, status: &mut Option<c_int>, flags: c_int) -> bool {
+    pub(crate) fn reap(runner: pid_t, status: &mut Option<c_int>, flags: c_int) -> bool {
         loop {
             let mut s: c_int = 0;
             // SAFETY: waitpid(2) on our own children with a valid status pointer.
@@ -206,7 +235,7 @@ mod linux {
 
     /// SIGKILLs every descendant and reaps until this process has no children left. As
     /// a subreaper, having no children means having no descendants.
-    fn kill_descendants(runner: pid_t, status: &mut Option<c_int>) {
+    pub(crate) fn kill_descendants(runner: pid_t, status: &mut Option<c_int>) {
         loop {
             // SAFETY: getpid(2) has no preconditions.
             for pid in descendants(unsafe { libc::getpid() }) {

@@ -14,6 +14,15 @@ use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
 use crate::config::json_schema::config_type_of;
 use crate::execution::error::SolidError;
 use crate::execution::scheduler::{Resources, Scheduler, StepOutcome, Summary, check_resources};
+use crate::execution::step::StepEnvironment;
+use crate::plan::ExecutionStep;
+
+fn run_job(env: &StepEnvironment, (step, attempt, added): &Job) -> Result<(), SolidError> {
+    match added {
+        Some(s) => env.run(s, *attempt),
+        None => env.run_step(*step, *attempt),
+    }
+}
 
 /// Runs steps on up to `max_concurrent` threads of the current process.
 #[derive(Debug, Clone)]
@@ -64,6 +73,10 @@ pub(crate) fn definition() -> ExecutorDefinition {
 
 type Done = (usize, Result<(), SolidError>);
 
+/// A step to run: its index, attempt, and the step itself when it was added while the
+/// run goes (a step of a fan-out; plan steps are looked up by index).
+type Job = (usize, u32, Option<Arc<ExecutionStep>>);
+
 impl Executor for InProcessExecutor {
     fn in_process(&self) -> bool {
         true
@@ -76,18 +89,26 @@ impl Executor for InProcessExecutor {
     fn execute(&self, ctx: &ExecutionContext) -> Result<Summary, ExecutorError> {
         let env = &ctx.env;
         let plan = env.plan.clone();
-        let mut scheduler = Scheduler::new(&plan, env.events.clone(), self.resources.clone());
-        let threads = self.max_concurrent.min(plan.steps.len()).max(1);
-        let (job_tx, job_rx) = unbounded::<(usize, u32)>();
+        let mut scheduler = Scheduler::new(&plan, env.events.clone(), self.resources.clone())
+            .with_resolver(env.key_resolver());
+        // A fan-out adds steps while the run goes: the plan's size does not bound them.
+        let fans_out = plan.steps.iter().any(|s| s.is_template());
+        let width = if fans_out {
+            usize::MAX
+        } else {
+            plan.steps.len()
+        };
+        let threads = self.max_concurrent.min(width).max(1);
+        let (job_tx, job_rx) = unbounded::<Job>();
         let (done_tx, done_rx) = unbounded::<Done>();
         // Workers are detached: on cancel the run returns without waiting for steps
         // that cannot be interrupted; the process exits right after.
         for _ in 0..threads {
             let (jobs, done, env) = (job_rx.clone(), done_tx.clone(), env.clone());
             std::thread::spawn(move || {
-                for (step, attempt) in jobs {
-                    let result = env.run_step(step, attempt);
-                    if done.send((step, result)).is_err() {
+                for job in jobs {
+                    let result = run_job(&env, &job);
+                    if done.send((job.0, result)).is_err() {
                         break;
                     }
                 }
@@ -106,12 +127,13 @@ impl Executor for InProcessExecutor {
                 let Some((step, attempt)) = scheduler.next() else {
                     break;
                 };
+                let job = (step, attempt, scheduler.added_step(step));
                 if threads == 1 || (in_flight.is_empty() && !scheduler.has_ready()) {
-                    let result = env.run_step(step, attempt);
+                    let result = run_job(env, &job);
                     handle(&mut scheduler, (step, result));
                 } else {
                     in_flight.push(step);
-                    job_tx.send((step, attempt)).expect("worker pool alive");
+                    job_tx.send(job).expect("worker pool alive");
                 }
             }
             if scheduler.is_finished() {

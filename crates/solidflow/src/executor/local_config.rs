@@ -1,5 +1,6 @@
-//! The `config:` block shared by the local executors, `in_process` and `multiprocess`:
-//! one serde type, from which its schema, defaults and parsing all derive.
+//! The `config:` blocks of the local executors, `in_process` ([`LocalConfig`]) and
+//! `multiprocess` ([`MultiprocessConfig`]: the same plus how steps are isolated): serde
+//! types, from which their schemas, defaults and parsing all derive.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -29,6 +30,65 @@ impl LocalConfig {
     }
 }
 
+/// How the multiprocess executor runs a step.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// A new process of this binary per step (`<binary> step`): exec and repository
+    /// build paid per step.
+    #[default]
+    Process,
+    /// A warm step server per slot forks one process per step from a repository it
+    /// built once: the same isolation (own process, own process group, crash
+    /// containment, descendants killed), without the process start.
+    Warm,
+}
+
+/// `execution: {multiprocess: {config: ...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct MultiprocessConfig {
+    /// Most steps running at once; 0 means one per core.
+    #[schemars(range(max = 4096))]
+    pub max_concurrent: u32,
+    /// Resources this machine offers, e.g. {GPU: 1}; steps requiring them wait for a free unit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "resources_schema")]
+    pub resources: Option<Resources>,
+    /// process: a new process per step; warm: one step server per slot forks each step
+    /// from an already built repository (same isolation, no process start per step).
+    pub isolation: Isolation,
+    /// warm: a step server is replaced after this many steps (0: never).
+    #[schemars(range(max = 1_000_000_000))]
+    pub max_steps_per_server: u64,
+    /// warm: a step server whose resident memory exceeds this many MB is replaced after
+    /// its current step (0: no limit).
+    #[schemars(range(max = 1_000_000_000))]
+    pub max_server_rss_mb: u64,
+}
+
+impl Default for MultiprocessConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 0,
+            resources: None,
+            isolation: Isolation::Process,
+            max_steps_per_server: 0,
+            max_server_rss_mb: 1024,
+        }
+    }
+}
+
+impl MultiprocessConfig {
+    /// Reads the `config:` block of `multiprocess`, checking it against the schema.
+    pub fn from_value(config: &Value) -> Result<Self, ExecutorError> {
+        parse_block(config, &["execution", "multiprocess", "config"])
+            .map_err(|e| ExecutorError::Config(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,6 +112,30 @@ mod tests {
         );
         assert!(
             err.contains("execution.multiprocess.config.resources.GPU"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn multiprocess_isolation_defaults_to_process_and_checks_its_values() {
+        let c = MultiprocessConfig::from_value(&json!({})).unwrap();
+        assert_eq!(c, MultiprocessConfig::default());
+        assert_eq!(c.isolation, Isolation::Process);
+        let c = MultiprocessConfig::from_value(
+            &json!({"isolation": "warm", "max_steps_per_server": 3, "max_server_rss_mb": 0}),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.isolation, c.max_steps_per_server, c.max_server_rss_mb),
+            (Isolation::Warm, 3, 0)
+        );
+        let err = MultiprocessConfig::from_value(&json!({"isolation": "thread"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("execution.multiprocess.config.isolation")
+                && err.contains("process")
+                && err.contains("warm"),
             "{err}"
         );
     }

@@ -11,9 +11,10 @@ pub mod dask;
 mod in_process;
 mod local_config;
 mod multiprocess;
+mod warm;
 
 pub use in_process::InProcessExecutor;
-pub use local_config::LocalConfig;
+pub use local_config::{Isolation, LocalConfig, MultiprocessConfig};
 pub use multiprocess::{MultiprocessExecutor, PARENT_PID_ENV, kill_step_processes};
 
 pub use crate::definition::executor::{BuildExecutor, ExecutorDefinition};

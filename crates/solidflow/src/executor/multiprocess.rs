@@ -36,7 +36,8 @@ use crossbeam_channel::bounded;
 use serde_json::{Value, json};
 
 use super::in_process::effective_concurrency;
-use super::local_config::LocalConfig;
+use super::local_config::{Isolation, MultiprocessConfig};
+use super::warm::{Recycle, WarmLauncher};
 use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
 use crate::config::json_schema::config_type_of;
 use crate::execution::event::{EventKind, Level};
@@ -53,7 +54,7 @@ pub const PARENT_PID_ENV: &str = "SOLIDFLOW_PARENT_PID";
 pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(2);
 
 /// How long to wait for a child's output pipes to drain after it exited.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs every step attempt in a child process of the pipeline's own binary.
 #[derive(Debug, Clone)]
@@ -62,6 +63,8 @@ pub struct MultiprocessExecutor {
     resources: Option<Resources>,
     program: Option<PathBuf>,
     grace: Duration,
+    isolation: Isolation,
+    recycle: Recycle,
 }
 
 impl MultiprocessExecutor {
@@ -72,7 +75,29 @@ impl MultiprocessExecutor {
             resources: None,
             program: None,
             grace: DEFAULT_GRACE,
+            isolation: Isolation::Process,
+            recycle: Recycle {
+                max_steps: 0,
+                max_rss_mb: MultiprocessConfig::default().max_server_rss_mb,
+            },
         }
+    }
+
+    /// How steps are isolated: a new process per step (the default), or forked by a
+    /// warm step server per slot (see `docs/config.md`).
+    pub fn with_isolation(mut self, isolation: Isolation) -> Self {
+        self.isolation = isolation;
+        self
+    }
+
+    /// Warm isolation: replace a step server after `max_steps` steps (0: never) or once
+    /// its resident memory exceeds `max_rss_mb` MB (0: no limit).
+    pub fn with_server_recycling(mut self, max_steps: u64, max_rss_mb: u64) -> Self {
+        self.recycle = Recycle {
+            max_steps,
+            max_rss_mb,
+        };
+        self
     }
 
     /// Declares the resources this machine has (`{GPU: 1}`); steps then wait for them.
@@ -100,10 +125,12 @@ pub(crate) fn definition() -> ExecutorDefinition {
     ExecutorDefinition {
         name: "multiprocess",
         description: "Run every step in its own child process of this binary (needs filesystem or s3 storage).",
-        config: config_type_of::<LocalConfig>,
+        config: config_type_of::<MultiprocessConfig>,
         build: |config: &Value| {
-            let config = LocalConfig::from_value("multiprocess", config)?;
-            let mut executor = MultiprocessExecutor::new(config.max_concurrent as usize);
+            let config = MultiprocessConfig::from_value(config)?;
+            let mut executor = MultiprocessExecutor::new(config.max_concurrent as usize)
+                .with_isolation(config.isolation)
+                .with_server_recycling(config.max_steps_per_server, config.max_server_rss_mb);
             executor.resources = config.resources;
             Ok(Arc::new(executor))
         },
@@ -113,10 +140,10 @@ pub(crate) fn definition() -> ExecutorDefinition {
 // ---------------------------------------------------------------------------------------
 // The registry of live step process groups.
 
-struct Registry {
-    groups: BTreeSet<i32>,
+pub(super) struct Registry {
+    pub(super) groups: BTreeSet<i32>,
     /// Set by [`kill_step_processes`]: the process is going away, start nothing new.
-    closed: bool,
+    pub(super) closed: bool,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
@@ -124,7 +151,7 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     closed: false,
 });
 
-fn registry() -> std::sync::MutexGuard<'static, Registry> {
+pub(super) fn registry() -> std::sync::MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -140,7 +167,7 @@ pub fn kill_step_processes() -> usize {
     registry.groups.len()
 }
 
-fn signal_group(pgid: i32, signal: i32) {
+pub(super) fn signal_group(pgid: i32, signal: i32) {
     // SAFETY: kill(2) with a negative pid signals a process group; no memory involved.
     // `pgid` is a child we have not reaped, so the group id cannot have been reused.
     unsafe {
@@ -318,26 +345,41 @@ fn forward_stderr(
     attempt: u32,
     pid: i32,
 ) {
-    let mut log = File::options()
-        .create(true)
-        .append(true)
-        .open(log_path)
-        .ok();
+    let mut log = StepLog::open(log_path, key, attempt, pid);
     let mut reader = BufReader::new(stderr);
     let mut buf = Vec::new();
-    let mut header_written = false;
     loop {
         buf.clear();
         match reader.read_until(b'\n', &mut buf) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        let line = String::from_utf8_lossy(&buf);
+        log.line(reporter, &String::from_utf8_lossy(&buf));
+    }
+}
+
+/// A step's stderr log file, `<home>/logs/<run_id>/<step_key>.log`: each attempt's
+/// lines are appended under a header naming the attempt and its pid.
+pub(super) struct StepLog {
+    file: Option<File>,
+    header: Option<String>,
+}
+
+impl StepLog {
+    /// Opens (appends to) the log; a log that cannot be opened is skipped.
+    pub(super) fn open(path: &Path, key: &str, attempt: u32, pid: i32) -> Self {
+        Self {
+            file: File::options().create(true).append(true).open(path).ok(),
+            header: Some(format!("--- {key} attempt {attempt} (pid {pid}) ---")),
+        }
+    }
+
+    /// Keeps one stderr line (its line end is dropped) and reports it.
+    pub(super) fn line(&mut self, reporter: &Reporter, line: &str) {
         let line = line.trim_end_matches(['\n', '\r']);
-        if let Some(f) = log.as_mut() {
-            if !header_written {
-                let _ = writeln!(f, "--- {key} attempt {attempt} (pid {pid}) ---");
-                header_written = true;
+        if let Some(f) = self.file.as_mut() {
+            if let Some(header) = self.header.take() {
+                let _ = writeln!(f, "{header}");
             }
             let _ = writeln!(f, "{line}");
         }
@@ -347,7 +389,7 @@ fn forward_stderr(
 
 /// Signals the groups that have not been reaped yet (a reaped pid may already belong
 /// to someone else).
-fn signal_live(groups: &[i32], signal: i32) {
+pub(super) fn signal_live(groups: &[i32], signal: i32) {
     let registry = registry();
     for pid in groups {
         if registry.groups.contains(pid) {
@@ -358,6 +400,11 @@ fn signal_live(groups: &[i32], signal: i32) {
 
 impl Executor for MultiprocessExecutor {
     fn check(&self, ctx: &ExecutionContext) -> Result<(), ExecutorError> {
+        if self.isolation == Isolation::Warm && !cfg!(target_os = "linux") {
+            return Err(ExecutorError::Config(
+                "execution.multiprocess.config.isolation: warm step servers need Linux; use `isolation: process`".into(),
+            ));
+        }
         check_reach(&ctx.env, "multiprocess", None).map_err(ExecutorError::Config)?;
         check_resources(&ctx.env.plan, self.resources.as_ref()).map_err(ExecutorError::Config)
     }
@@ -383,22 +430,34 @@ impl Executor for MultiprocessExecutor {
             ))
         })?;
         let slots = self.max_concurrent.max(1);
+        let isolation = match self.isolation {
+            Isolation::Process => "process",
+            Isolation::Warm => "warm",
+        };
         env.events.emit(
             None,
             Level::Debug,
-            format!("multiprocess executor: up to {slots} step processes of {}; step logs in {}", program.display(), log_dir.display()),
+            format!("multiprocess executor: up to {slots} step processes of {} (isolation: {isolation}); step logs in {}", program.display(), log_dir.display()),
             EventKind::EngineEvent {
-                details: json!({"max_concurrent": slots, "program": program, "log_dir": log_dir, "resources": self.resources}),
+                details: json!({"max_concurrent": slots, "program": program, "log_dir": log_dir, "resources": self.resources, "isolation": isolation}),
             },
         );
-        let mut launcher = ProcessLauncher { program, log_dir };
         let options = RunOptions {
             max_running: Some(slots),
             resources: self.resources.clone(),
             grace: self.grace,
         };
-        run_steps(env, &ctx.cancel, &ctx.home, &mut launcher, options)
-            .map_err(ExecutorError::Engine)
+        match self.isolation {
+            Isolation::Process => {
+                let mut launcher = ProcessLauncher { program, log_dir };
+                run_steps(env, &ctx.cancel, &ctx.home, &mut launcher, options)
+            }
+            Isolation::Warm => {
+                let mut launcher = WarmLauncher::new(program, log_dir, slots, self.recycle);
+                run_steps(env, &ctx.cancel, &ctx.home, &mut launcher, options)
+            }
+        }
+        .map_err(ExecutorError::Engine)
     }
 }
 

@@ -3,10 +3,14 @@
 //! A plan is plain data, deterministic for the same pipeline and config, and printable
 //! (`plan` prints it as text or JSON). Executors only ever see plans.
 
+mod dynamic;
 pub mod selection;
-mod step_key;
+pub mod step_key;
 mod subset;
 
+pub use dynamic::DynamicStep;
+pub(crate) use dynamic::collect_item;
+pub use dynamic::items_of;
 pub use step_key::StepKey;
 pub use subset::{UnprovidedInput, UnprovidedInputs};
 
@@ -16,7 +20,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::config::RunConfig;
-use crate::definition::pipeline::{InputSource, Invocation, Pipeline};
+use crate::definition::pipeline::{InputSource, Invocation, OutputRef, Pipeline};
 use crate::definition::retry::RetryPolicy;
 
 /// Where a step input's value comes from.
@@ -40,6 +44,39 @@ pub enum StepInputSource {
     FanIn {
         /// The upstream outputs, in list order.
         sources: Vec<StepOutputRef>,
+    },
+    /// In a template step (one step per item of a fan-out): per item, item `<key>` of
+    /// dynamic output `output` of `step_key`, or, when `step_key` is a template too,
+    /// output `output` of its step of the same key. Each real step reads a
+    /// [`Step`](Self::Step) source instead.
+    Mapped {
+        /// The step holding the items (`split.compute`, or `double[?].compute`).
+        step_key: String,
+        /// Its output.
+        output: String,
+        /// The run holding the values when it is not this one (re-execution).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        run_id: Option<String>,
+        /// Items whose values a parent run holds: mapping key → run id (re-execution).
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        reused: BTreeMap<String, String>,
+    },
+    /// Every item of a fan-out gathered into one list, in item order: output `output`
+    /// of each step of template `step_key` (or each item of dynamic output `output` of
+    /// `step_key`). The item keys are read from `keys_from` when the step runs.
+    Collect {
+        /// The template step (or the step with the dynamic output).
+        step_key: String,
+        /// The output gathered.
+        output: String,
+        /// The dynamic output whose keys say which items there are.
+        keys_from: StepOutputRef,
+        /// The run holding `keys_from` when it is not this one (re-execution).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        keys_run_id: Option<String>,
+        /// Items whose values a parent run holds: mapping key → run id (re-execution).
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        reused: BTreeMap<String, String>,
     },
 }
 
@@ -68,8 +105,11 @@ pub struct StepInput {
 pub struct StepOutput {
     /// The output name.
     pub name: String,
-    /// The Rust type.
+    /// The Rust type (of one item, for a dynamic output).
     pub type_name: &'static str,
+    /// Whether this is a dynamic output: keyed items, one step per item downstream.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dynamic: bool,
 }
 
 /// One unit of execution: one solid invocation.
@@ -93,6 +133,9 @@ pub struct ExecutionStep {
     pub retry_policy: RetryPolicy,
     /// Topological level: 0 for steps with no upstream step.
     pub level: usize,
+    /// For a step of a fan-out (or its template): what it maps over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic: Option<DynamicStep>,
     /// Index of the invocation in [`Pipeline::invocations`], for O(1) lookup.
     #[serde(skip)]
     pub invocation: usize,
@@ -115,9 +158,22 @@ impl ExecutionStep {
                     step_key,
                     run_id: Some(run),
                     ..
-                } => Some((step_key.clone(), run.clone())),
+                } => Some(vec![(step_key.clone(), run.clone())]),
+                StepInputSource::Collect {
+                    step_key,
+                    keys_from,
+                    keys_run_id,
+                    reused,
+                    ..
+                } => Some(dynamic::collect_runs(
+                    step_key,
+                    keys_from,
+                    keys_run_id,
+                    reused,
+                )),
                 _ => None,
             })
+            .flatten()
             .collect()
     }
 
@@ -125,11 +181,18 @@ impl ExecutionStep {
     /// runs instead of this one; the other side of [`input_runs`](Self::input_runs).
     pub fn read_inputs_from(&mut self, runs: &BTreeMap<String, String>) {
         for input in &mut self.inputs {
-            if let StepInputSource::Step {
-                step_key, run_id, ..
-            } = &mut input.source
-            {
-                *run_id = runs.get(step_key).cloned();
+            match &mut input.source {
+                StepInputSource::Step {
+                    step_key, run_id, ..
+                } => *run_id = runs.get(step_key).cloned(),
+                StepInputSource::Collect {
+                    step_key,
+                    keys_from,
+                    keys_run_id,
+                    reused,
+                    ..
+                } => dynamic::read_collect_runs(step_key, keys_from, keys_run_id, reused, runs),
+                _ => {}
             }
         }
     }
@@ -165,11 +228,12 @@ impl ExecutionPlan {
         for (pos, &i) in order.iter().enumerate() {
             position[i] = pos;
         }
+        let lookup = |alias: &str| index.get(alias).map(|&i| &invs[i]);
         let mut steps: Vec<ExecutionStep> = order
             .iter()
             .map(|&i| {
                 let upstream_of = |solid: &str| Some(position[index[solid]]);
-                build_step(&invs[i], i, config, level[i], upstream_of)
+                build_step(&invs[i], i, config, level[i], upstream_of, &lookup)
             })
             .collect();
         for i in 0..steps.len() {
@@ -192,7 +256,16 @@ impl ExecutionPlan {
             .iter()
             .enumerate()
             .find(|(_, inv)| inv.alias == alias.solid())?;
-        let step = build_step(inv, i, config, 0, |_| None);
+        let lookup = |alias: &str| pipeline.invocation(alias);
+        let step = build_step(inv, i, config, 0, |_| None, &lookup);
+        // A step of a fan-out is its template's, for one key.
+        let step = match (alias.mapping_key(), &step.dynamic) {
+            (None, None) => step,
+            (Some(mapping_key), Some(_)) if !alias.is_template() => {
+                step.instantiate(mapping_key, &BTreeMap::new())
+            }
+            _ => return None,
+        };
         Some(Self {
             pipeline: pipeline.name().to_string(),
             steps: vec![step],
@@ -258,26 +331,62 @@ fn levels(invs: &[Invocation], index: &HashMap<&str, usize>) -> Vec<usize> {
 
 /// Builds the step of invocation `inv` (index `i` in the pipeline). `upstream_of` maps
 /// an upstream alias to its step index in the plan being built, if it has one.
-fn build_step(
+fn build_step<'a>(
     inv: &Invocation,
     i: usize,
     config: &RunConfig,
     level: usize,
     upstream_of: impl Fn(&str) -> Option<usize>,
+    lookup: &dyn Fn(&str) -> Option<&'a Invocation>,
 ) -> ExecutionStep {
     let def = &inv.definition;
+    let mapped = |alias: &str| lookup(alias).and_then(|u| u.mapped_over.clone());
+    let step_key = |alias: &str| match mapped(alias) {
+        Some(_) => StepKey::template(alias).into(),
+        None => step_key(alias),
+    };
     let mut upstream = Vec::new();
     let inputs = def
         .inputs
         .iter()
         .map(|input| {
             let source = match &inv.inputs[&input.name] {
-                InputSource::Output { solid, output } => {
+                InputSource::Output { solid, output } | InputSource::Item { solid, output }
+                    if inv.mapped_over.is_some()
+                        && (mapped(solid).is_some()
+                            || matches!(&inv.inputs[&input.name], InputSource::Item { .. })) =>
+                {
+                    upstream.extend(upstream_of(solid));
+                    StepInputSource::Mapped {
+                        step_key: step_key(solid),
+                        output: output.clone(),
+                        run_id: None,
+                        reused: BTreeMap::new(),
+                    }
+                }
+                InputSource::Output { solid, output } | InputSource::Item { solid, output } => {
                     upstream.extend(upstream_of(solid));
                     StepInputSource::Step {
                         step_key: step_key(solid),
                         output: output.clone(),
                         run_id: None,
+                    }
+                }
+                InputSource::Collect { solid, output } => {
+                    upstream.extend(upstream_of(solid));
+                    let over = mapped(solid).unwrap_or_else(|| OutputRef {
+                        solid: solid.clone(),
+                        output: output.clone(),
+                    });
+                    StepInputSource::Collect {
+                        step_key: step_key(solid),
+                        output: output.clone(),
+                        keys_from: StepOutputRef {
+                            step_key: self::step_key(&over.solid),
+                            output: over.output,
+                        },
+                        keys_run_id: None,
+                        reused: BTreeMap::new(),
                     }
                 }
                 InputSource::Config => StepInputSource::Config,
@@ -309,6 +418,15 @@ fn build_step(
         .and_then(|s| s.retry.clone())
         .or_else(|| def.retry_policy.clone())
         .unwrap_or_default();
+    let dynamic = inv.mapped_over.as_ref().map(|over| DynamicStep {
+        over: StepOutputRef {
+            step_key: self::step_key(&over.solid),
+            output: over.output.clone(),
+        },
+        over_run_id: None,
+        mapping_key: None,
+        reused: BTreeMap::new(),
+    });
     ExecutionStep {
         key: step_key(&inv.alias),
         solid: inv.alias.clone(),
@@ -320,12 +438,14 @@ fn build_step(
             .map(|o| StepOutput {
                 name: o.name.clone(),
                 type_name: o.ty.name,
+                dynamic: o.dynamic.is_some(),
             })
             .collect(),
         required_resources: def.required_resources.clone(),
         tags: def.tags.clone(),
         retry_policy,
         level,
+        dynamic,
         invocation: i,
         upstream,
         downstream: Vec::new(),
@@ -350,6 +470,13 @@ impl fmt::Display for ExecutionPlan {
             write!(f, "  {}", step.key)?;
             if step.solid != step.solid_definition {
                 write!(f, " (solid {})", step.solid_definition)?;
+            }
+            if let Some(d) = &step.dynamic {
+                write!(
+                    f,
+                    " (one step per item of {}.{}, keys known when it runs)",
+                    d.over.step_key, d.over.output
+                )?;
             }
             if !step.required_resources.is_empty() {
                 let r: Vec<String> = step
@@ -394,10 +521,35 @@ impl fmt::Display for ExecutionPlan {
                             writeln!(f, "            [{i}] {}.{}", s.step_key, s.output)?;
                         }
                     }
+                    StepInputSource::Mapped {
+                        step_key, output, ..
+                    } => {
+                        let what = match StepKey::parse(step_key) {
+                            Some(k) if k.is_template() => format!("{step_key}.{output}"),
+                            _ => format!("{step_key}.{output}[?]"),
+                        };
+                        writeln!(
+                            f,
+                            "      in  {}: {} <- {what} (one item)",
+                            input.name, input.type_name
+                        )?
+                    }
+                    StepInputSource::Collect {
+                        step_key, output, ..
+                    } => writeln!(
+                        f,
+                        "      in  {}: {} <- collect of {step_key}.{output}, in item order",
+                        input.name, input.type_name
+                    )?,
                 }
             }
             for output in &step.outputs {
-                writeln!(f, "      out {}: {}", output.name, output.type_name)?;
+                let dynamic = if output.dynamic { " (dynamic)" } else { "" };
+                writeln!(
+                    f,
+                    "      out {}: {}{dynamic}",
+                    output.name, output.type_name
+                )?;
             }
         }
         Ok(())

@@ -17,8 +17,13 @@
 //! it names a step; otherwise it is part of a glob (`branch_*`). A leading `*` is always
 //! the "all ancestors" operator; a glob may start with it after the operator (`**_raw`).
 //! `plan --select` shows what a selection picks.
+//!
+//! A step of a dynamic fan-out is named with its mapping key, `summarize[part_3]`: the
+//! clause picks the fan-out's template, and a re-execution runs only the named items,
+//! reading the others from the parent run ([`StepSelection::items`]). The alias alone
+//! (`summarize`) picks every item.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 use super::ExecutionPlan;
@@ -66,7 +71,7 @@ pub struct SelectionError {
 }
 
 fn is_name_char(c: char) -> bool {
-    c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/' | '*')
+    c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/' | '*' | '[' | ']')
 }
 
 impl StepSelection {
@@ -162,6 +167,22 @@ impl StepSelection {
         })
     }
 
+    /// The items of fan-outs the selection names (`summarize[part_3]`): alias →
+    /// mapping keys. A fan-out named by its alias alone is not listed (all its items).
+    pub fn items(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut items: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for clause in &self.clauses {
+            let pattern = strip_key(clause.pattern.trim_end_matches('*'));
+            if let (alias, Some(key)) = split_item(pattern) {
+                items
+                    .entry(alias.to_string())
+                    .or_default()
+                    .insert(key.to_string());
+            }
+        }
+        items
+    }
+
     /// The selection as written.
     pub fn text(&self) -> &str {
         &self.text
@@ -232,12 +253,22 @@ fn strip_key(pattern: &str) -> &str {
     pattern.strip_suffix(".compute").unwrap_or(pattern)
 }
 
+/// `summarize[part_3]` → (`summarize`, `part_3`); a name without an item → (name, None).
+fn split_item(pattern: &str) -> (&str, Option<&str>) {
+    pattern
+        .strip_suffix(']')
+        .and_then(|p| p.split_once('['))
+        .map_or((pattern, None), |(alias, key)| (alias, Some(key)))
+}
+
 /// Indices of the steps whose alias matches `pattern` (exactly, or as a `*` glob).
 fn matching(plan: &ExecutionPlan, pattern: &str) -> Vec<usize> {
+    let (pattern, item) = split_item(pattern);
     plan.steps
         .iter()
         .enumerate()
         .filter(|(_, s)| glob_match(pattern, &s.solid))
+        .filter(|(_, s)| item.is_none() || s.is_template())
         .map(|(i, _)| i)
         .collect()
 }

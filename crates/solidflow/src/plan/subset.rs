@@ -83,26 +83,60 @@ impl ExecutionPlan {
                 continue;
             }
             let mut step = step.clone();
+            let kept = |key: &str| index.get(key).is_some_and(|&p| keep[p]);
+            let mut from_parent = |key: &str, output: &str, input: &str| {
+                let run = outputs.get(key).cloned();
+                if run.is_none() {
+                    missing.push(UnprovidedInput {
+                        step_key: step.key.clone(),
+                        input: input.to_string(),
+                        producer: key.to_string(),
+                        output: output.to_string(),
+                    });
+                }
+                run
+            };
+            if let Some(d) = &mut step.dynamic
+                && !kept(&d.over.step_key)
+            {
+                d.over_run_id = from_parent(&d.over.step_key, &d.over.output, "(its items)");
+            }
             for input in &mut step.inputs {
-                if let StepInputSource::Step {
-                    step_key,
-                    output,
-                    run_id,
-                } = &mut input.source
-                {
-                    let producer = index.get(step_key.as_str()).copied();
-                    if producer.is_some_and(|p| keep[p]) {
-                        continue;
+                match &mut input.source {
+                    StepInputSource::Step {
+                        step_key,
+                        output,
+                        run_id,
+                    } if !kept(step_key) => *run_id = from_parent(step_key, output, &input.name),
+                    // Per-item values of a template that does not run: every item's
+                    // value is the parent's.
+                    StepInputSource::Mapped {
+                        step_key, reused, ..
+                    } if !kept(step_key) && super::dynamic::is_template_key(step_key) => {
+                        *reused = super::dynamic::items_of(step_key, outputs);
                     }
-                    match outputs.get(step_key.as_str()) {
-                        Some(run) => *run_id = Some(run.clone()),
-                        None => missing.push(UnprovidedInput {
-                            step_key: step.key.clone(),
-                            input: input.name.clone(),
-                            producer: step_key.clone(),
-                            output: output.clone(),
-                        }),
+                    StepInputSource::Mapped {
+                        step_key,
+                        output,
+                        run_id,
+                        ..
+                    } if !kept(step_key) => *run_id = from_parent(step_key, output, &input.name),
+                    StepInputSource::Collect {
+                        step_key,
+                        keys_from,
+                        keys_run_id,
+                        reused,
+                        ..
+                    } => {
+                        if !kept(&keys_from.step_key) {
+                            *keys_run_id =
+                                from_parent(&keys_from.step_key, &keys_from.output, &input.name);
+                        }
+                        if !kept(step_key) && super::dynamic::is_template_key(step_key) {
+                            *reused = super::dynamic::items_of(step_key, outputs);
+                        }
                     }
+                    _ => {}
                 }
             }
             step.upstream = step

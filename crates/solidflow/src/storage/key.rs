@@ -33,7 +33,9 @@ impl IntermediateKey {
     pub fn relative_path(&self) -> String {
         format!(
             "{}/intermediates/{}/{}",
-            self.run_id, self.step_key, self.output
+            self.run_id,
+            crate::plan::StepKey::path_segment(&self.step_key),
+            self.output
         )
     }
 

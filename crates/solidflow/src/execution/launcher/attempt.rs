@@ -27,11 +27,12 @@ pub(super) struct Attempt {
 }
 
 impl Attempt {
-    pub(super) fn new(env: &StepEnvironment, step: usize, number: u32) -> Self {
+    /// Attempt `number` of `step` (the scheduler's index), whose key is `key`.
+    pub(super) fn new(step: usize, key: &str, number: u32) -> Self {
         Self {
             step,
             number,
-            key: env.plan.steps[step].key.clone(),
+            key: key.to_string(),
             place: None,
             result: None,
             tail: VecDeque::with_capacity(CRASH_TAIL_LINES),
@@ -132,6 +133,11 @@ impl Attempt {
                 },
             ),
         }
+    }
+
+    /// The step's key.
+    pub(super) fn key(&self) -> &str {
+        &self.key
     }
 
     fn pid(&self) -> u32 {

@@ -44,7 +44,9 @@ pub struct AttemptId(pub u64);
 pub struct Launch {
     /// The attempt, for [`Reporter`] messages.
     pub id: AttemptId,
-    /// The step's index in the plan.
+    /// The step's index in the plan; for a step of a fan-out (added while the run
+    /// goes), the index of its template, whose resources and tags it has. Its own key
+    /// is `invocation.step_key`.
     pub step: usize,
     /// What to feed `<binary> step` on stdin.
     pub invocation: StepInvocation,

@@ -52,7 +52,8 @@ pub fn run_steps<L: StepLauncher>(
     options: RunOptions,
 ) -> Result<Summary, String> {
     let plan = env.plan.clone();
-    let mut scheduler = Scheduler::new(&plan, env.events.clone(), options.resources.clone());
+    let mut scheduler = Scheduler::new(&plan, env.events.clone(), options.resources.clone())
+        .with_resolver(env.key_resolver());
     let (tx, rx) = unbounded::<Notice>();
     let mut running: HashMap<AttemptId, Running<L::Handle>> = HashMap::new();
     let mut next_id = 0u64;
@@ -79,13 +80,14 @@ pub fn run_steps<L: StepLauncher>(
             };
             next_id += 1;
             let id = AttemptId(next_id);
+            let planned = scheduler.step(step);
             launches.push(Launch {
                 id,
-                step,
-                invocation: StepInvocation::for_attempt(env, home, step, number),
+                step: scheduler.plan_index(step),
+                invocation: StepInvocation::for_attempt(env, home, planned, number),
                 reporter: Reporter::new(id, tx.clone()),
             });
-            attempts.push((id, Attempt::new(env, step, number)));
+            attempts.push((id, Attempt::new(step, &planned.key, number)));
         }
         let mut failed_to_launch = false;
         if !launches.is_empty() {
@@ -153,10 +155,7 @@ fn terminate<L: StepLauncher>(
     grace: Duration,
 ) {
     if !running.is_empty() {
-        let mut steps: Vec<&str> = running
-            .values()
-            .map(|r| env.plan.steps[r.attempt.step].key.as_str())
-            .collect();
+        let mut steps: Vec<&str> = running.values().map(|r| r.attempt.key()).collect();
         steps.sort_unstable();
         env.events.emit(
             None,

@@ -13,7 +13,7 @@ use super::bridge::{self, AdaptSpec, ClusterKind, ClusterSpec, TlsConfig};
 use crate::config::json_schema::{config_type_of, parse_block, resources_schema};
 use crate::config::schema::ConfigType;
 use crate::execution::scheduler::Resources;
-use crate::executor::ExecutorError;
+use crate::executor::{ExecutorError, Isolation};
 
 /// The `config:` block of `execution: {dask: ...}`, with defaults applied.
 #[derive(Debug, Clone)]
@@ -41,6 +41,9 @@ pub struct DaskConfig {
     pub executable: Option<PathBuf>,
     /// Upload the executable to every worker (content-addressed) before the run.
     pub ship_binary: bool,
+    /// How many shipped builds the scheduler keeps (most recently used first); older
+    /// ones that no connected run uses are deleted.
+    pub keep_builds: u32,
     /// Give steps on longer downstream paths a higher Dask priority.
     pub critical_path_priority: bool,
     /// How many worker deaths a step survives (Dask re-runs it elsewhere) before it
@@ -52,6 +55,12 @@ pub struct DaskConfig {
     /// Names of environment variables copied from this process to the step processes at
     /// submit time (credentials: their values never enter config or run history).
     pub forward_env: Vec<String>,
+    /// How a worker runs a step: a new process, or forked by a warm step server.
+    pub isolation: Isolation,
+    /// Warm: a worker's step server is replaced after this many steps (0: never).
+    pub max_steps_per_server: u64,
+    /// Warm: a step server above this resident memory in MB is replaced (0: no limit).
+    pub max_server_rss_mb: u64,
 }
 
 impl Default for DaskConfig {
@@ -108,6 +117,9 @@ pub(super) struct DaskBlock {
     executable: Option<PathBuf>,
     /// Upload the running binary to every worker (content-addressed, once per worker) so workers need only Python + distributed.
     ship_binary: bool,
+    /// With ship_binary: how many builds the scheduler keeps, most recently used first. Older builds are deleted from the scheduler unless a connected run uses them; a run of a kept build uploads nothing.
+    #[schemars(range(min = 1, max = 1000))]
+    keep_builds: u32,
     /// Give steps with longer downstream paths a higher Dask priority.
     critical_path_priority: bool,
     /// Worker deaths a step survives (re-run on another worker) before it fails with "worker lost". On an existing scheduler this changes its setting for every client.
@@ -119,6 +131,14 @@ pub(super) struct DaskBlock {
     /// Names of environment variables (e.g. AWS_SECRET_ACCESS_KEY) copied from the parent to the step processes at submit time; their values are never recorded.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     forward_env: Vec<String>,
+    /// process: each task starts `<binary> step`; warm: each worker keeps step servers (`<binary> step-server`) that fork every step from an already built repository (same isolation, no process start per step).
+    isolation: Isolation,
+    /// warm: a worker's step server is replaced after this many steps (0: never).
+    #[schemars(range(max = 1_000_000_000))]
+    max_steps_per_server: u64,
+    /// warm: a step server whose resident memory exceeds this many MB is replaced after its step (0: no limit).
+    #[schemars(range(max = 1_000_000_000))]
+    max_server_rss_mb: u64,
 }
 
 impl Default for DaskBlock {
@@ -136,10 +156,14 @@ impl Default for DaskBlock {
             python: None,
             executable: None,
             ship_binary: false,
+            keep_builds: 3,
             critical_path_priority: true,
             allowed_failures: 3,
             env: BTreeMap::new(),
             forward_env: Vec::new(),
+            isolation: Isolation::Process,
+            max_steps_per_server: 0,
+            max_server_rss_mb: 1024,
         }
     }
 }
@@ -211,10 +235,14 @@ impl DaskBlock {
             python: self.python.unwrap_or_else(bridge::default_python),
             executable: self.executable,
             ship_binary: self.ship_binary,
+            keep_builds: self.keep_builds.max(1),
             critical_path_priority: self.critical_path_priority,
             allowed_failures: self.allowed_failures,
             env: self.env,
             forward_env: self.forward_env,
+            isolation: self.isolation,
+            max_steps_per_server: self.max_steps_per_server,
+            max_server_rss_mb: self.max_server_rss_mb,
         };
         if let Some(adapt) = self.adapt {
             match &mut out.cluster {

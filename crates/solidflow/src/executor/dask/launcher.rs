@@ -12,7 +12,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::bridge::{
-    Bridge, BridgeError, BridgeMessage, FailureReason, Stream, SubmitRequest, TaskDone,
+    Bridge, BridgeError, BridgeMessage, FailureReason, Stream, SubmitRequest, TaskDone, WarmTask,
 };
 use crate::execution::event::{ErrorInfo, Level};
 use crate::execution::launcher::{
@@ -62,6 +62,8 @@ pub(super) struct TaskTemplate {
     pub(super) log_dir: PathBuf,
     pub(super) priorities: Vec<i64>,
     pub(super) allowed_failures: u32,
+    /// Set with `isolation: warm`: steps run on the workers' warm step servers.
+    pub(super) warm: Option<WarmTask>,
 }
 
 /// Submits step attempts to Dask through the bridge.
@@ -99,7 +101,12 @@ impl<'a> DaskLauncher<'a> {
     fn request(&self, launch: &Launch) -> SubmitRequest {
         let step = &self.env.plan.steps[launch.step];
         let t = &self.template;
-        let key = StepKey::dask_key(&step.key, &self.env.run_id, launch.invocation.attempt);
+        let key = StepKey::dask_key(
+            &step.solid_definition,
+            &launch.invocation.step_key,
+            &self.env.run_id,
+            launch.invocation.attempt,
+        );
         let mut request = SubmitRequest::new(
             key,
             vec![t.command0.clone(), "step".into()],
@@ -114,14 +121,15 @@ impl<'a> DaskLauncher<'a> {
         // finds the worker's pid here, so the bridge can start it without a preexec_fn
         // (vfork instead of fork: ~10 ms less per step).
         request.parent_pid_env = Some(PARENT_PID_ENV.to_string());
+        request.warm = t.warm.clone();
         request.log_files = BTreeMap::from([
             (
                 "stdout".to_string(),
-                t.log_dir.join(format!("{}.stdout.jsonl", step.key)),
+                t.log_dir.join(format!("{step_key}.stdout.jsonl")),
             ),
             (
                 "stderr".to_string(),
-                t.log_dir.join(format!("{}.stderr.log", step.key)),
+                t.log_dir.join(format!("{step_key}.stderr.log")),
             ),
         ]);
         request

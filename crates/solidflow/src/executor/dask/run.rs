@@ -3,6 +3,7 @@
 //!
 //! [`DaskLauncher`]: super::launcher::DaskLauncher
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -12,14 +13,15 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::DaskExecutor;
 use super::bridge::{
     Bridge, BridgeError, BridgeMessage, BridgeOptions, ClusterKind, ConnectRequest, ConnectedInfo,
-    ErrorKind, WorkerResources,
+    ErrorKind, WarmTask, WorkerResources,
 };
 use super::launcher::{DaskLauncher, TaskTemplate};
 use super::placement::{critical_path, unsatisfiable_resources};
 use crate::execution::event::{EventKind, Level};
 use crate::execution::launcher::{RunOptions, run_steps};
 use crate::execution::scheduler::Summary;
-use crate::executor::{ExecutionContext, ExecutorError};
+use crate::execution::step::StepEnvironment;
+use crate::executor::{ExecutionContext, ExecutorError, Isolation};
 
 /// How long canceled steps get between SIGTERM and SIGKILL on the workers.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -100,6 +102,51 @@ impl DaskExecutor {
         })
     }
 
+    /// Makes sure the scheduler holds this build (uploading it only if it does not)
+    /// and says so in an engine event; returns the `command[0]` that runs it.
+    fn ship(
+        &self,
+        runtime: &Runtime,
+        bridge: &Bridge,
+        env: &StepEnvironment,
+        executable: &Path,
+    ) -> Result<String, ExecutorError> {
+        let started = Instant::now();
+        let shipped = runtime
+            .block_on(bridge.upload_binary(executable, None, self.config.keep_builds))
+            .map_err(|e| engine("cannot ship the binary to the workers", e))?;
+        let sha = shipped.sha256.get(..12).unwrap_or(&shipped.sha256);
+        let message = if shipped.cached {
+            format!(
+                "dask executor: build {sha} of {} is on the scheduler already; nothing uploaded",
+                executable.display()
+            )
+        } else {
+            format!(
+                "dask executor: shipped {} (sha256 {sha}, {:.1} MB) to the scheduler; workers fetch it when a step first needs it",
+                executable.display(),
+                shipped.bytes_sent as f64 / 1e6
+            )
+        };
+        env.events.emit(
+            None,
+            Level::Info,
+            message,
+            EventKind::EngineEvent {
+                details: json!({
+                    "sha256": shipped.sha256,
+                    "cached": shipped.cached,
+                    "bytes_sent": shipped.bytes_sent,
+                    "kept": shipped.kept,
+                    "evicted": shipped.evicted,
+                    "worker_paths": shipped.worker_paths,
+                    "upload_ms": started.elapsed().as_millis() as u64,
+                }),
+            },
+        );
+        Ok(shipped.command0)
+    }
+
     /// Connects, ships the binary if asked, and runs the plan through the shared loop.
     fn drive(
         &self,
@@ -159,19 +206,7 @@ impl DaskExecutor {
                 .map_err(|e| ExecutorError::Engine(format!("dask executor: cannot locate this binary for the workers: {e}; set `executable:`")))?,
         };
         let command0 = if self.config.ship_binary {
-            let started = Instant::now();
-            let uploaded = runtime
-                .block_on(bridge.upload_binary(&executable, None))
-                .map_err(|e| engine("cannot ship the binary to the workers", e))?;
-            env.events.emit(
-                None,
-                Level::Info,
-                format!("dask executor: shipped {} (sha256 {}) to the workers", executable.display(), &uploaded.sha256[..12]),
-                EventKind::EngineEvent {
-                    details: json!({"sha256": uploaded.sha256, "worker_paths": uploaded.worker_paths, "upload_ms": started.elapsed().as_millis() as u64}),
-                },
-            );
-            uploaded.command0
+            self.ship(runtime, bridge, env, &executable)?
         } else {
             executable.display().to_string()
         };
@@ -198,6 +233,10 @@ impl DaskExecutor {
             log_dir: ctx.home.join("logs").join(&env.run_id),
             priorities,
             allowed_failures: self.config.allowed_failures,
+            warm: (self.config.isolation == Isolation::Warm).then_some(WarmTask {
+                max_steps: self.config.max_steps_per_server,
+                max_rss_mb: self.config.max_server_rss_mb,
+            }),
         };
         let mut launcher = DaskLauncher::new(runtime, bridge, messages, env, template);
         let options = RunOptions {

@@ -98,6 +98,7 @@ fn requests_are_what_the_fixtures_say() {
         Request::UploadBinary {
             path: binary,
             sha256: None,
+            keep: 3,
         },
         Request::Workers,
         Request::Ping,

@@ -171,6 +171,18 @@ pub struct Uploaded {
     pub worker_paths: BTreeMap<String, String>,
     /// What to put in `command[0]`: `{uploaded:<sha256>}`.
     pub command0: String,
+    /// The scheduler had the build already: nothing was uploaded.
+    #[serde(default)]
+    pub cached: bool,
+    /// Bytes of the build sent to the scheduler (0 when `cached`).
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// The builds the scheduler keeps now, most recently used first.
+    #[serde(default)]
+    pub kept: Vec<String>,
+    /// The builds this upload evicted from the scheduler.
+    #[serde(default)]
+    pub evicted: Vec<String>,
 }
 
 /// A message from the bridge. Task events (`Started`, `Line`, `Done`, `Failed`)

@@ -44,7 +44,7 @@ pub use self::messages::{
 };
 pub use self::requests::{
     AdaptSpec, ClusterKind, ClusterSpec, ConnectRequest, Request, SubmitRequest, TlsConfig,
-    WorkerResources,
+    WarmTask, WorkerResources,
 };
 
 use std::collections::{BTreeMap, HashMap};
@@ -77,6 +77,12 @@ pub const PACKAGE: &[(&str, &str)] = &[
         include_str!("solidflow_dask_bridge/protocol.py"),
     ),
     ("worker.py", include_str!("solidflow_dask_bridge/worker.py")),
+    ("warm.py", include_str!("solidflow_dask_bridge/warm.py")),
+    (
+        "shipping.py",
+        include_str!("solidflow_dask_bridge/shipping.py"),
+    ),
+    ("topics.py", include_str!("solidflow_dask_bridge/topics.py")),
     (
         "cluster.py",
         include_str!("solidflow_dask_bridge/cluster.py"),
@@ -362,14 +368,17 @@ impl Bridge {
         }
     }
 
-    /// Ships an executable to every current and future worker, content-addressed.
-    /// Use [`Uploaded::command0`] as `command[0]` to run it.
+    /// Ships an executable to the workers, content-addressed and once: the scheduler
+    /// is asked first and receives it only when it does not hold it already; it keeps
+    /// the `keep` most recently used builds, and a worker fetches a build from it when
+    /// a task first needs it. Use [`Uploaded::command0`] as `command[0]` to run it.
     pub async fn upload_binary(
         &self,
         path: &Path,
         sha256: Option<&str>,
+        keep: u32,
     ) -> Result<Uploaded, BridgeError> {
-        let value = Request::UploadBinary { path, sha256 }.to_value();
+        let value = Request::UploadBinary { path, sha256, keep }.to_value();
         match self
             .request(value, self.request_timeout + REPLY_MARGIN * 4)
             .await?

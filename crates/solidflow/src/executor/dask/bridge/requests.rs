@@ -141,6 +141,19 @@ pub struct SubmitRequest {
     /// itself, in a `preexec_fn`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent_pid_env: Option<String>,
+    /// Run the step on one of the worker's warm step servers (`<command[0]>
+    /// step-server`, fed `stdin` as the invocation) instead of starting `command`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmTask>,
+}
+
+/// How a worker recycles its warm step servers (`submit`'s `warm`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WarmTask {
+    /// Replace a server after this many steps (0: never).
+    pub max_steps: u64,
+    /// Replace a server whose resident memory exceeds this many MB (0: no limit).
+    pub max_rss_mb: u64,
 }
 
 impl SubmitRequest {
@@ -157,6 +170,7 @@ impl SubmitRequest {
             log_topic: log_topic.into(),
             log_files: BTreeMap::new(),
             parent_pid_env: None,
+            warm: None,
         }
     }
 }
@@ -181,12 +195,15 @@ pub enum Request<'a> {
         /// The tasks.
         keys: &'a [String],
     },
-    /// Ship an executable to every current and future worker.
+    /// Make sure the scheduler holds an executable (uploaded only if it does not);
+    /// workers fetch it when a task first needs it.
     UploadBinary {
         /// The file on this machine.
         path: &'a Path,
         /// Its expected sha256, if known.
         sha256: Option<&'a str>,
+        /// How many builds the scheduler keeps.
+        keep: u32,
     },
     /// The workers connected now.
     Workers,

@@ -70,6 +70,7 @@ class SubmitRequest(TypedDict, total=False):
     log_topic: str
     log_files: dict[str, str]
     parent_pid_env: str | None
+    warm: dict[str, int] | None  # {"max_steps": N, "max_rss_mb": M}: run on a warm step server
 
 
 class CancelRequest(TypedDict, total=False):
@@ -173,6 +174,10 @@ class Uploaded(TypedDict):
     remote_path: str | None
     worker_paths: dict[str, str]
     command0: str
+    cached: bool
+    bytes_sent: int
+    kept: list[str]
+    evicted: list[str]
 
 
 class Workers(TypedDict):

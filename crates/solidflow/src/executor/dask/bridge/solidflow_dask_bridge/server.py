@@ -21,7 +21,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from . import cluster, worker
+from . import cluster, shipping, topics, warm, worker
 from .protocol import OPS, PROTOCOL_VERSION, BridgeError, Done, causes_of, error, failed
 
 # How long a finished task's "done" waits for its last lines to arrive.
@@ -29,6 +29,8 @@ LINE_GRACE_SECONDS = 5.0
 # Batching window of the bridge's client for messages to the scheduler (distributed
 # uses 10 ms); see Bridge._tune_client.
 CLIENT_SEND_INTERVAL = 0.002
+# The modules whose code runs on the scheduler and the workers: they travel by value.
+REMOTE_MODULES = (worker, warm, shipping, topics)
 
 
 class Output:
@@ -76,8 +78,11 @@ def done_message(key: str, result: dict[str, Any]) -> Done:
 def task_code_digest() -> str:
     """A hash of the worker code, naming its plugin: bridges of other solidflow
     versions on a shared cluster keep their own."""
-    with open(worker.__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for module in REMOTE_MODULES:
+        with open(module.__file__, "rb") as f:  # type: ignore[arg-type]
+            h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,6 +101,15 @@ def by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
     return copy
 
 
+def register_task_code() -> None:
+    """Workers need nothing solidflow-specific: the modules whose code runs on them
+    and on the scheduler (`REMOTE_MODULES`) travel by value."""
+    import cloudpickle
+
+    for module in REMOTE_MODULES:
+        cloudpickle.register_pickle_by_value(module)
+
+
 class Bridge:
     def __init__(self, out: Output) -> None:
         self.out = out
@@ -112,6 +126,7 @@ class Bridge:
         self.pending_done: dict[str, tuple[Done, int]] = {}  # token -> (done, events expected)
         self.reported: set[str] = set()  # keys whose final message was emitted
         self.task_impl: str | None = None  # worker attribute holding the task code
+        self.released_since_truncate = 0
         self.task_fn = by_value(worker.task)
         self.run_command_fn = by_value(worker.run_command)
 
@@ -226,6 +241,7 @@ class Bridge:
             "cwd": req.get("cwd"),
             "log_files": req.get("log_files") or {},
             "parent_pid_env": req.get("parent_pid_env"),
+            "warm": req.get("warm"),
             "log_topic": topic,
         }
         if self.task_impl:
@@ -273,25 +289,33 @@ class Bridge:
         with self.lock:
             for k in keys:
                 self.futures.pop(k, None)
+                for token in self.tokens.pop(k, ()):
+                    self.event_counts.pop(token, None)
+            self.released_since_truncate += len(keys)
+            truncate = self.client is not None and self.released_since_truncate >= topics.TRUNCATE_EVERY
+            if truncate:
+                self.released_since_truncate = 0
+        if truncate:
+            # The scheduler's copies of delivered events (topics.py).
+            self.client.run_on_scheduler(topics.truncate, sorted(self.topics))
         return {"type": "released", "keys": keys}
 
     def op_workers(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"type": "workers", "workers": self.workers()}
 
     def op_upload_binary(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Ships a build once: the scheduler is asked first and keeps the last few
+        (shipping.py); workers fetch it when a task first needs it."""
         client = self.require_client()
         path = req.get("path")
-        want = (req.get("sha256") or "").lower()
+        if not isinstance(path, str) or not os.path.isfile(path):
+            raise BridgeError("bad_request", "cannot read binary %r: not a file" % (path,))
         try:
-            with open(path, "rb") as f:  # type: ignore[arg-type]
-                data = f.read()
-        except (OSError, TypeError) as e:
-            raise BridgeError("bad_request", "cannot read binary %r: %s" % (path, e)) from e
-        sha = hashlib.sha256(data).hexdigest()
-        if want and want != sha:
-            raise BridgeError("bad_request", "sha256 of %s is %s, not %s as requested" % (path, sha, want))
-        client.register_plugin(worker.make_binary_plugin(data, sha), name="solidflow-binary-" + sha[:16])
-        paths = client.run(worker.worker_bin_path, sha, on_error="return")
+            shipped = shipping.ship(client, path, req.get("sha256"), int(req.get("keep") or shipping.DEFAULT_KEEP))
+        except (OSError, ValueError) as e:
+            raise BridgeError("bad_request", "cannot ship binary %r: %s" % (path, e)) from e
+        sha = shipped["sha256"]
+        paths = client.run(shipping.worker_bin_path, sha, on_error="return")
         paths = {w: p for w, p in (paths or {}).items() if isinstance(p, str)}
         distinct = sorted(set(paths.values()))
         return {
@@ -300,6 +324,10 @@ class Bridge:
             "remote_path": distinct[0] if len(distinct) == 1 else None,
             "worker_paths": paths,
             "command0": "{uploaded:%s}" % sha,
+            "cached": shipped["cached"],
+            "bytes_sent": shipped["bytes_sent"],
+            "kept": shipped["kept"],
+            "evicted": shipped["evicted"],
         }
 
     def op_shutdown(self, req: dict[str, Any]) -> None:
@@ -322,6 +350,11 @@ class Bridge:
                     self._cancel(client, running, 2.0)
             except Exception as e:
                 log("killing running steps at shutdown failed: %r" % (e,))
+            try:
+                if self.topics:
+                    client.run_on_scheduler(topics.drop, sorted(self.topics), client.id)
+            except Exception as e:
+                log("removing this run's event topics from the scheduler failed: %r" % (e,))
             try:
                 client.close(timeout=10)
             except Exception as e:
@@ -519,10 +552,7 @@ def main() -> None:
         )
         sys.exit(3)
 
-    import cloudpickle
-
-    # Workers need nothing solidflow-specific: the task code travels by value.
-    cloudpickle.register_pickle_by_value(worker)
+    register_task_code()
     bridge = Bridge(out)
 
     def on_term(signum: int, frame: Any) -> None:

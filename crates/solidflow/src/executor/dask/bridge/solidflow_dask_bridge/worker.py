@@ -4,19 +4,22 @@ The server registers this module with cloudpickle's `register_pickle_by_value`, 
 its functions and classes travel by value: workers need `distributed` and nothing
 solidflow-specific. At connect the server installs `run_command` on every worker
 once, as a worker plugin; each task then ships only the small `task` trampoline.
+A shipped build is fetched from the scheduler when a task first needs it (shipping.py).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import os
 import signal
 import sys
 import threading
 import time
 from typing import Any
+
+from .shipping import ensure_build
+from .warm import start_step
 
 # A stdout/stderr line longer than this is sent as several events (the last one
 # without "more": true) and reassembled by the server, so that every Dask event stays
@@ -45,18 +48,6 @@ def worker_state(worker: Any) -> dict[str, Any]:
             {"lock": threading.Lock(), "procs": {}, "cancelled": set()},
         )
     return state
-
-
-def bin_dir() -> str:
-    """The worker's content-addressed cache of uploaded binaries."""
-    import tempfile
-
-    return os.environ.get("SOLIDFLOW_BIN_CACHE") or os.path.join(tempfile.gettempdir(), "solidflow-bin")
-
-
-def worker_bin_path(sha: str) -> str:
-    """Where an uploaded binary with this hash lives on this worker."""
-    return os.path.join(bin_dir(), sha)
 
 
 def kill_group(proc: Any, sig: int) -> None:
@@ -177,14 +168,7 @@ class _Batch:
 def _resolve_command(command: list[str], worker: Any) -> list[str]:
     command = list(command)
     if command and command[0].startswith("{uploaded:") and command[0].endswith("}"):
-        sha = command[0][len("{uploaded:") : -1]
-        path = worker_bin_path(sha)
-        if not os.path.exists(path):
-            raise RuntimeError(
-                "binary %s was not uploaded to worker %s (expected at %s); send "
-                "upload_binary before submitting" % (sha, worker.address, path)
-            )
-        command[0] = path
+        command[0] = ensure_build(worker, command[0][len("{uploaded:") : -1])
     return command
 
 
@@ -269,21 +253,26 @@ def run_command(spec: dict[str, Any]) -> dict[str, Any]:
                 f.close()
 
     started = time.time()
+    warm = spec.get("warm")
     with state["lock"]:
         if key in state["cancelled"]:
             close_tees()
             raise RuntimeError("step %s was canceled before it started" % key)
         try:
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=spec.get("cwd") or None,
-                env=env,
-                start_new_session=True,
-                preexec_fn=preexec if libc is not None else None,
-            )
+            if warm is not None:
+                # The invocation goes to a warm step server, which forks the step.
+                proc: Any = start_step(worker, command, env, spec.get("cwd"), spec.get("stdin") or "", warm)
+            else:
+                proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=spec.get("cwd") or None,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=preexec if libc is not None else None,
+                )
         except OSError as e:
             close_tees()
             return {
@@ -295,9 +284,11 @@ def run_command(spec: dict[str, Any]) -> dict[str, Any]:
     batch = _Batch(worker, spec["log_topic"], key, token)
     batch.started(proc.pid)
 
-    stdin_data = (spec.get("stdin") or "").encode("utf-8")
+    stdin_data = (spec.get("stdin") or "").encode("utf-8") if proc.stdin is not None else b""
 
     def feed() -> None:
+        if proc.stdin is None:
+            return
         try:
             if stdin_data:
                 proc.stdin.write(stdin_data)
@@ -388,38 +379,3 @@ def make_task_plugin(name: str, fn: Any) -> Any:
             worker.__dict__[self.name] = self.fn
 
     return SolidflowTasks(name, fn)
-
-
-def make_binary_plugin(data: bytes, sha: str) -> Any:
-    """A worker plugin that writes one executable into the worker's binary cache."""
-    from distributed.diagnostics.plugin import WorkerPlugin
-
-    class SolidflowBinary(WorkerPlugin):
-        idempotent = True
-
-        def __init__(self, data: bytes, sha: str) -> None:
-            self.data = data
-            self.sha = sha
-
-        def setup(self, worker: Any) -> None:
-            import tempfile
-
-            directory = bin_dir()
-            os.makedirs(directory, exist_ok=True)
-            target = os.path.join(directory, self.sha)
-            if os.path.exists(target):
-                with open(target, "rb") as f:
-                    if hashlib.sha256(f.read()).hexdigest() == self.sha:
-                        return
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + self.sha[:12])
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(self.data)
-                os.chmod(tmp, 0o755)
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-
-    return SolidflowBinary(data, sha)
