@@ -101,9 +101,10 @@ impl<'a> DaskLauncher<'a> {
     fn request(&self, launch: &Launch) -> SubmitRequest {
         let step = &self.env.plan.steps[launch.step];
         let t = &self.template;
+        let step_key = &launch.invocation.step_key;
         let key = StepKey::dask_key(
             &step.solid_definition,
-            &launch.invocation.step_key,
+            step_key,
             &self.env.run_id,
             launch.invocation.attempt,
         );
