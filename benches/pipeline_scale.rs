@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo bench --bench pipeline_scale                       # 1,000, 10,000, 100,000
 //! SF_BENCH_SIZES=1000,10000 cargo bench --bench pipeline_scale
+//! SF_BENCH_ONLY=build,run cargo bench --bench pipeline_scale  # tables: build, run, start
 //! ```
 //!
 //! Three tables:
@@ -58,6 +59,11 @@ fn sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![1_000, 10_000, 100_000])
 }
 
+/// `SF_BENCH_ONLY=build,run,start` prints only these tables.
+fn wanted(table: &str) -> bool {
+    std::env::var("SF_BENCH_ONLY").map_or(true, |only| only.split(',').any(|t| t.trim() == table))
+}
+
 fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
     let t = Instant::now();
     let out = f();
@@ -85,10 +91,22 @@ fn config() -> serde_json::Value {
 
 fn main() {
     let sizes = sizes();
+    if wanted("build") {
+        build_table(&sizes);
+    }
+    if wanted("run") {
+        run_table(&sizes);
+    }
+    if wanted("start") {
+        start_table(&sizes);
+    }
+}
+
+fn build_table(sizes: &[usize]) {
     println!("## build\n");
     println!("| shape | n | build | validate | plan | total |");
     println!("|---|---|---|---|---|---|");
-    for &n in &sizes {
+    for &n in sizes {
         for (shape, make) in shapes(n) {
             let (build, pipeline) = time(make);
             let sources = ConfigSources::from_value(config());
@@ -104,11 +122,13 @@ fn main() {
             );
         }
     }
+}
 
+fn run_table(sizes: &[usize]) {
     println!("\n## in-process run, with run history\n");
     println!("| shape | steps | wall | per step | heap per step |");
     println!("|---|---|---|---|---|");
-    for &n in &sizes {
+    for &n in sizes {
         for (shape, make) in shapes(n) {
             let pipeline = make();
             let home = tempfile::tempdir().expect("temp dir");
@@ -135,11 +155,13 @@ fn main() {
             );
         }
     }
+}
 
+fn start_table(sizes: &[usize]) {
     println!("\n## step start (a step process's setup before its step runs)\n");
     println!("| shape | n | first step | last step |");
     println!("|---|---|---|---|");
-    for &n in [100].iter().chain(&sizes) {
+    for &n in [100].iter().chain(sizes) {
         for (shape, make) in shapes(n) {
             let validated = {
                 let p = make();

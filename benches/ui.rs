@@ -11,7 +11,9 @@
 //! "page" is an HTTP client on 127.0.0.1 that follows the run's server-sent events, as
 //! the browser's EventSource does; latency is measured from the event's own timestamp
 //! (taken when it is emitted, before the history writer records it) to its arrival, so
-//! it is an upper bound on recorded → page.
+//! it is an upper bound on recorded → page. The `ui` server's own CPU time per watched
+//! run (from `/proc`) is printed too: unlike wall time it hardly depends on how loaded
+//! the machine is.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -69,6 +71,18 @@ fn start_ui(home: &Path, steps: usize) -> Ui {
         .trim_end_matches('/')
         .to_string();
     Ui { child, addr }
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the command (which is in parentheses): state is 3rd, utime 14th, stime 15th.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    // SAFETY: sysconf only reads a constant.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 fn request(addr: &str, path: &str) -> TcpStream {
@@ -172,6 +186,7 @@ fn main() {
     let mut alone = Vec::new();
     let mut watched = Vec::new();
     let mut latencies = Vec::new();
+    let mut server_cpu = Vec::new();
     for round in 0..rounds {
         alone.push(run_grid(home.path(), steps, &format!("alone-{round}")).as_secs_f64());
         let run_id = format!("watched-{round}");
@@ -201,8 +216,10 @@ fn main() {
                 }
             })
         };
+        let cpu_before = cpu_seconds(ui.child.id());
         watched.push(run_grid(home.path(), steps, &run_id).as_secs_f64());
         latencies.extend(watcher.join().expect("watcher"));
+        server_cpu.push(cpu_seconds(ui.child.id()) - cpu_before);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         list.join().expect("list watcher");
     }
@@ -210,6 +227,10 @@ fn main() {
     println!(
         "{steps}-step in-process run: alone median {a:.3} s {alone:.3?}, watched live median {w:.3} s {watched:.3?}: {:+.1}%",
         (w / a - 1.0) * 100.0
+    );
+    println!(
+        "ui server CPU per watched run (user + system, while the run goes and its stream drains): median {:.3} s {server_cpu:.3?}",
+        median(server_cpu.clone())
     );
     let n = latencies.len();
     println!(

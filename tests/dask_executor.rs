@@ -400,8 +400,10 @@ fn external_cluster_scenarios() {
     assert!(
         out.of_type(Some("sleepy.compute"), "ENGINE_EVENT")
             .iter()
-            .any(|e| e["data"]["details"]["worker_lost"] == true),
-        "no worker-lost event: {}",
+            .any(|e| e["data"]["details"]["worker_lost"] == true
+                && e["worker"] == victim.as_str()
+                && e["data"]["details"]["lost_worker"] == victim.as_str()),
+        "no worker-lost event naming the lost worker {victim}: {}",
         out.describe()
     );
 }

@@ -218,5 +218,53 @@ fn tls_scheduler_end_to_end() {
         "the failure does not name the address and the certificate problem: {}",
         out.describe()
     );
+
+    // 4. A certificate file that does not exist: named, with its config path, before
+    //    any connection attempt, by `execute` and by `plan` alike (item 7; before:
+    //    "scheduler unreachable within 20s").
+    let missing = dir.path().join("no-such-client.pem");
+    let execution = format!(
+        "{{dask: {{config: {{address: '{address}', timeout: 20, tls: {{ca_file: {}, cert: {}, key: {}}}}}}}}}",
+        yaml_path(&tls.ca_file),
+        yaml_path(&missing),
+        yaml_path(&tls.client_key)
+    );
+    let out = run(dir.path(), "missing-cert", &execution);
+    assert!(
+        matches!(out.code, Some(c) if c != 0),
+        "a run with a missing certificate succeeded: {}",
+        out.describe()
+    );
+    let text = out.failure_text();
+    assert!(
+        text.contains("execution.dask.config.tls.cert")
+            && text.contains(&missing.display().to_string())
+            && text.contains("No such file"),
+        "the failure does not name the missing certificate: {}",
+        out.describe()
+    );
+    assert!(
+        !text.contains("unreachable") && out.elapsed < Duration::from_secs(15),
+        "the run tried to connect ({:?}): {}",
+        out.elapsed,
+        out.describe()
+    );
+    let config = dir.path().join("missing-cert.yaml");
+    let plan = Command::new(env!("CARGO_BIN_EXE_conformance"))
+        .args(["plan", "success", "-c"])
+        .arg(&config)
+        .env("SOLIDFLOW_HOME", dir.path().join("home"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .current_dir(dir.path())
+        .output()
+        .expect("run conformance plan");
+    let stderr = String::from_utf8_lossy(&plan.stderr);
+    assert!(
+        !plan.status.success()
+            && stderr.contains("execution.dask.config.tls.cert")
+            && stderr.contains(&missing.display().to_string()),
+        "`plan` accepted a missing certificate ({}): {stderr}",
+        plan.status
+    );
     drop(cluster);
 }

@@ -13,7 +13,10 @@
 //!     scheduling_cases, isolated_cases);
 //! ```
 //!
-//! The module name is the executor's config key (used to add `resources` to its config).
+//! The module name is the executor's config key (used to add `resources` to its config);
+//! `conformance_suite!(multiprocess_warm as multiprocess, "<config>", ...)` runs the same
+//! executor again under another module name, with another base config (a mode, an
+//! isolation setting).
 //! Every executor gets the core cases; the names after the config add groups of cases:
 //!
 //! - `scheduling_cases`: executors that schedule steps themselves, with `max_concurrent`
@@ -35,19 +38,21 @@
 //!
 //! Run: `cargo test --test executor_conformance`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
 #[path = "support/dask.rs"]
 mod dask_support;
+#[path = "support/live_run.rs"]
+mod live_run;
+#[path = "support/outcome.rs"]
+mod outcome;
 
-/// Generous upper bound for any single run; a hang fails the test instead of blocking CI.
-const RUN_DEADLINE: Duration = Duration::from_secs(120);
+use live_run::{LiveRun, assert_dies, read_pid};
+use outcome::Outcome;
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_conformance"))
@@ -100,56 +105,23 @@ impl Harness {
     }
 
     /// Starts `execute <pipeline> --json` with the base config and `extra` merged over it.
-    pub fn start(&self, pipeline: &str, extra: &str) -> Running {
+    pub fn start(&self, pipeline: &str, extra: &str) -> LiveRun {
         let extra_path = self
             .work
             .join(format!("extra-{pipeline}-{}.yaml", fastish_id()));
         std::fs::write(&extra_path, extra).expect("write extra config");
         let mut command = Command::new(binary());
-        command.env("AWS_EC2_METADATA_DISABLED", "true");
         command
             .args(["execute", pipeline, "--json", "-c"])
             .arg(&self.base)
             .arg("-c")
             .arg(&extra_path)
             .env("SOLIDFLOW_HOME", &self.home)
-            .env("SF_CONFORMANCE_DIR", &self.work)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env("SF_CONFORMANCE_DIR", &self.work);
         for (k, v) in &self.env {
             command.env(k, v);
         }
-        let mut child = command.spawn().expect("start the conformance binary");
-        let (tx, rx) = channel();
-        let stdout = child.stdout.take().expect("piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let value = serde_json::from_str::<Value>(&line)
-                    .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
-                if tx.send(value).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = child.stderr.take().expect("piped");
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                text.push_str(&line);
-                text.push('\n');
-            }
-            text
-        });
-        Running {
-            child,
-            rx,
-            events: Vec::new(),
-            stderr: Some(stderr),
-            started: Instant::now(),
-        }
+        LiveRun::start(command)
     }
 
     /// Runs to completion.
@@ -170,136 +142,23 @@ fn fastish_id() -> u128 {
         .as_nanos()
 }
 
-/// A pipeline process in flight.
-pub struct Running {
-    child: Child,
-    rx: Receiver<Value>,
-    events: Vec<Value>,
-    stderr: Option<std::thread::JoinHandle<String>>,
-    started: Instant,
+/// What the cases ask of a finished run, beyond the shared [`Outcome`].
+trait Expect {
+    fn step<'a>(&'a self, step: &str, event_type: &'a str) -> Vec<&'a Value>;
+    fn one<'a>(&'a self, step: &str, event_type: &'a str) -> &'a Value;
+    fn has_message(&self, step: &str, needle: &str) -> bool;
+    fn expect_canceled(&self);
+    fn expect_code(&self, code: i32);
 }
 
-impl Running {
-    /// Waits for the first event (seen so far or arriving) that matches `pred`.
-    pub fn wait_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        if let Some(e) = self.events.iter().find(|e| pred(e)) {
-            return e.clone();
-        }
-        let deadline = self.started + RUN_DEADLINE;
-        loop {
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(e) => {
-                    self.events.push(e.clone());
-                    if pred(&e) {
-                        return e;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.child.kill();
-                    panic!(
-                        "timed out waiting for {what}; events so far:\n{}",
-                        dump(&self.events)
-                    );
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let _ = self.child.kill();
-                    panic!(
-                        "the run ended without {what}; events:\n{}",
-                        dump(&self.events)
-                    );
-                }
-            }
-        }
-    }
-
-    /// The pipeline process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends a signal to the pipeline process (not its group).
-    pub fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, which has not been reaped yet.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "cannot signal the pipeline process");
-    }
-
-    /// Waits for the process to exit (with a deadline) and collects everything.
-    pub fn finish(mut self) -> Outcome {
-        let deadline = self.started + RUN_DEADLINE;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "the run did not finish in {RUN_DEADLINE:?}; events:\n{}",
-                    dump(&self.events)
-                );
-            }
-            // Drain events meanwhile; this also paces the loop.
-            if let Ok(e) = self.rx.recv_timeout(Duration::from_millis(20)) {
-                self.events.push(e);
-            }
-        };
-        while let Ok(e) = self.rx.recv_timeout(Duration::from_secs(10)) {
-            self.events.push(e);
-        }
-        let stderr = self
-            .stderr
-            .take()
-            .map(|h| h.join().expect("stderr reader"))
-            .unwrap_or_default();
-        Outcome {
-            code: status.code(),
-            events: self.events,
-            stderr,
-        }
-    }
-}
-
-/// What a finished run left behind.
-pub struct Outcome {
-    pub code: Option<i32>,
-    pub events: Vec<Value>,
-    pub stderr: String,
-}
-
-fn dump(events: &[Value]) -> String {
-    events
-        .iter()
-        .map(|e| {
-            format!(
-                "{} {} {}",
-                e["event_type"].as_str().unwrap_or("?"),
-                e["step_key"].as_str().unwrap_or("-"),
-                e["message"].as_str().unwrap_or("")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-impl Outcome {
-    pub fn of_type<'a>(&'a self, event_type: &str) -> impl Iterator<Item = &'a Value> + use<'a> {
-        let event_type = event_type.to_string();
-        self.events
-            .iter()
-            .filter(move |e| e["event_type"] == event_type.as_str())
-    }
-
-    pub fn step(&self, step: &str, event_type: &str) -> Vec<&Value> {
+impl Expect for Outcome {
+    fn step<'a>(&'a self, step: &str, event_type: &'a str) -> Vec<&'a Value> {
         self.of_type(event_type)
             .filter(|e| e["step_key"] == step)
             .collect()
     }
 
-    pub fn one(&self, step: &str, event_type: &str) -> &Value {
+    fn one<'a>(&'a self, step: &str, event_type: &'a str) -> &'a Value {
         let found = self.step(step, event_type);
         assert_eq!(
             found.len(),
@@ -310,7 +169,7 @@ impl Outcome {
         found[0]
     }
 
-    pub fn has_message(&self, step: &str, needle: &str) -> bool {
+    fn has_message(&self, step: &str, needle: &str) -> bool {
         self.events.iter().any(|e| {
             e["step_key"] == step && e["message"].as_str().is_some_and(|m| m.contains(needle))
         })
@@ -318,7 +177,7 @@ impl Outcome {
 
     /// The `cancel` pipeline was interrupted: exit 130, one PIPELINE_CANCELED, and both
     /// sleeping steps failed as interrupted.
-    pub fn expect_canceled(&self) {
+    fn expect_canceled(&self) {
         self.expect_code(130);
         assert_eq!(
             self.of_type("PIPELINE_CANCELED").count(),
@@ -334,7 +193,7 @@ impl Outcome {
         }
     }
 
-    pub fn expect_code(&self, code: i32) {
+    fn expect_code(&self, code: i32) {
         assert_eq!(
             self.code,
             Some(code),
@@ -343,38 +202,11 @@ impl Outcome {
             self.describe()
         );
     }
-
-    pub fn describe(&self) -> String {
-        dump(&self.events)
-    }
-}
-
-/// Whether `pid` is a live (not zombie) process.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesized command name.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// Waits until `pid` is gone, failing after a deadline.
-fn assert_dies(pid: u32, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while alive(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "{what} (pid {pid}) is still alive: orphaned process"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Starts the `cancel` pipeline and waits until both of its sleeping steps run; returns
 /// the run and the two step processes' pids.
-fn start_sleepers(h: &Harness) -> (Running, [u32; 2]) {
+fn start_sleepers(h: &Harness) -> (LiveRun, [u32; 2]) {
     let mut run = h.start("cancel", "");
     for who in ["sleep_a", "sleep_b"] {
         run.wait_event("both sleepers", |e| {
@@ -386,14 +218,6 @@ fn start_sleepers(h: &Harness) -> (Running, [u32; 2]) {
         read_pid(&h.work("sleep_b.pid")),
     ];
     (run, pids)
-}
-
-fn read_pid(path: &Path) -> u32 {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-        .trim()
-        .parse()
-        .expect("pid")
 }
 
 /// The cases, as plain functions over a harness.
@@ -948,16 +772,7 @@ macro_rules! conformance_suite {
         }
     };
     ($name:ident, $config:expr $(, $group:ident)* $(,)?) => {
-        mod $name {
-            use super::*;
-
-            fn harness() -> Harness {
-                Harness::new(stringify!($name), $config)
-            }
-
-            core_cases!();
-            $($group!();)*
-        }
+        conformance_suite!($name as $name, $config $(, $group)*);
     };
 }
 
@@ -1057,20 +872,8 @@ mod multiprocess_only {
         }
     }
 
-    /// Runs `conformance step` by hand with an invocation whose protocol version is wrong.
-    #[test]
-    fn protocol_version_mismatch_is_a_clear_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        let invocation = serde_json::json!({
-            "protocol": 999,
-            "run_id": "r1",
-            "pipeline": "success",
-            "mode": "default",
-            "step_key": "numbers.compute",
-            "attempt": 1,
-            "run_config": {"storage": {"filesystem": {}}},
-            "home": tmp.path(),
-        });
+    /// Runs `conformance step` by hand, as a remote worker would, with `invocation` on stdin.
+    fn run_step(invocation: &Value) -> std::process::Output {
         let mut child = Command::new(binary())
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .arg("step")
@@ -1085,7 +888,24 @@ mod multiprocess_only {
             .unwrap()
             .write_all(invocation.to_string().as_bytes())
             .unwrap();
-        let out = child.wait_with_output().unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs `conformance step` by hand with an invocation whose protocol version is wrong.
+    #[test]
+    fn protocol_version_mismatch_is_a_clear_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let invocation = serde_json::json!({
+            "protocol": 999,
+            "run_id": "r1",
+            "pipeline": "success",
+            "mode": "default",
+            "step_key": "numbers.compute",
+            "attempt": 1,
+            "run_config": {"storage": {"filesystem": {}}},
+            "home": tmp.path(),
+        });
+        let out = run_step(&invocation);
         assert_eq!(out.status.code(), Some(3));
         let stdout = String::from_utf8_lossy(&out.stdout);
         let last: Value =
@@ -1113,21 +933,7 @@ mod multiprocess_only {
             "run_config": {"storage": {"filesystem": {}}, "execution": {"multiprocess": {}}},
             "home": tmp.path(),
         });
-        let mut child = Command::new(binary())
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .arg("step")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(invocation.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = run_step(&invocation);
         assert_eq!(
             out.status.code(),
             Some(0),

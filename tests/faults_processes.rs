@@ -1,11 +1,14 @@
-//! Processes a solid starts never outlive its step (issue 10, items 1 and 3).
+//! Processes a solid starts never outlive its step, and nothing of solidflow's is left
+//! in `$TMPDIR` (issue 10, items 1, 3 and 4).
 //!
 //! The `faults` binary's `orphans` pipeline runs `spawner`, which starts two shells that
 //! ignore SIGTERM/SIGINT/SIGHUP: one in the step's process group (`child`) and one in a
 //! new session (`daemon`, as `setsid` daemons do), and writes their pids. Each test then
 //! ends the step one way — it returns, its pipeline process is SIGKILLed, its Dask
 //! worker is SIGKILLed, or the pipeline's process group gets Ctrl-C (SIGINT) — and
-//! checks that the step process and both shells are gone, with generous deadlines.
+//! checks that the step process and both shells are gone, with generous deadlines. Every
+//! process of a test (pipeline, bridge, local cluster, scheduler, workers) gets the
+//! test's own `$TMPDIR`, checked for solidflow leftovers after each fault.
 //!
 //! Needs the venv from `scripts/python-env.sh` (or `SOLIDFLOW_PYTHON`) for the Dask
 //! cases; without it they fail and say so.
@@ -14,63 +17,36 @@
 
 #[path = "support/dask.rs"]
 mod dask_support;
+#[path = "support/fault_world.rs"]
+mod fault_world;
 #[path = "support/live_run.rs"]
 mod live_run;
 #[path = "support/outcome.rs"]
 mod outcome;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use dask_support::{DaskCluster, WorkerSpec};
+use fault_world::World;
 use live_run::{LiveRun, assert_dies, read_pid};
 
-/// One test's home, work directory and run config.
-struct World {
-    tmp: tempfile::TempDir,
+/// Starts `faults execute orphans --json` with `execution` and `spawner` doing `then`.
+fn start(w: &World, execution: &str, then: &str) -> LiveRun {
+    w.execute(
+        "orphans",
+        &format!(
+            "execution: {execution}\nstorage: {{filesystem: {{}}}}\n\
+             solids: {{spawner: {{config: {{then: {then}}}}}}}\n"
+        ),
+    )
 }
 
-impl World {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        std::fs::create_dir_all(tmp.path().join("work")).unwrap();
-        Self { tmp }
-    }
-
-    fn work(&self, name: &str) -> PathBuf {
-        self.tmp.path().join("work").join(name)
-    }
-
-    /// Starts `faults execute orphans --json` with `execution` and `spawner` doing `then`.
-    fn start(&self, execution: &str, then: &str) -> LiveRun {
-        let config = self.tmp.path().join(format!("run-{then}.yaml"));
-        std::fs::write(
-            &config,
-            format!(
-                "execution: {execution}\nstorage: {{filesystem: {{}}}}\n\
-                 solids: {{spawner: {{config: {{then: {then}}}}}}}\n"
-            ),
-        )
-        .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_faults"));
-        command
-            .args(["execute", "orphans", "--json", "-c"])
-            .arg(&config)
-            .env("SOLIDFLOW_HOME", self.tmp.path().join("home"))
-            .env("SF_FAULTS_DIR", self.tmp.path().join("work"))
-            .env("SOLIDFLOW_PYTHON", dask_support::python());
-        LiveRun::start(command)
-    }
-
-    /// Waits until the spawner's shells run; returns (step, child, daemon) pids.
-    fn spawned(&self, run: &mut LiveRun) -> [u32; 3] {
-        run.wait_log("spawner spawned");
-        [
-            read_pid(&self.work("spawner.pid")),
-            read_pid(&self.work("spawner.child.pid")),
-            read_pid(&self.work("spawner.daemon.pid")),
-        ]
-    }
+/// Waits until the spawner's shells run; returns (step, child, daemon) pids.
+fn spawned(w: &World, run: &mut LiveRun) -> [u32; 3] {
+    run.wait_log("spawner spawned");
+    [
+        read_pid(&w.work("spawner.pid")),
+        read_pid(&w.work("spawner.child.pid")),
+        read_pid(&w.work("spawner.daemon.pid")),
+    ]
 }
 
 fn assert_all_die(pids: [u32; 3]) {
@@ -90,8 +66,8 @@ const DASK_LOCAL: &str = "{dask: {config: {n_workers: 1, threads_per_worker: 1}}
 /// downstream step runs without waiting for them.
 fn step_end(execution: &str) {
     let w = World::new();
-    let mut run = w.start(execution, "return");
-    let pids = w.spawned(&mut run);
+    let mut run = start(&w, execution, "return");
+    let pids = spawned(&w, &mut run);
     let out = run.finish();
     assert_eq!(out.code, Some(0), "{}", out.describe());
     assert_eq!(out.of_type("STEP_SUCCESS").count(), 2, "{}", out.describe());
@@ -101,19 +77,20 @@ fn step_end(execution: &str) {
 /// The pipeline process is SIGKILLed mid-step.
 fn parent_kill(execution: &str) {
     let w = World::new();
-    let mut run = w.start(execution, "wait");
-    let pids = w.spawned(&mut run);
+    let mut run = start(&w, execution, "wait");
+    let pids = spawned(&w, &mut run);
     run.signal(libc::SIGKILL);
     let _ = run.finish();
     assert_all_die(pids);
+    w.assert_tmpdir_clean("a SIGKILL of the pipeline process");
 }
 
 /// Ctrl-C: SIGINT to the pipeline's whole process group, as a terminal sends it. The run
 /// ends canceled (exit 130) and leaves nothing behind.
 fn ctrl_c(execution: &str) {
     let w = World::new();
-    let mut run = w.start(execution, "wait");
-    let pids = w.spawned(&mut run);
+    let mut run = start(&w, execution, "wait");
+    let pids = spawned(&w, &mut run);
     run.signal_group(libc::SIGINT);
     let out = run.finish();
     assert_eq!(out.code, Some(130), "{}", out.describe());
@@ -124,6 +101,7 @@ fn ctrl_c(execution: &str) {
         out.describe()
     );
     assert_all_die(pids);
+    w.assert_tmpdir_clean("Ctrl-C");
 }
 
 #[test]
@@ -161,19 +139,24 @@ fn dask_ctrl_c_exits_130_every_time_and_kills_the_solids_processes() {
 }
 
 /// An existing cluster's worker is SIGKILLed (nanny and worker) while the step runs.
+/// Scheduler and worker share the test's `$TMPDIR`, which must hold nothing of
+/// solidflow's afterwards (item 4).
 #[test]
 fn dask_worker_kill_kills_the_solids_processes() {
-    let mut cluster = DaskCluster::start(&[WorkerSpec::plain("w1")]);
     let w = World::new();
-    let mut run = w.start(
+    let mut cluster =
+        DaskCluster::start_with_env(&[WorkerSpec::plain("w1")], &[("TMPDIR", &w.tmpdir())]);
+    let mut run = start(
+        &w,
         &format!(
             "{{dask: {{config: {{address: '{}', forward_env: [SF_FAULTS_DIR]}}}}}}",
             cluster.address
         ),
         "wait",
     );
-    let pids = w.spawned(&mut run);
+    let pids = spawned(&w, &mut run);
     cluster.kill_worker(0);
     assert_all_die(pids);
     drop(run);
+    w.assert_tmpdir_clean("a SIGKILL of the Dask worker");
 }

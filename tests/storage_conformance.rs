@@ -1,6 +1,7 @@
 //! Storage conformance suite: one set of tests every intermediate storage must pass.
 //!
-//! The cases are plain functions over a [`Backend`]; the `conformance!` macro instantiates
+//! The cases are the kit in `solidflow::conformance::storage` (the `conformance` feature),
+//! which a third-party storage runs the same way; the `conformance!` macro instantiates
 //! every case once per backend (`in_memory`, `filesystem`, `s3`), so a new storage gets the
 //! whole suite by adding one constructor and one name to the macro call. The `s3` backend
 //! runs against a real S3 server (s3s-fs, see `tests/support/s3.rs`); install it with
@@ -13,16 +14,10 @@
 mod s3_support;
 
 use std::any::Any;
-use std::io::{self, Read, Write};
 use std::sync::Arc;
-use std::sync::mpsc;
-use std::thread;
 
-use solidflow::storage::{
-    FilesystemStorage, InMemoryStorage, IntermediateKey, IntermediateStorage, StorageError,
-};
-
-const MIB: usize = 1024 * 1024;
+use solidflow::conformance::storage as kit;
+use solidflow::storage::{FilesystemStorage, InMemoryStorage, IntermediateStorage};
 
 /// A storage under test plus whatever must live as long as it (temp dir, server).
 pub struct Backend {
@@ -67,39 +62,39 @@ macro_rules! conformance {
             }
             #[test]
             fn round_trips_payloads() {
-                super::round_trips_payloads(&backend());
+                super::kit::round_trips_payloads(&backend().storage);
             }
             #[test]
             fn overwrite_replaces_the_value() {
-                super::overwrite_replaces_the_value(&backend());
+                super::kit::overwrite_replaces_the_value(&backend().storage);
             }
             #[test]
             fn failed_write_leaves_no_object() {
-                super::failed_write_leaves_no_object(&backend());
+                super::kit::failed_write_leaves_no_object(&backend().storage);
             }
             #[test]
             fn failed_overwrite_keeps_the_old_value() {
-                super::failed_overwrite_keeps_the_old_value(&backend());
+                super::kit::failed_overwrite_keeps_the_old_value(&backend().storage);
             }
             #[test]
             fn reader_never_sees_a_value_being_written() {
-                super::reader_never_sees_a_value_being_written(&backend());
+                super::kit::reader_never_sees_a_value_being_written(&backend().storage);
             }
             #[test]
             fn readers_racing_overwrites_see_whole_values() {
-                super::readers_racing_overwrites_see_whole_values(&backend());
+                super::kit::readers_racing_overwrites_see_whole_values(&backend().storage);
             }
             #[test]
             fn concurrent_runs_never_collide() {
-                super::concurrent_runs_never_collide(&backend());
+                super::kit::concurrent_runs_never_collide(&backend().storage);
             }
             #[test]
             fn list_run_lists_exactly_the_run() {
-                super::list_run_lists_exactly_the_run(&backend());
+                super::kit::list_run_lists_exactly_the_run(&backend().storage);
             }
             #[test]
             fn missing_key_is_not_found() {
-                super::missing_key_is_not_found(&backend());
+                super::kit::missing_key_is_not_found(&backend().storage);
             }
         }
     )*};
@@ -107,419 +102,26 @@ macro_rules! conformance {
 
 conformance!(in_memory, filesystem, s3);
 
-// ---------------------------------------------------------------------------------------
-// Helpers
-
-/// Deterministic pseudo-random bytes (xorshift), different for every seed.
-fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
+/// A case added to the kit must be added to `conformance!` above, too.
+#[test]
+fn every_case_of_the_kit_is_instantiated() {
+    let listed = include_str!("storage_conformance.rs");
+    for (name, _) in kit::CASES {
+        assert!(
+            listed.contains(&format!("super::kit::{name}(")),
+            "add `{name}` to the conformance! macro"
+        );
     }
-    out.truncate(len);
-    out
 }
 
-/// A value that can check itself: 8-byte seed, 8-byte length, then `payload(seed, len)`.
-fn self_checking(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = seed.to_le_bytes().to_vec();
-    out.extend_from_slice(&(len as u64).to_le_bytes());
-    out.extend_from_slice(&payload(seed, len));
-    out
-}
-
-fn check_self_checking(bytes: &[u8]) -> Result<u64, String> {
-    if bytes.len() < 16 {
-        return Err(format!(
-            "value of {} bytes is shorter than its header",
-            bytes.len()
-        ));
-    }
-    let seed = u64::from_le_bytes(bytes[..8].try_into().unwrap());
-    let len = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
-    if bytes.len() - 16 != len {
-        return Err(format!(
-            "value {seed} should have {len} bytes of payload, has {}",
-            bytes.len() - 16
-        ));
-    }
-    if bytes[16..] != payload(seed, len)[..] {
-        return Err(format!(
-            "value {seed} has the right length but mixed content"
-        ));
-    }
-    Ok(seed)
-}
-
-/// Writes `bytes` in chunks of `chunk` bytes, as a streaming codec would.
-fn write_chunked(
-    storage: &dyn IntermediateStorage,
-    key: &IntermediateKey,
-    bytes: &[u8],
-    chunk: usize,
-) -> u64 {
-    storage
-        .write(key, &mut |w: &mut dyn Write| {
-            for piece in bytes.chunks(chunk.max(1)) {
-                w.write_all(piece)?;
-            }
-            Ok(())
-        })
-        .unwrap_or_else(|e| panic!("write {key} to {}: {e}", storage.kind()))
-}
-
-fn write_all(storage: &dyn IntermediateStorage, key: &IntermediateKey, bytes: &[u8]) -> u64 {
-    write_chunked(storage, key, bytes, 64 * 1024 + 1)
-}
-
-fn read_all(
-    storage: &dyn IntermediateStorage,
-    key: &IntermediateKey,
-) -> Result<Vec<u8>, StorageError> {
-    let mut reader = storage.read(key)?;
-    let mut out = Vec::new();
-    reader
-        .read_to_end(&mut out)
-        .unwrap_or_else(|e| panic!("read {key} from {}: {e}", storage.kind()));
-    Ok(out)
-}
-
-fn unique_run(tag: &str) -> String {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-fn assert_absent(storage: &dyn IntermediateStorage, key: &IntermediateKey) {
-    let kind = storage.kind();
-    assert!(
-        !storage.exists(key).unwrap(),
-        "{kind}: {key} should not exist"
-    );
-    match storage.read(key) {
-        Err(StorageError::NotFound { .. }) => {}
-        Err(other) => panic!("{kind}: reading absent {key} should be NotFound, got {other}"),
-        Ok(mut r) => {
-            let mut got = Vec::new();
-            let _ = r.read_to_end(&mut got);
-            panic!("{kind}: absent {key} was readable ({} bytes)", got.len());
-        }
-    }
-    assert!(
-        !storage.list_run(&key.run_id).unwrap().contains(key),
-        "{kind}: list_run shows absent {key}"
-    );
-}
-
-fn failing_write(
-    storage: &dyn IntermediateStorage,
-    key: &IntermediateKey,
-    bytes_before_failure: usize,
-) -> StorageError {
-    let bytes = payload(7, bytes_before_failure);
-    let result = storage.write(key, &mut |w: &mut dyn Write| {
-        for piece in bytes.chunks(MIB) {
-            w.write_all(piece)?;
-        }
-        Err(io::Error::other("encoder failed midway"))
-    });
-    match result {
-        Ok(n) => panic!(
-            "{}: a write whose callback failed returned Ok({n})",
-            storage.kind()
-        ),
-        Err(e) => e,
-    }
+/// The kit's one-call entry point, as a third-party storage would use it.
+#[test]
+fn run_all_passes_on_the_filesystem() {
+    kit::run_all(&filesystem().storage);
 }
 
 // ---------------------------------------------------------------------------------------
-// The cases
-
-fn round_trips_payloads(b: &Backend) {
-    let storage = &*b.storage;
-    let run = unique_run("roundtrip");
-    let all_bytes: Vec<u8> = (0..=255u8).cycle().take(1024).collect();
-    let payloads: Vec<(&str, Vec<u8>)> = vec![
-        ("empty", Vec::new()),
-        ("one byte", vec![0]),
-        ("text", b"Hello, World!".to_vec()),
-        ("every byte value", all_bytes),
-        ("1 MiB", payload(1, MIB)),
-        // Larger than several S3 parts (the test S3 config uses 5 MiB parts).
-        ("11 MiB + 3", payload(2, 11 * MIB + 3)),
-    ];
-    for (i, (name, bytes)) in payloads.iter().enumerate() {
-        let key = IntermediateKey::new(&run, format!("step_{i}.compute"), "result");
-        assert_eq!(
-            write_all(storage, &key, bytes),
-            bytes.len() as u64,
-            "{}: length written for {name}",
-            storage.kind()
-        );
-        assert!(
-            storage.exists(&key).unwrap(),
-            "{}: {name} should exist",
-            storage.kind()
-        );
-        let back = read_all(storage, &key).unwrap();
-        assert!(
-            back == *bytes,
-            "{}: {name} came back different ({} bytes vs {})",
-            storage.kind(),
-            back.len(),
-            bytes.len()
-        );
-    }
-    // Tiny writes and tiny reads work too (codecs and decoders do both).
-    let key = IntermediateKey::new(&run, "tiny.compute", "result");
-    let bytes = payload(3, 100_003);
-    write_chunked(storage, &key, &bytes, 7);
-    let mut reader = storage.read(&key).unwrap();
-    let mut back = Vec::new();
-    let mut buf = [0u8; 13];
-    loop {
-        let n = reader.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        back.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        back == bytes,
-        "{}: value written and read in tiny pieces differs",
-        storage.kind()
-    );
-}
-
-fn overwrite_replaces_the_value(b: &Backend) {
-    let storage = &*b.storage;
-    let key = IntermediateKey::new(unique_run("overwrite"), "a.compute", "result");
-    write_all(storage, &key, &payload(1, 6 * MIB));
-    write_all(storage, &key, b"short");
-    assert_eq!(read_all(storage, &key).unwrap(), b"short");
-    assert_eq!(storage.list_run(&key.run_id).unwrap(), vec![key]);
-}
-
-fn failed_write_leaves_no_object(b: &Backend) {
-    let storage = &*b.storage;
-    let run = unique_run("failed");
-    // Failing early (nothing sent yet) and failing late (S3: parts already uploaded).
-    for (i, before_failure) in [0, 100, 6 * MIB + 17].into_iter().enumerate() {
-        let key = IntermediateKey::new(&run, format!("step_{i}.compute"), "result");
-        let err = failing_write(storage, &key, before_failure);
-        assert!(
-            err.to_string().contains("encoder failed midway"),
-            "{}: the error should carry the callback's cause: {err}",
-            storage.kind()
-        );
-        assert_absent(storage, &key);
-    }
-    assert!(storage.list_run(&run).unwrap().is_empty());
-}
-
-fn failed_overwrite_keeps_the_old_value(b: &Backend) {
-    let storage = &*b.storage;
-    let key = IntermediateKey::new(unique_run("keep"), "a.compute", "result");
-    let old = payload(5, 2 * MIB);
-    write_all(storage, &key, &old);
-    failing_write(storage, &key, 7 * MIB);
-    assert!(
-        read_all(storage, &key).unwrap() == old,
-        "{}: a failed overwrite damaged the old value",
-        storage.kind()
-    );
-}
-
-fn reader_never_sees_a_value_being_written(b: &Backend) {
-    let storage = b.storage.clone();
-    let key = IntermediateKey::new(unique_run("inflight"), "a.compute", "result");
-    let value = payload(9, 12 * MIB);
-    let (half_written, wait_half) = mpsc::sync_channel::<()>(0);
-    let (checked, wait_checked) = mpsc::sync_channel::<()>(0);
-    let writer = {
-        let (storage, key, value) = (storage.clone(), key.clone(), value.clone());
-        thread::spawn(move || {
-            storage.write(&key, &mut |w: &mut dyn Write| {
-                let (first, second) = value.split_at(value.len() / 2);
-                w.write_all(first)?;
-                // Half the value is in the storage's hands (for S3: a part is uploaded).
-                half_written.send(()).unwrap();
-                wait_checked.recv().unwrap();
-                w.write_all(second)
-            })
-        })
-    };
-    wait_half.recv().unwrap();
-    assert_absent(&*storage, &key);
-    checked.send(()).unwrap();
-    assert_eq!(writer.join().unwrap().unwrap(), value.len() as u64);
-    assert!(read_all(&*storage, &key).unwrap() == value);
-}
-
-fn readers_racing_overwrites_see_whole_values(b: &Backend) {
-    let storage = b.storage.clone();
-    let key = IntermediateKey::new(unique_run("race"), "a.compute", "result");
-    let writes = 12u64;
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (storage, key, done) = (storage.clone(), key.clone(), done.clone());
-        thread::spawn(move || {
-            for seed in 1..=writes {
-                // Sizes vary so a torn read would show as a wrong length, not just wrong bytes.
-                let value = self_checking(seed, 256 * 1024 + (seed as usize * 7919) % 65_536);
-                write_chunked(&*storage, &key, &value, 4096);
-            }
-            done.store(true, std::sync::atomic::Ordering::SeqCst);
-        })
-    };
-    let mut seen = std::collections::BTreeSet::new();
-    loop {
-        let finished = done.load(std::sync::atomic::Ordering::SeqCst);
-        match read_all(&*storage, &key) {
-            Ok(bytes) => {
-                let seed = check_self_checking(&bytes)
-                    .unwrap_or_else(|e| panic!("{}: torn read: {e}", storage.kind()));
-                seen.insert(seed);
-            }
-            Err(StorageError::NotFound { .. }) => {
-                assert!(seen.is_empty(), "a value disappeared after being visible")
-            }
-            Err(e) => panic!("{}: read failed during overwrites: {e}", storage.kind()),
-        }
-        if finished {
-            break;
-        }
-    }
-    writer.join().unwrap();
-    assert!(
-        seen.contains(&writes),
-        "the last value should be read at the end, saw {seen:?}"
-    );
-}
-
-fn concurrent_runs_never_collide(b: &Backend) {
-    let storage = b.storage.clone();
-    let base = unique_run("concurrent");
-    // `<base>-1` is a prefix of `<base>-10`: listing one must not pick up the other.
-    let runs: Vec<String> = (1..=10).map(|i| format!("{base}-{i}")).collect();
-    let steps = ["load.compute", "transform.compute"];
-    let outputs = ["result", "stats"];
-    let content = |run: &str, step: &str, output: &str| {
-        format!("{run}/{step}/{output}").repeat(100).into_bytes()
-    };
-    let threads: Vec<_> = runs
-        .iter()
-        .cloned()
-        .map(|run| {
-            let storage = storage.clone();
-            thread::spawn(move || {
-                for step in steps {
-                    for output in outputs {
-                        write_all(
-                            &*storage,
-                            &IntermediateKey::new(&run, step, output),
-                            &content(&run, step, output),
-                        );
-                    }
-                }
-            })
-        })
-        .collect();
-    threads.into_iter().for_each(|t| t.join().unwrap());
-    for run in &runs {
-        let mut expected = Vec::new();
-        for step in steps {
-            for output in outputs {
-                let key = IntermediateKey::new(run, step, output);
-                assert_eq!(
-                    read_all(&*storage, &key).unwrap(),
-                    content(run, step, output),
-                    "{}: {key}",
-                    storage.kind()
-                );
-                expected.push(key);
-            }
-        }
-        expected.sort();
-        assert_eq!(
-            storage.list_run(run).unwrap(),
-            expected,
-            "{}: list_run({run})",
-            storage.kind()
-        );
-    }
-}
-
-fn list_run_lists_exactly_the_run(b: &Backend) {
-    let storage = &*b.storage;
-    let run = unique_run("list");
-    let other = format!("{run}x");
-    let keys = [
-        IntermediateKey::new(&run, "zeta.compute", "result"),
-        IntermediateKey::new(&run, "alpha.compute", "result"),
-        IntermediateKey::new(&run, "alpha.compute", "out_2"),
-        IntermediateKey::new(&run, "mid_step.compute", "result"),
-    ];
-    for (i, key) in keys.iter().enumerate() {
-        write_all(storage, key, format!("value {i}").as_bytes());
-    }
-    write_all(
-        storage,
-        &IntermediateKey::new(&other, "alpha.compute", "result"),
-        b"other run",
-    );
-    let mut expected = keys.to_vec();
-    expected.sort();
-    assert_eq!(
-        storage.list_run(&run).unwrap(),
-        expected,
-        "{}: list_run sorted, only this run",
-        storage.kind()
-    );
-    assert_eq!(storage.list_run(&other).unwrap().len(), 1);
-    assert!(
-        storage
-            .list_run(&unique_run("never-ran"))
-            .unwrap()
-            .is_empty()
-    );
-}
-
-fn missing_key_is_not_found(b: &Backend) {
-    let storage = &*b.storage;
-    let run = unique_run("missing");
-    let key = IntermediateKey::new(&run, "never_ran.compute", "result");
-    match storage.read(&key) {
-        Err(StorageError::NotFound { location }) => {
-            assert_eq!(location, storage.location(&key));
-            assert!(
-                location.contains("never_ran.compute") && location.contains(&run),
-                "{location}"
-            );
-        }
-        Err(e) => panic!("{}: expected NotFound, got {e}", storage.kind()),
-        Ok(_) => panic!("{}: read of a missing key succeeded", storage.kind()),
-    }
-    assert!(!storage.exists(&key).unwrap());
-    // Another output of the same step existing changes nothing.
-    write_all(
-        storage,
-        &IntermediateKey::new(&run, "never_ran.compute", "other"),
-        b"x",
-    );
-    assert_absent(storage, &key);
-}
-
-// ---------------------------------------------------------------------------------------
-// S3 only: the server, credentials, retries.
+// Helpers
 
 mod s3_only {
     use std::time::{Duration, Instant};
@@ -530,7 +132,7 @@ mod s3_only {
     };
 
     use super::s3_support::{ACCESS_KEY, Fault, FaultProxy, S3Server, SECRET_KEY};
-    use super::{payload, read_all, write_all};
+    use solidflow::conformance::storage::{payload, read_all, write_all};
 
     fn assert_no_secrets(what: &str, text: &str) {
         for secret in [

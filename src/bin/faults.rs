@@ -169,10 +169,32 @@ fn chatty_pipeline() -> Pipeline {
     .expect("valid pipeline")
 }
 
+// --- a step that fails ----------------------------------------------------------------
+
+/// Fails every attempt; its policy retries it once.
+#[solid(retry(max_retries = 1, delay = 0.1))]
+fn always_fails(_ctx: &SolidContext) -> Result<i64, SolidError> {
+    Err(SolidError::new("always_fails fails on purpose"))
+}
+
+/// Never runs: its upstream fails.
+#[solid]
+fn after_failure(_ctx: &SolidContext, value: i64) -> i64 {
+    value
+}
+
+fn failing() -> Pipeline {
+    Pipeline::build("failing", |p| {
+        let v = p.invoke(always_fails, ());
+        p.invoke(after_failure, (v,));
+    })
+    .expect("valid pipeline")
+}
+
 fn main() {
     let mut executors = default_executors();
     executors.push(dask_executor());
-    [orphans(), write_big(), chatty_pipeline()]
+    [orphans(), write_big(), chatty_pipeline(), failing()]
         .into_iter()
         .fold(Repository::new("faults"), |repo, p| {
             repo.with_pipeline(p.with_executors(executors.clone()))

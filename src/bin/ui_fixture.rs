@@ -2,7 +2,8 @@
 //! (`benches/ui.rs`).
 //!
 //! Not an example to copy: `fragile` fails until the test creates a file, `live` waits
-//! for the test, and `greet` logs a line with HTML in it. Solids coordinate with the
+//! for the test, `greet` logs a line with HTML in it, and `chatty` logs thousands of
+//! lines around a wait. Solids coordinate with the
 //! test through files in `$SF_UI_DIR`, polled with deadlines, never fixed sleeps.
 //!
 //! ```sh
@@ -129,6 +130,54 @@ fn live() -> Pipeline {
     .expect("valid pipeline")
 }
 
+// --- chatty: `$SF_UI_LINES` log lines (default 6,000), half before and half after `go` ---
+
+fn lines() -> usize {
+    std::env::var("SF_UI_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6_000)
+}
+
+/// Logs `chatter line N` for N in `range`, every tenth line a warning.
+fn chatter(ctx: &SolidContext, range: std::ops::Range<usize>) {
+    for i in range {
+        if i % 10 == 0 {
+            ctx.log().warning(format!("chatter line {i}"));
+        } else {
+            ctx.log().info(format!("chatter line {i}"));
+        }
+    }
+}
+
+/// Logs the first half of its lines, waits for `$SF_UI_DIR/go`, logs the rest.
+#[solid]
+fn talk(ctx: &SolidContext) -> Result<u64, SolidError> {
+    let n = lines();
+    chatter(ctx, 1..n / 2 + 1);
+    ctx.log().info("talk waiting for go");
+    if !wait_for(&dir().join("go"), Duration::from_secs(120)) {
+        return Err(SolidError::new("the go file never appeared"));
+    }
+    chatter(ctx, n / 2 + 1..n + 1);
+    Ok(n as u64)
+}
+
+/// One line of its own, so the log can be filtered to another step.
+#[solid]
+fn listen(ctx: &SolidContext, heard: u64) -> u64 {
+    ctx.log().info(format!("listen heard {heard} lines"));
+    heard
+}
+
+fn chatty() -> Pipeline {
+    Pipeline::build("chatty", |p| {
+        let t = p.invoke(talk, ());
+        p.invoke(listen, (t,));
+    })
+    .expect("valid pipeline")
+}
+
 // --- grid: `$SF_UI_STEPS` steps (default 200) in chains of trivial steps -----------------
 
 fn zero() -> SolidDefinition {
@@ -171,6 +220,7 @@ fn main() {
         .with_pipeline(greet())
         .with_pipeline(fragile())
         .with_pipeline(live())
+        .with_pipeline(chatty())
         .with_lazy_pipeline("grid", grid)
         .main();
 }

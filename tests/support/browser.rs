@@ -167,6 +167,32 @@ impl Chromium {
     }
 }
 
+/// Opens the runs list, waits until run `run_id` is listed (it may just be starting),
+/// then goes to its run page.
+pub async fn open_run_page(chromium: &Chromium, url: &str, run_id: &str) -> Page {
+    let page = chromium.open(&format!("{url}/")).await;
+    wait_for(
+        &page,
+        "the run in the list",
+        &format!("document.querySelector('#runs-rows tr.run[data-run-id=\"{run_id}\"]')"),
+    )
+    .await;
+    page.goto(format!("{url}/runs/{run_id}"))
+        .await
+        .expect("open the run page");
+    page
+}
+
+/// Clicks the element `selector` finds (panics naming it when there is none).
+pub async fn click(page: &Page, selector: &str) {
+    page.find_element(selector)
+        .await
+        .unwrap_or_else(|e| panic!("no element {selector}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("cannot click {selector}: {e}"));
+}
+
 /// Evaluates `js` (an expression) and returns its JSON value.
 pub async fn eval(page: &Page, js: &str) -> serde_json::Value {
     page.evaluate(js)
@@ -297,9 +323,14 @@ impl Fixture {
 
     /// Starts `ui --port 0` and waits for the URL it prints.
     pub fn ui(&self) -> UiServer {
+        self.ui_on(0)
+    }
+
+    /// Starts `ui --port <port>` (0: any free port) and waits for the URL it prints.
+    pub fn ui_on(&self, port: u16) -> UiServer {
         let mut child = self
             .command()
-            .args(["ui", "--port", "0"])
+            .args(["ui", "--port", &port.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -326,6 +357,17 @@ pub struct UiServer {
     child: Child,
     /// `http://127.0.0.1:PORT` (no trailing slash).
     pub url: String,
+}
+
+impl UiServer {
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in the ui URL")
+    }
 }
 
 impl Drop for UiServer {

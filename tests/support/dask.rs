@@ -292,6 +292,10 @@ pub struct DaskCluster {
     host: String,
     /// `--tls-*` options for workers, empty without TLS.
     tls_args: Vec<String>,
+    /// The scheduler's arguments, to start it again on the same port.
+    scheduler_args: Vec<String>,
+    /// Environment variables for every process of the cluster (e.g. `TMPDIR`).
+    env: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -344,17 +348,32 @@ impl DaskCluster {
     /// Like [`start`](Self::start), with scheduler and workers listening on `host`, which
     /// must be a loopback address (tests never listen elsewhere).
     pub fn start_on(host: &str, workers: &[WorkerSpec]) -> Self {
-        Self::launch(host, workers, None)
+        Self::launch(host, workers, None, &[])
+    }
+
+    /// Like [`start`](Self::start), with `env` set for the scheduler and every worker
+    /// (e.g. `TMPDIR`, so a test can check what the cluster's processes leave there).
+    pub fn start_with_env(workers: &[WorkerSpec], env: &[(&str, &Path)]) -> Self {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.display().to_string()))
+            .collect();
+        Self::launch("127.0.0.1", workers, None, &env)
     }
 
     /// Like [`start`](Self::start), but scheduler and workers speak TLS (`--protocol tls`)
     /// with the server certificate of `tls`: the address is `tls://127.0.0.1:<port>`,
     /// and clients need the CA and a client certificate of `tls`.
     pub fn start_tls(tls: &TlsFiles, workers: &[WorkerSpec]) -> Self {
-        Self::launch("127.0.0.1", workers, Some(tls))
+        Self::launch("127.0.0.1", workers, Some(tls), &[])
     }
 
-    fn launch(host: &str, workers: &[WorkerSpec], tls: Option<&TlsFiles>) -> Self {
+    fn launch(
+        host: &str,
+        workers: &[WorkerSpec],
+        tls: Option<&TlsFiles>,
+        env: &[(String, String)],
+    ) -> Self {
         let ip: std::net::IpAddr = host.parse().expect("start_on takes an IP address");
         assert!(
             ip.is_loopback(),
@@ -369,20 +388,27 @@ impl DaskCluster {
         let protocol = if tls.is_some() { "tls" } else { "tcp" };
         let address = format!("{protocol}://{host}:{port}");
         let tls_args = tls.map(TlsFiles::dask_args).unwrap_or_default();
+        let mut scheduler_args: Vec<String> = [
+            "scheduler",
+            "--host",
+            host,
+            "--port",
+            &port.to_string(),
+            "--dashboard-address",
+            ":0",
+            "--no-show",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if tls.is_some() {
+            scheduler_args.extend(["--protocol".to_string(), "tls".to_string()]);
+        }
+        scheduler_args.extend(tls_args.iter().cloned());
         let mut scheduler = spawn(
             Command::new(&dask)
-                .args([
-                    "scheduler",
-                    "--host",
-                    host,
-                    "--port",
-                    &port.to_string(),
-                    "--dashboard-address",
-                    ":0",
-                    "--no-show",
-                ])
-                .args(tls.map(|_| ["--protocol", "tls"]).into_iter().flatten())
-                .args(&tls_args)
+                .args(&scheduler_args)
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 // Builds shipped with `ship_binary` live in the cluster's temp dir.
                 .env("SOLIDFLOW_BUILD_STORE", dir.path().join("builds"))
                 .current_dir(dir.path()),
@@ -395,6 +421,8 @@ impl DaskCluster {
             address,
             host: host.to_string(),
             tls_args,
+            scheduler_args,
+            env: env.to_vec(),
             dir,
         };
         for spec in workers {
@@ -428,6 +456,7 @@ impl DaskCluster {
         if let Some(r) = &spec.resources {
             cmd.args(["--resources", r]);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
         let mut proc = spawn(&mut cmd, &log);
         let line = wait_for_log(
@@ -476,6 +505,41 @@ impl DaskCluster {
             .iter()
             .position(|(s, _, _)| s.name == name)
             .expect("worker name")
+    }
+
+    /// The scheduler's dashboard as `tcp://127.0.0.1:<port>` (an HTTP server, not the
+    /// scheduler: what a user gets when they give the dashboard's port by mistake).
+    pub fn dashboard_address(&self) -> String {
+        let log = self.scheduler.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("dashboard at:"))
+            .unwrap_or_else(|| panic!("the scheduler log names no dashboard:\n{log}"));
+        let url = line.rsplit("http://").next().unwrap_or("");
+        let host_port = url.split('/').next().unwrap_or("");
+        format!("tcp://{host_port}")
+    }
+
+    /// Kills the scheduler with SIGKILL. Its workers notice and shut down.
+    pub fn kill_scheduler(&mut self) {
+        self.scheduler.kill();
+    }
+
+    /// Starts the scheduler again on the same address (after [`kill_scheduler`](Self::kill_scheduler)),
+    /// as a supervisor such as systemd or Kubernetes would, and waits until it listens.
+    pub fn restart_scheduler(&mut self) {
+        self.scheduler.kill();
+        let log = self.dir.path().join("scheduler-restarted.log");
+        let mut scheduler = spawn(
+            Command::new(dask_cli())
+                .args(&self.scheduler_args)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .env("SOLIDFLOW_BUILD_STORE", self.dir.path().join("builds"))
+                .current_dir(self.dir.path()),
+            &log,
+        );
+        wait_for_log(&mut scheduler, "Scheduler at:", "restarted dask scheduler");
+        self.scheduler = scheduler;
     }
 
     /// Kills worker `i` (nanny and worker process) with SIGKILL.

@@ -11,6 +11,8 @@
 
 pub mod cli;
 pub mod config;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod definition;
 pub mod execution;
 pub mod executor;

@@ -43,7 +43,8 @@ pub struct RunConfig {
     pub storage: Selected,
     /// The `execution:` choice.
     pub execution: Selected,
-    /// Per-solid config, by alias.
+    /// Per-solid config, by alias; a solid with nothing in run config (no config, no
+    /// inputs, no retry) has no entry, which means the defaults.
     pub solids: BTreeMap<String, SolidRunConfig>,
     /// The console log level from `loggers.console.config.log_level`.
     pub log_level: String,
@@ -244,8 +245,11 @@ impl RunConfig {
     ) -> Result<Self, String> {
         let mut solids = BTreeMap::new();
         for inv in invocations {
-            let block = value.get("solids").and_then(|s| s.get(&inv.alias));
-            let field = |key: &str| block.and_then(|b| b.get(key));
+            let Some(block) = value.get("solids").and_then(|s| s.get(&inv.alias)) else {
+                // Nothing configured: readers treat a missing entry as the defaults.
+                continue;
+            };
+            let field = |key: &str| block.get(key);
             let inputs = field("inputs")
                 .and_then(Value::as_object)
                 .into_iter()

@@ -214,8 +214,8 @@ impl<T> DynamicHandle<T> {
 
 impl PipelineBuilder {
     /// Fans out over `items`: `body` wires the solids to run once per item, given the
-    /// handle of one item, and returns the handle whose values [`collect`]
-    /// (DynamicHandle::collect) gathers or a further `map` maps over. Every solid
+    /// handle of one item, and returns the handle whose values
+    /// [`collect`](DynamicHandle::collect) gathers or a further `map` maps over. Every solid
     /// invoked in `body` runs as one step per item, `<alias>[<key>].compute`; it may
     /// also read ordinary outputs, which every item's step shares. See the module docs.
     pub fn map<T, R>(

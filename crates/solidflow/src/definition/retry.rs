@@ -93,12 +93,17 @@ impl RetryPolicy {
     /// The schema of a `retry:` block in run config: the policy's keys and ranges, with
     /// no defaults, because a block overrides only the keys it names.
     pub fn config_schema() -> ConfigType {
-        match config_type_of::<Self>() {
-            ConfigType::Shape { fields } => {
-                ConfigType::shape(fields.into_iter().map(|f| Field { default: None, ..f }))
-            }
-            other => other,
-        }
+        // Derived once: every solid's block of the run config schema holds a copy, and
+        // deriving it costs more than the rest of a solid's schema.
+        static SCHEMA: std::sync::OnceLock<ConfigType> = std::sync::OnceLock::new();
+        SCHEMA
+            .get_or_init(|| match config_type_of::<Self>() {
+                ConfigType::Shape { fields } => {
+                    ConfigType::shape(fields.into_iter().map(|f| Field { default: None, ..f }))
+                }
+                other => other,
+            })
+            .clone()
     }
 
     /// This policy with the keys of a validated `retry:` block applied on top.

@@ -652,7 +652,7 @@ impl PreparedRun {
         }
         Ok(ExecutionResult {
             status,
-            events: collector.events(),
+            events: collector.take(),
             env,
             reused: self.reused,
         })

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::error::SolidError;
 use super::event::{ErrorInfo, EventKind, Level};
-use super::sink::EventSink;
+use super::sink::{EventSink, Origin};
 use crate::plan::{ExecutionPlan, ExecutionStep};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +146,12 @@ pub(crate) struct Scheduler<'p> {
     /// The failed steps of each failed template, to name them in skips.
     failed_items: HashMap<usize, Vec<String>>,
     resolve: KeyResolver<'p>,
+    /// Where each step's current attempt runs (a remote worker), for its events.
+    origins: HashMap<usize, Origin>,
+    /// With [`Scheduler::restarts_announced_when_placed`]: the last attempt of each
+    /// step whose `STEP_RESTARTED` was emitted (1 when absent).
+    announced: HashMap<usize, u32>,
+    announce_when_placed: bool,
 }
 
 /// Checks that every step's requirements fit in `capacity`, naming each step that can
@@ -177,6 +183,13 @@ pub(crate) fn check_resources(
             problems.join("; ")
         ))
     }
+}
+
+/// ` on worker <address>`, for events of attempts on a remote worker.
+fn on(origin: Option<&Origin>) -> String {
+    origin
+        .map(|o| format!(" on worker {}", o.worker))
+        .unwrap_or_default()
 }
 
 impl<'p> Scheduler<'p> {
@@ -229,6 +242,41 @@ impl<'p> Scheduler<'p> {
                     location: None,
                 })
             }),
+            origins: HashMap::new(),
+            announced: HashMap::new(),
+            announce_when_placed: false,
+        }
+    }
+
+    /// Emits `STEP_RESTARTED` when the restarted attempt is placed
+    /// ([`Scheduler::placed`]) rather than when it is handed out, so that the event
+    /// names the worker it runs on, like `STEP_START`.
+    pub(crate) fn restarts_announced_when_placed(mut self) -> Self {
+        self.announce_when_placed = true;
+        self
+    }
+
+    /// The current attempt of `step` runs at `origin` (`None`: this machine, or it
+    /// could not be started). Emits a pending `STEP_RESTARTED`; the step's failure and
+    /// retry events carry the origin from now on.
+    pub(crate) fn placed(&mut self, step: usize, origin: Option<Origin>) {
+        match origin {
+            Some(origin) => self.origins.insert(step, origin),
+            None => self.origins.remove(&step),
+        };
+        let attempt = self.attempts[step];
+        let announced = self.announced.get(&step).copied().unwrap_or(1);
+        if self.announce_when_placed && attempt > announced {
+            self.announced.insert(step, attempt);
+            let key = &step_of(self.plan, &self.added, step).key;
+            let origin = self.origins.get(&step);
+            self.events.emit_from(
+                origin,
+                Some(key),
+                Level::Info,
+                format!("restarting {key} (attempt {attempt}){}", on(origin)),
+                EventKind::StepRestarted { attempt },
+            );
         }
     }
 
@@ -393,7 +441,8 @@ impl<'p> Scheduler<'p> {
         self.running += 1;
         self.attempts[step] += 1;
         let attempt = self.attempts[step];
-        if attempt > 1 {
+        self.origins.remove(&step);
+        if attempt > 1 && !self.announce_when_placed {
             let key = &step_of(self.plan, &self.added, step).key;
             self.events.emit(
                 Some(key),
@@ -508,12 +557,15 @@ impl<'p> Scheduler<'p> {
             let delay = retry_requested
                 .flatten()
                 .unwrap_or_else(|| policy.delay_before(attempt + 1, fastrand::f64()));
-            self.events.emit(
+            let origin = self.origins.get(&step);
+            self.events.emit_from(
+                origin,
                 Some(&s.key),
                 Level::Warning,
                 format!(
-                    "{} failed on attempt {attempt}, retrying in {:.1}s: {}",
+                    "{} failed on attempt {attempt}{}, retrying in {:.1}s: {}",
                     s.key,
+                    on(origin),
                     delay.as_secs_f64(),
                     error.message
                 ),
@@ -527,10 +579,12 @@ impl<'p> Scheduler<'p> {
             self.delayed.push((Instant::now() + delay, step));
             return AfterFailure::Retry;
         }
-        self.events.emit(
+        let origin = self.origins.get(&step);
+        self.events.emit_from(
+            origin,
             Some(&s.key),
             Level::Error,
-            format!("{} failed: {}", s.key, error.message),
+            format!("{} failed{}: {}", s.key, on(origin), error.message),
             EventKind::StepFailure { error, attempt },
         );
         self.state[step] = State::Failed;

@@ -57,6 +57,20 @@ impl EventSink {
         message: impl Into<String>,
         kind: EventKind,
     ) {
+        self.emit_from(None, step_key, level, message, kind);
+    }
+
+    /// Builds and emits an event about a step attempt that runs elsewhere (a remote
+    /// worker): stamped with that worker, its host and the step process, like the
+    /// events the step process sends itself. Without an origin, like [`Self::emit`].
+    pub fn emit_from(
+        &self,
+        origin: Option<&Origin>,
+        step_key: Option<&str>,
+        level: Level,
+        message: impl Into<String>,
+        kind: EventKind,
+    ) {
         self.forward(Event {
             run_id: self.run_id.to_string(),
             pipeline: self.pipeline.to_string(),
@@ -64,9 +78,9 @@ impl EventSink {
             timestamp: Utc::now(),
             level,
             message: message.into(),
-            host: self.host.to_string(),
-            pid: self.pid,
-            worker: None,
+            host: origin.map_or_else(|| self.host.to_string(), |o| o.host.clone()),
+            pid: origin.map_or(self.pid, |o| o.pid),
+            worker: origin.map(|o| o.worker.clone()),
             kind,
         });
     }
@@ -78,6 +92,18 @@ impl EventSink {
             l.on_event(&event);
         }
     }
+}
+
+/// Where a step attempt ran when that is not this process's machine: what events
+/// about it are stamped with (see [`EventSink::emit_from`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The worker's address (`tcp://10.0.0.5:41545`).
+    pub worker: String,
+    /// The worker's host.
+    pub host: String,
+    /// The step process's pid there.
+    pub pid: u32,
 }
 
 /// This machine's host name, for event records.
@@ -100,6 +126,12 @@ impl EventCollector {
     /// Everything collected so far.
     pub fn events(&self) -> Vec<Event> {
         self.events.lock().expect("collector lock").clone()
+    }
+
+    /// Everything collected so far, moved out: the collector is empty afterwards. At the
+    /// end of a run this hands the events over without a second copy of all of them.
+    pub fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock().expect("collector lock"))
     }
 }
 

@@ -40,10 +40,16 @@ fn refused(title: &str, reason: &str) -> Response {
     message_page(StatusCode::CONFLICT, title, reason)
 }
 
+/// What both actions check first: the request comes from the page itself, and the run
+/// exists (with what its events say).
 async fn load(
     state: &AppState,
     run_id: &str,
+    headers: &HeaderMap,
 ) -> Result<(crate::storage::run_history::RunRecord, RunState), Response> {
+    if let Err(why) = same_origin(headers) {
+        return Err(message_page(StatusCode::FORBIDDEN, "Action refused", why));
+    }
     let id = run_id.to_string();
     match history::blocking(state, move |h| history::run_with_events(h, &id)).await? {
         Some((run, events)) => Ok((run, RunState::from_events(&events))),
@@ -62,10 +68,7 @@ pub(crate) async fn reexecute(
     headers: HeaderMap,
     Form(form): Form<ReexecuteForm>,
 ) -> Response {
-    if let Err(why) = same_origin(&headers) {
-        return message_page(StatusCode::FORBIDDEN, "Action refused", why);
-    }
-    let (run, view) = match load(&state, &run_id).await {
+    let (run, view) = match load(&state, &run_id, &headers).await {
         Ok(v) => v,
         Err(page) => return page,
     };
@@ -232,10 +235,7 @@ pub(crate) async fn terminate(
     Path(run_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(why) = same_origin(&headers) {
-        return message_page(StatusCode::FORBIDDEN, "Action refused", why);
-    }
-    let (run, view) = match load(&state, &run_id).await {
+    let (run, view) = match load(&state, &run_id, &headers).await {
         Ok(v) => v,
         Err(page) => return page,
     };

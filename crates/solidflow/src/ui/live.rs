@@ -2,10 +2,12 @@
 //! reconnecting page neither loses nor repeats a line) and the runs list's rows.
 //!
 //! Streams poll the history's reader connection; the run's writer is never waited on.
+//! A poll is one indexed range query (`events_between`); whether the run's process is
+//! still alive is checked once a second, not on every poll.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -21,6 +23,12 @@ use crate::storage::run_history::RunHistory;
 
 /// How often an open stream looks for new events.
 const POLL: Duration = Duration::from_millis(40);
+/// At most this many events are read per poll, so opening a huge run streams it in
+/// slices instead of loading all its events at once.
+const BATCH: usize = 2_000;
+/// How often an open stream checks that the run's process is still alive (a dead run
+/// is marked failed and its stream ends).
+const LIVENESS: Duration = Duration::from_secs(1);
 /// How often the runs list is re-rendered.
 const LIST_POLL: Duration = Duration::from_millis(700);
 
@@ -84,7 +92,9 @@ struct RunStream {
     run_id: String,
     view: RunState,
     queue: VecDeque<SseEvent>,
-    first: bool,
+    /// Poll again without waiting (the last poll was a full batch).
+    more: bool,
+    checked_alive: Instant,
     ended: bool,
     done: bool,
 }
@@ -110,11 +120,8 @@ pub(crate) async fn run_events(
         };
         // Fold what the page already has, so state changes are computed from there.
         let before = if after > 0 {
-            let mut evs = h
-                .events(&run.run_id, 0)
-                .map_err(|e| super::error_chain(&e))?;
-            evs.retain(|(i, _)| *i <= after);
-            evs
+            h.events_between(&run.run_id, 0, after, usize::MAX)
+                .map_err(|e| super::error_chain(&e))?
         } else {
             Vec::new()
         };
@@ -135,7 +142,8 @@ pub(crate) async fn run_events(
             ..view
         },
         queue: VecDeque::new(),
-        first: true,
+        more: true,
+        checked_alive: Instant::now(),
         ended,
         done: false,
     };
@@ -157,17 +165,26 @@ fn run_stream(s: RunStream) -> impl Stream<Item = Result<SseEvent, Infallible>> 
                 s.done = true;
                 return Some((Ok(SseEvent::default().event("end").data("{}")), s));
             }
-            if !s.first {
+            if !s.more {
                 tokio::time::sleep(POLL).await;
             }
-            s.first = false;
             let history = s.history.clone();
             let (run_id, after) = (s.run_id.clone(), s.view.last_event_id);
-            let events = tokio::task::spawn_blocking(move || history.events(&run_id, after))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
+            let check_alive = s.checked_alive.elapsed() >= LIVENESS;
+            if check_alive {
+                s.checked_alive = Instant::now();
+            }
+            let events = tokio::task::spawn_blocking(move || {
+                if check_alive {
+                    history.mark_dead_runs()?;
+                }
+                history.events_between(&run_id, after, i64::MAX, BATCH)
+            })
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+            s.more = events.len() == BATCH;
             for (id, e) in &events {
                 s.ended |= e.is_pipeline_end();
                 let m = message(*id, e, &mut s.view);

@@ -4,7 +4,7 @@
 //! | type | codec | bytes |
 //! |---|---|---|
 //! | `Vec<f64>`, `Vec<f32>`, `Vec<i8..i64>`, `Vec<u8..u64>` | [`Codec::Raw`] | a 128-byte NumPy `.npy` header, then the elements as raw little-endian bytes |
-//! | [`Table`](crate::definition::table::Table) | [`Codec::Arrow`] | an Arrow IPC file (Feather v2), written and read batch by batch |
+//! | [`Table`] | [`Codec::Arrow`] | an Arrow IPC file (Feather v2), written and read batch by batch |
 //! | anything else serde can write | [`Codec::MessagePack`] | MessagePack (`rmp-serde`, named fields) |
 //!
 //! The choice is made once per type in [`TypeInfo::of`](super::types::TypeInfo::of) by

@@ -8,9 +8,10 @@ use std::collections::VecDeque;
 use serde_json::{Value, json};
 
 use super::{Place, ProcessExit, Report};
-use crate::execution::event::{ErrorInfo, Event, EventKind, Level};
+use crate::execution::event::{ErrorInfo, EventKind, Level};
 use crate::execution::protocol::StepMessage;
 use crate::execution::scheduler::StepOutcome;
+use crate::execution::sink::Origin;
 use crate::execution::step::StepEnvironment;
 
 /// How many trailing stderr lines a crash report quotes.
@@ -174,23 +175,27 @@ impl Attempt {
         }
     }
 
+    /// Where this attempt runs, when on a remote worker: what the events about it
+    /// (including the scheduler's failure, retry and restart events) are stamped with.
+    pub(super) fn origin(&self) -> Option<Origin> {
+        let place = self.place.as_ref()?;
+        let worker = place.worker.as_deref()?;
+        Some(Origin {
+            worker: worker.to_string(),
+            host: worker_host(worker),
+            pid: place.pid,
+        })
+    }
+
     /// Emits an event about this attempt, from its worker when it runs on one.
     fn emit(&self, env: &StepEnvironment, level: Level, message: String, kind: EventKind) {
-        match self.place.as_ref().and_then(|p| p.worker.as_deref()) {
-            Some(worker) => env.events.forward(Event {
-                run_id: env.run_id.clone(),
-                pipeline: env.pipeline.name().to_string(),
-                step_key: Some(self.key.clone()),
-                timestamp: chrono::Utc::now(),
-                level,
-                message,
-                host: worker_host(worker),
-                pid: self.pid(),
-                worker: Some(worker.to_string()),
-                kind,
-            }),
-            None => env.events.emit(Some(&self.key), level, message, kind),
-        }
+        env.events.emit_from(
+            self.origin().as_ref(),
+            Some(&self.key),
+            level,
+            message,
+            kind,
+        );
     }
 }
 

@@ -10,7 +10,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, unbounded};
 use serde_json::json;
 
 use super::attempt::Attempt;
-use super::{AttemptId, Launch, LaunchError, Notice, Reporter, StepLauncher};
+use super::{AttemptId, Launch, LaunchError, Notice, Report, Reporter, StepLauncher};
 use crate::execution::cancel::CancelToken;
 use crate::execution::event::{EventKind, Level};
 use crate::execution::protocol::StepInvocation;
@@ -53,7 +53,8 @@ pub fn run_steps<L: StepLauncher>(
 ) -> Result<Summary, String> {
     let plan = env.plan.clone();
     let mut scheduler = Scheduler::new(&plan, env.events.clone(), options.resources.clone())
-        .with_resolver(env.key_resolver());
+        .with_resolver(env.key_resolver())
+        .restarts_announced_when_placed();
     let (tx, rx) = unbounded::<Notice>();
     let mut running: HashMap<AttemptId, Running<L::Handle>> = HashMap::new();
     let mut next_id = 0u64;
@@ -99,6 +100,7 @@ pub fn run_steps<L: StepLauncher>(
                     }
                     Err(LaunchError::Step(error)) => {
                         failed_to_launch = true;
+                        scheduler.placed(attempt.step, None);
                         scheduler.finished(attempt.step, StepOutcome::Failed(error));
                     }
                     Err(LaunchError::Engine(message)) => return Err(message),
@@ -128,7 +130,12 @@ pub fn run_steps<L: StepLauncher>(
                     let Some(r) = running.get_mut(&id) else {
                         continue;
                     };
-                    if let Some(outcome) = r.attempt.report(env, report) {
+                    let started = matches!(report, Report::Started(_));
+                    let outcome = r.attempt.report(env, report);
+                    if started {
+                        scheduler.placed(r.attempt.step, r.attempt.origin());
+                    }
+                    if let Some(outcome) = outcome {
                         let step = r.attempt.step;
                         running.remove(&id);
                         scheduler.finished(step, outcome);

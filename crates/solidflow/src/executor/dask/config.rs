@@ -283,6 +283,38 @@ impl DaskConfig {
             .into_config()
     }
 
+    /// Checks that the TLS files named under `tls:` can be read here (the bridge reads
+    /// them before it connects), naming the key and the file that cannot.
+    pub fn check_tls_files(&self) -> Result<(), ExecutorError> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        for (key, path) in [
+            ("ca_file", &tls.ca_file),
+            ("cert", &tls.cert),
+            ("key", &tls.key),
+        ] {
+            let Some(path) = path else { continue };
+            let problem = match std::fs::File::open(path) {
+                Ok(_) if path.is_dir() => "it is a directory".to_string(),
+                Ok(_) => continue,
+                Err(e) => e.to_string(),
+            };
+            return Err(config_error(
+                &format!("tls.{key}"),
+                format!(
+                    "cannot read the TLS file {} ({problem}); point `{key}` at a readable PEM file on this machine \
+                     (relative paths are relative to the working directory, {})",
+                    path.display(),
+                    std::env::current_dir()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_else(|_| "unknown".into())
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn kind(&self) -> ClusterKind {
         match (&self.cluster, &self.address) {
             (Some(c), _) => c.kind,
@@ -357,6 +389,35 @@ mod tests {
             let err = DaskConfig::from_value(&bad).unwrap_err().to_string();
             assert!(err.contains(path), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn tls_files_that_cannot_be_read_are_named_with_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not checked for content here").unwrap();
+        let missing = dir.path().join("client.pem");
+        let c = DaskConfig::from_value(&json!({
+            "address": "tls://127.0.0.1:8786",
+            "tls": {"ca_file": ca, "cert": missing, "key": dir.path()},
+        }))
+        .unwrap();
+        let err = c.check_tls_files().unwrap_err().to_string();
+        assert!(
+            err.contains("execution.dask.config.tls.cert")
+                && err.contains(&missing.display().to_string())
+                && err.contains("No such file"),
+            "{err}"
+        );
+        let c =
+            DaskConfig::from_value(&json!({"tls": {"ca_file": ca, "key": dir.path()}})).unwrap();
+        let err = c.check_tls_files().unwrap_err().to_string();
+        assert!(
+            err.contains("execution.dask.config.tls.key") && err.contains("directory"),
+            "{err}"
+        );
+        let c = DaskConfig::from_value(&json!({"tls": {"ca_file": ca}})).unwrap();
+        c.check_tls_files().unwrap();
     }
 
     #[test]

@@ -269,14 +269,44 @@ async fn pump(
                 }));
                 if attempt > 1 {
                     f.reporter.send(Report::Note {
-                        level: Level::Warning,
+                        level: Level::Info,
                         message: format!(
-                            "a Dask worker died while running {}; Dask re-runs it on {worker} (run {attempt} of attempt {})",
+                            "Dask re-runs {} on {worker} (run {attempt} of attempt {})",
                             f.step_key, f.attempt
                         ),
-                        details: json!({"dask_key": key, "dask_attempt": attempt, "worker_lost": true, "pid": pid}),
+                        details: json!({"dask_key": key, "dask_attempt": attempt, "rerun": true, "pid": pid}),
                     });
                 }
+            }
+            // Reported from the attempt's current place: the worker that was lost.
+            BridgeMessage::WorkerLost { worker, .. } => f.reporter.send(Report::Note {
+                level: Level::Warning,
+                message: format!(
+                    "Dask worker {worker} was lost while running {} (attempt {}); Dask re-runs it on another worker \
+                     unless its workers died more than allowed_failures ({allowed_failures}) times",
+                    f.step_key, f.attempt
+                ),
+                details: json!({"dask_key": key, "worker_lost": true, "lost_worker": worker}),
+            }),
+            BridgeMessage::Resubmitted {
+                scheduler,
+                lost_for,
+                ..
+            } => f.reporter.send(Report::Note {
+                level: Level::Warning,
+                message: format!(
+                    "the connection to the Dask scheduler at {scheduler} was lost for {lost_for:.1} s and came back; \
+                     {} (attempt {}) is submitted again",
+                    f.step_key, f.attempt
+                ),
+                details: json!({"dask_key": key, "scheduler_reconnected": true, "scheduler": scheduler, "lost_for_secs": lost_for}),
+            }),
+            BridgeMessage::Failed(failed) if failed.reason == FailureReason::SchedulerLost => {
+                // The cluster is gone for every step: the run stops with the bridge's words.
+                let message = format!("dask executor: {} (while running {})", failed.message, f.step_key);
+                f.reporter.engine_failed(message.clone());
+                shared.dead.get_or_insert(message);
+                shared.inflight.remove(&key);
             }
             BridgeMessage::Line {
                 stream: Stream::Stdout,

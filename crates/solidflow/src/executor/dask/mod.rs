@@ -80,6 +80,7 @@ pub fn definition() -> ExecutorDefinition {
 
 impl Executor for DaskExecutor {
     fn check(&self, ctx: &ExecutionContext) -> Result<(), ExecutorError> {
+        self.config.check_tls_files()?;
         let remote = self
             .config
             .is_remote()

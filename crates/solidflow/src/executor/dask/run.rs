@@ -92,6 +92,10 @@ impl DaskExecutor {
                 ))
             }
             BridgeError::Remote {
+                kind: ErrorKind::NotAScheduler,
+                message,
+            } => ExecutorError::Engine(format!("dask executor: {message}")),
+            BridgeError::Remote {
                 kind: ErrorKind::WorkersTimeout,
                 ..
             } => ExecutorError::Engine(format!(

@@ -287,16 +287,7 @@ impl RunHistory {
             sql.push_str(&format!(" LIMIT {limit}"));
         }
         let conn = self.lock();
-        let mut stmt = conn.prepare(&sql).map_err(self.err())?;
-        let rows = stmt
-            .query_map(params_from_iter(args.iter()), row_to_record)
-            .map_err(self.err())?;
-        let mut runs: Vec<RunRecord> = rows.collect::<Result<_, _>>().map_err(self.err())?;
-        drop(stmt);
-        for run in &mut runs {
-            run.tags = tags_of(&conn, &run.run_id).map_err(self.err())?;
-        }
-        Ok(runs)
+        runs_with_tags(&conn, &sql, params_from_iter(args.iter())).map_err(self.err())
     }
 
     /// One run by id, or by a prefix of its id (the newest run with that prefix).
@@ -306,21 +297,11 @@ impl RunHistory {
             return Ok(Some(run));
         }
         let conn = self.lock();
-        let found = conn
-            .query_row(
-                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 ORDER BY started_at DESC LIMIT 1"),
-                [run_id],
-                row_to_record,
-            )
-            .optional()
-            .map_err(self.err())?;
-        match found {
-            Some(mut run) => {
-                run.tags = tags_of(&conn, &run.run_id).map_err(self.err())?;
-                Ok(Some(run))
-            }
-            None => Ok(None),
-        }
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 ORDER BY started_at DESC LIMIT 1"
+        );
+        let runs = runs_with_tags(&conn, &sql, [run_id]).map_err(self.err())?;
+        Ok(runs.into_iter().next())
     }
 
     /// The runs whose id starts with `prefix` (taken literally), newest first, at most
@@ -333,49 +314,46 @@ impl RunHistory {
     ) -> Result<Vec<RunRecord>, HistoryError> {
         self.mark_dead_runs()?;
         let conn = self.lock();
-        let mut stmt = conn
-            .prepare(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 ORDER BY run_id = ?1 DESC, started_at DESC LIMIT ?2"))
-            .map_err(self.err())?;
-        let rows = stmt
-            .query_map(params![prefix, limit as i64], row_to_record)
-            .map_err(self.err())?;
-        let mut runs: Vec<RunRecord> = rows.collect::<Result<_, _>>().map_err(self.err())?;
-        drop(stmt);
-        for run in &mut runs {
-            run.tags = tags_of(&conn, &run.run_id).map_err(self.err())?;
-        }
-        Ok(runs)
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 ORDER BY run_id = ?1 DESC, started_at DESC LIMIT ?2"
+        );
+        runs_with_tags(&conn, &sql, params![prefix, limit as i64]).map_err(self.err())
     }
 
     /// The run with exactly this id, without checking whether it is still alive.
     pub fn run_exact(&self, run_id: &str) -> Result<Option<RunRecord>, HistoryError> {
         let conn = self.lock();
-        let found = conn
-            .query_row(
-                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1"),
-                [run_id],
-                row_to_record,
-            )
-            .optional()
-            .map_err(self.err())?;
-        match found {
-            Some(mut run) => {
-                run.tags = tags_of(&conn, &run.run_id).map_err(self.err())?;
-                Ok(Some(run))
-            }
-            None => Ok(None),
-        }
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1");
+        let runs = runs_with_tags(&conn, &sql, [run_id]).map_err(self.err())?;
+        Ok(runs.into_iter().next())
     }
 
     /// Events of a run with ids greater than `after`, oldest first, with their ids.
     pub fn events(&self, run_id: &str, after: i64) -> Result<Vec<(i64, Event)>, HistoryError> {
         self.mark_dead_runs()?;
+        self.events_between(run_id, after, i64::MAX, usize::MAX)
+    }
+
+    /// At most `limit` events of a run with ids in `after + 1 ..= up_to`, oldest first,
+    /// with their ids, and without the liveness check the other reads do first: for a
+    /// reader that polls often (the web page's live stream) and calls
+    /// [`mark_dead_runs`](Self::mark_dead_runs) on its own, slower schedule.
+    pub fn events_between(
+        &self,
+        run_id: &str,
+        after: i64,
+        up_to: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, Event)>, HistoryError> {
         let conn = self.lock();
         let mut stmt = conn
-            .prepare("SELECT id, body FROM events WHERE run_id = ?1 AND id > ?2 ORDER BY id")
+            .prepare_cached(
+                "SELECT id, body FROM events WHERE run_id = ?1 AND id > ?2 AND id <= ?3 ORDER BY id LIMIT ?4",
+            )
             .map_err(self.err())?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map(params![run_id, after], |r| {
+            .query_map(params![run_id, after, up_to, limit], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
             })
             .map_err(self.err())?;
@@ -494,6 +472,23 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
             .and_then(|s| serde_json::from_str(&s).ok()),
         heartbeat_at: time(12)?,
     })
+}
+
+/// The runs `sql` (selecting [`RUN_COLUMNS`]) returns, each with its tags.
+fn runs_with_tags(
+    conn: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<RunRecord>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut runs: Vec<RunRecord> = stmt
+        .query_map(args, row_to_record)?
+        .collect::<Result<_, _>>()?;
+    drop(stmt);
+    for run in &mut runs {
+        run.tags = tags_of(conn, &run.run_id)?;
+    }
+    Ok(runs)
 }
 
 fn tags_of(conn: &Connection, run_id: &str) -> rusqlite::Result<BTreeMap<String, String>> {

@@ -5,7 +5,6 @@
   "use strict";
 
   var LEVELS = { DEBUG: 0, INFO: 1, WARNING: 2, ERROR: 3 };
-  var LOG_ROWS = 1000;
 
   function byId(id) { return document.getElementById(id); }
   function readJson(id) {
@@ -131,9 +130,14 @@
       ganttDirty = true;
     }
 
-    // The log.
+    // The log: every event is kept, but only the rows in view are in the DOM (fixed-height
+    // rows in a tall canvas), so a run with 100,000 lines scrolls and filters smoothly.
     var logRows = byId("log-rows"), logScroll = byId("log-scroll"), logInfo = byId("log-info");
+    var logCanvas = byId("log-canvas"), logTable = logCanvas.querySelector("table");
     var fStep = byId("log-step"), fLevel = byId("log-level"), fText = byId("log-text");
+    // `follow`: the view is at the newest line and stays there as lines arrive, until
+    // the reader scrolls up.
+    var view = [], rowHeight = 0, window0 = -1, window1 = -1, follow = true;
     function matches(e) {
       var step = fStep.value.trim();
       if (step && e.step !== step && e.step !== step + ".compute") return false;
@@ -160,38 +164,68 @@
         } else {
           td.textContent = c;
         }
+        if (i === 4) td.title = c;
         tr.appendChild(td);
       });
       return tr;
     }
-    var shown = 0, matching = 0;
     function info() {
-      logInfo.textContent = matching + " of " + entries.length + " events match" +
-        (matching > shown ? "; showing the last " + shown : "");
+      logInfo.textContent = view.length + " of " + entries.length + " events match";
+    }
+    // Within a row of the end counts as at the end (a scroll bar appearing takes less).
+    function atBottom() {
+      return logScroll.scrollTop + logScroll.clientHeight >= logScroll.scrollHeight - unit() - 4;
+    }
+    var setTop = -1;
+    function toBottom() {
+      logScroll.scrollTop = logScroll.scrollHeight;
+      setTop = logScroll.scrollTop;
+      follow = true;
+    }
+    // Draws the rows in (and a little around) the visible part of the scroll box.
+    function unit() {
+      if (!rowHeight && view.length) {
+        logRows.replaceChildren(row(view[0]));
+        rowHeight = logRows.firstElementChild.getBoundingClientRect().height;
+        window0 = window1 = -1;
+      }
+      return rowHeight || 20;
+    }
+    function drawWindow(force) {
+      var h = unit();
+      logCanvas.style.height = (view.length * h) + "px";
+      var first = Math.max(0, Math.floor(logScroll.scrollTop / h) - 20);
+      var last = Math.min(view.length, Math.ceil((logScroll.scrollTop + logScroll.clientHeight) / h) + 20);
+      if (!force && first === window0 && last === window1) return;
+      window0 = first; window1 = last;
+      var frag = document.createDocumentFragment();
+      for (var i = first; i < last; i++) frag.appendChild(row(view[i]));
+      logRows.replaceChildren(frag);
+      logTable.style.top = (first * h) + "px";
     }
     function renderLog() {
-      var all = entries.filter(matches);
-      matching = all.length;
-      var frag = document.createDocumentFragment();
-      all.slice(-LOG_ROWS).forEach(function (e) { frag.appendChild(row(e)); });
-      logRows.replaceChildren(frag);
-      shown = Math.min(all.length, LOG_ROWS);
+      view = entries.filter(matches);
       info();
-      logScroll.scrollTop = logScroll.scrollHeight;
+      drawWindow(true);
+      toBottom();
+      drawWindow(false);
     }
     function appendLog(batch) {
-      var atBottom = logScroll.scrollTop + logScroll.clientHeight >= logScroll.scrollHeight - 30;
-      var frag = document.createDocumentFragment(), added = 0;
+      var added = false;
       batch.forEach(function (e) {
-        if (matches(e)) { frag.appendChild(row(e)); added++; }
+        if (matches(e)) { view.push(e); added = true; }
       });
-      matching += added;
-      logRows.appendChild(frag);
-      while (logRows.childElementCount > LOG_ROWS) logRows.removeChild(logRows.firstElementChild);
-      shown = logRows.childElementCount;
       info();
-      if (atBottom) logScroll.scrollTop = logScroll.scrollHeight;
+      if (!added) return;
+      logCanvas.style.height = (view.length * unit()) + "px";
+      if (follow) toBottom();
+      drawWindow(follow || window1 >= view.length - batch.length);
     }
+    logScroll.addEventListener("scroll", function () {
+      // Only the reader's own scrolling decides whether to follow.
+      if (logScroll.scrollTop !== setTop) follow = atBottom();
+      drawWindow(false);
+    });
     [fStep, fText].forEach(function (el) { el.addEventListener("input", renderLog); });
     fLevel.addEventListener("change", renderLog);
     byId("log-clear").addEventListener("click", function () {
@@ -199,17 +233,30 @@
     });
 
     // Clicking a step filters the log to it and shows its detail.
-    var detail = byId("step-detail");
+    // The detail panel follows the selected step live: a new event of that step reloads
+    // it (at most one request in flight, and one more after it if events kept coming).
+    var detail = byId("step-detail"), detailBusy = false, detailAgain = false;
+    function loadDetail() {
+      if (!selected) return;
+      if (detailBusy) { detailAgain = true; return; }
+      detailBusy = true;
+      var step = selected;
+      fetch("/runs/" + encodeURIComponent(runId) + "/steps/" + encodeURIComponent(step) + "?fragment=1")
+        .then(function (r) { return r.text(); })
+        .then(function (html) { if (selected === step) detail.innerHTML = html; })
+        .catch(function () { detail.textContent = "Could not load the step detail."; })
+        .then(function () {
+          detailBusy = false;
+          if (detailAgain) { detailAgain = false; loadDetail(); }
+        });
+    }
     function selectStep(step) {
       if (selected && nodes[selected]) nodes[selected].classList.remove("selected");
       selected = step;
       if (nodes[step]) nodes[step].classList.add("selected");
       fStep.value = step;
       renderLog();
-      fetch("/runs/" + encodeURIComponent(runId) + "/steps/" + encodeURIComponent(step) + "?fragment=1")
-        .then(function (r) { return r.text(); })
-        .then(function (html) { if (selected === step) detail.innerHTML = html; })
-        .catch(function () { detail.textContent = "Could not load the step detail."; });
+      loadDetail();
     }
     document.addEventListener("click", function (ev) {
       var target = ev.target.closest ? ev.target.closest("[data-step]") : null;
@@ -233,12 +280,17 @@
     }
 
     // Events: batched per frame so thousands of them never block the page.
-    var queue = [], scheduled = false;
+    // A reconnecting EventSource resumes after the last id it saw (`Last-Event-ID`); the
+    // id check also keeps a line from ever being shown twice.
+    var queue = [], scheduled = false, lastId = 0;
     function flush() {
       scheduled = false;
       var batch = queue; queue = [];
-      var endedNow = false, fresh = [];
+      var endedNow = false, fresh = [], selectedChanged = false;
       batch.forEach(function (d) {
+        if (d.id <= lastId) return;
+        lastId = d.id;
+        if (selected && (d.step === selected || d.end)) selectedChanged = true;
         if (d.step && d.state) setState(d.step, d.state);
         if (d.bar) setBar(d.bar);
         if (d.end) { endedNow = true; timeline.end = d.t; }
@@ -247,6 +299,7 @@
         fresh.push(entry);
       });
       appendLog(fresh);
+      if (selectedChanged) loadDetail();
       if (endedNow && !ended) { ended = true; refreshHeader(); }
       if (ganttDirty) drawGantt();
     }

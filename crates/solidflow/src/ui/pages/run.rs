@@ -223,10 +223,10 @@ fn render(
                     button type="button" id="log-clear" { "clear" }
                 }
                 p id="log-info" class="explain" {}
+                table class="log log-head" { (log_columns()) thead { tr { th { "Time" } th { "Level" } th { "Step" } th { "Event" } th { "Message" } } } }
                 div id="log-scroll" class="log-scroll" {
-                    table class="log" {
-                        thead { tr { th { "Time" } th { "Level" } th { "Step" } th { "Event" } th { "Message" } } }
-                        tbody id="log-rows" {}
+                    div id="log-canvas" class="log-canvas" {
+                        table class="log" { (log_columns()) tbody id="log-rows" {} }
                     }
                 }
             }
@@ -269,4 +269,9 @@ fn actions(state: &AppState, run: &RunRecord, view: &RunState) -> Markup {
             @if let (true, Some(r)) = (run.status == RunStatus::Started, &terminate) { p class="explain" { (r) } }
         }
     }
+}
+
+/// The log's column widths, shared by its header and its (separately scrolled) rows.
+fn log_columns() -> Markup {
+    html! { colgroup { col class="c-time"; col class="c-level"; col class="c-step"; col class="c-event"; col; } }
 }

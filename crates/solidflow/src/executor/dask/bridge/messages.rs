@@ -112,6 +112,9 @@ pub enum ErrorKind {
     AlreadyConnected,
     /// The scheduler did not answer within the timeout.
     SchedulerUnreachable,
+    /// The address answered, but not as a Dask scheduler (the dashboard, another
+    /// service); the message says what answered.
+    NotAScheduler,
     /// A `tls://` scheduler without certificate files.
     TlsConfig,
     /// Workers did not join within the timeout.
@@ -212,6 +215,26 @@ pub enum BridgeMessage {
         /// 1 for the first start.
         attempt: u32,
     },
+    /// The scheduler removed the worker that was running this task (it died or
+    /// stopped answering); Dask re-runs the task elsewhere unless it has used up
+    /// `allowed_failures`.
+    WorkerLost {
+        /// The key.
+        key: String,
+        /// The address of the worker that was lost.
+        worker: String,
+    },
+    /// The connection to the scheduler was lost and came back within the connect
+    /// timeout: the task, canceled by distributed when the connection went, is
+    /// submitted again.
+    Resubmitted {
+        /// The key.
+        key: String,
+        /// The scheduler's address.
+        scheduler: String,
+        /// Seconds the connection was lost.
+        lost_for: f64,
+    },
     /// One line of the command's output, live.
     Line {
         /// The key.
@@ -278,9 +301,11 @@ impl BridgeMessage {
     /// The task key, for task events.
     pub fn key(&self) -> Option<&str> {
         match self {
-            Self::Started { key, .. } | Self::Line { key, .. } | Self::Submitted { key, .. } => {
-                Some(key)
-            }
+            Self::Started { key, .. }
+            | Self::Line { key, .. }
+            | Self::Submitted { key, .. }
+            | Self::WorkerLost { key, .. }
+            | Self::Resubmitted { key, .. } => Some(key),
             Self::Done(d) => Some(&d.key),
             Self::Failed(f) => Some(&f.key),
             _ => None,
@@ -293,7 +318,13 @@ impl BridgeMessage {
     }
 
     pub(super) fn is_task_event(&self) -> bool {
-        matches!(self, Self::Started { .. } | Self::Line { .. }) || self.is_final()
+        matches!(
+            self,
+            Self::Started { .. }
+                | Self::Line { .. }
+                | Self::WorkerLost { .. }
+                | Self::Resubmitted { .. }
+        ) || self.is_final()
     }
 }
 

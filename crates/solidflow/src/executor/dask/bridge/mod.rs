@@ -87,6 +87,15 @@ pub const PACKAGE: &[(&str, &str)] = &[
         "cluster.py",
         include_str!("solidflow_dask_bridge/cluster.py"),
     ),
+    ("probe.py", include_str!("solidflow_dask_bridge/probe.py")),
+    (
+        "connection.py",
+        include_str!("solidflow_dask_bridge/connection.py"),
+    ),
+    (
+        "cluster_events.py",
+        include_str!("solidflow_dask_bridge/cluster_events.py"),
+    ),
     ("server.py", include_str!("solidflow_dask_bridge/server.py")),
 ];
 

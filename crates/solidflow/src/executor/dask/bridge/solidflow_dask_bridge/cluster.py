@@ -5,8 +5,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from . import probe
 from .protocol import BridgeError
 from .worker import set_allowed_failures
+
+# Beyond `timeout`, how long distributed's Client may take to finish connecting to an
+# address that passed the probe before the connect is given up.
+JOIN_MARGIN_SECONDS = 10.0
 
 CLUSTER_MANAGERS: dict[str, tuple[str, str, str]] = {
     # kind: (module, class, pip package)
@@ -83,8 +88,12 @@ def connect(req: dict[str, Any]) -> tuple[Any, Any, bool]:
 def _join(address: str, timeout: float, sec: Any) -> Any:
     from distributed import Client
 
+    probe.check_scheduler(address, timeout)
     try:
-        return Client(address, timeout="%ss" % timeout, security=sec, set_as_default=False)
+        return _within(
+            timeout + JOIN_MARGIN_SECONDS,
+            lambda: Client(address, timeout="%ss" % timeout, security=sec, set_as_default=False),
+        )
     except (OSError, TimeoutError) as e:
         raise BridgeError(
             "scheduler_unreachable",
@@ -101,6 +110,29 @@ def _join(address: str, timeout: float, sec: Any) -> Any:
                 "config (distributed said: %s)" % (address, e),
             ) from e
         raise
+
+
+def _within(seconds: float, make: Any) -> Any:
+    """`make()`, or TimeoutError when it takes longer than `seconds` (it then finishes,
+    or not, on a daemon thread that the bridge's exit ends)."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = make()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="solidflow-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError("the connection was not established within %g s" % seconds)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def security(tls: dict[str, Any] | None) -> Any:

@@ -21,6 +21,7 @@ ErrorKind = Literal[
     "not_connected",
     "already_connected",
     "scheduler_unreachable",
+    "not_a_scheduler",
     "tls_config",
     "workers_timeout",
     "missing_package",

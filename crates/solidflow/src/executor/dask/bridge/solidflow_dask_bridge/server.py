@@ -21,7 +21,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from . import cluster, shipping, topics, warm, worker
+from . import cluster, cluster_events, connection, shipping, topics, warm, worker
 from .protocol import OPS, PROTOCOL_VERSION, BridgeError, Done, causes_of, error, failed
 
 # How long a finished task's "done" waits for its last lines to arrive.
@@ -126,6 +126,9 @@ class Bridge:
         self.pending_done: dict[str, tuple[Done, int]] = {}  # token -> (done, events expected)
         self.reported: set[str] = set()  # keys whose final message was emitted
         self.task_impl: str | None = None  # worker attribute holding the task code
+        self.requests: dict[str, dict[str, Any]] = {}  # key -> its submit, to re-run it
+        self.watch: connection.ConnectionWatch | None = None
+        self.allowed_failures: int | None = None
         self.released_since_truncate = 0
         self.task_fn = by_value(worker.task)
         self.run_command_fn = by_value(worker.run_command)
@@ -174,6 +177,7 @@ class Bridge:
         self.client, self.cluster, self.created_cluster = cluster.connect(req)
         self._tune_client()
         self._install_task_code()
+        self._watch_connection(req)
         try:
             dashboard = self.client.dashboard_link
         except Exception:
@@ -185,6 +189,58 @@ class Bridge:
             "created_cluster": self.created_cluster,
             "workers": self.workers(),
         }
+
+    def _watch_connection(self, req: dict[str, Any]) -> None:
+        """Follows worker losses (item: events name the lost worker) and a lost
+        scheduler connection (see connection.py)."""
+        if req.get("allowed_failures") is not None:
+            self.allowed_failures = int(req["allowed_failures"])
+        self.watch = connection.ConnectionWatch(
+            str(self.client.scheduler.address),
+            float(req.get("timeout") or 30),
+            lambda: self.client,
+            self._resubmit,
+            lambda key, message: self._final(failed(key, "scheduler_lost", message)),
+        )
+        self.client.subscribe_topic(cluster_events.TOPIC, self.on_cluster_event)
+
+    def on_cluster_event(self, event: Any) -> None:
+        """Handler of the scheduler's "all" topic: a removed worker that was running
+        tasks of ours."""
+
+        def ours(key: str) -> bool:
+            return key in self.futures and key not in self.reported
+
+        with self.lock:
+            for msg in cluster_events.worker_lost_messages(event, ours):
+                self.emit(msg)
+
+    def _resubmit(self, keys: list[str], lost_for: float) -> None:
+        """After distributed reconnected: subscribe again, reinstall the task code and
+        submit the tasks the lost connection canceled."""
+        client = self.require_client()
+        for topic in [*self.topics, cluster_events.TOPIC]:
+            client.subscribe_topic(topic, self.on_cluster_event if topic == cluster_events.TOPIC else self.on_event)
+        self._install_task_code()
+        if self.allowed_failures is not None and not self.created_cluster:
+            try:
+                client.run_on_scheduler(worker.set_allowed_failures, self.allowed_failures)
+            except Exception as e:
+                log("setting allowed_failures on the scheduler again failed: %r" % (e,))
+        for key in keys:
+            with self.lock:
+                req = self.requests.get(key)
+                self.futures.pop(key, None)
+            if req is None or key in self.reported:
+                continue
+            address = self.watch.address if self.watch else "?"
+            self.emit({"type": "resubmitted", "key": key, "scheduler": address, "lost_for": lost_for})
+            try:
+                self.op_submit(req)
+            except Exception as e:
+                self._final(
+                    failed(key, "scheduler_lost", "could not submit %s again after reconnecting: %s" % (key, e))
+                )
 
     def _install_task_code(self) -> None:
         """Installs worker.run_command on the workers once (a worker plugin, so workers
@@ -257,6 +313,7 @@ class Bridge:
         )
         with self.lock:
             self.futures[key] = fut
+            self.requests[key] = req
         fut.add_done_callback(self.on_future_done)
         return {"type": "submitted", "key": key}
 
@@ -289,6 +346,7 @@ class Bridge:
         with self.lock:
             for k in keys:
                 self.futures.pop(k, None)
+                self.requests.pop(k, None)
                 for token in self.tokens.pop(k, ()):
                     self.event_counts.pop(token, None)
             self.released_since_truncate += len(keys)
@@ -482,7 +540,9 @@ class Bridge:
                 self._final(failed(key, "canceled", "canceled on request"))
                 return
             client = self.client
-            if client is None or client.status not in ("running", "connecting"):
+            if client is not None and self.watch is not None and connection.is_connection_lost(client):
+                self.watch.lost(key)  # re-run if distributed reconnects within `timeout`, else fail
+            elif client is None:
                 self._final(failed(key, "scheduler_lost", "the connection to the Dask scheduler was lost"))
             else:
                 self._final(failed(key, "canceled", "canceled by Dask (not requested by solidflow)"))

@@ -378,4 +378,18 @@ def make_task_plugin(name: str, fn: Any) -> Any:
         def setup(self, worker: Any) -> None:
             worker.__dict__[self.name] = self.fn
 
+        def teardown(self, worker: Any) -> None:
+            kill_running(worker)
+
     return SolidflowTasks(name, fn)
+
+
+def kill_running(worker: Any, grace: float = 2.0) -> None:
+    """A closing worker (its scheduler is gone, or it is shut down) can no longer report
+    its steps, and distributed waits for running tasks before the worker exits: end
+    their processes now (SIGTERM, SIGKILL after `grace`)."""
+    state = worker_state(worker)
+    with state["lock"]:
+        running = [k for k, p in state["procs"].items() if p.poll() is None]
+    if running:
+        kill_keys(running, grace, dask_worker=worker)
