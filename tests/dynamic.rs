@@ -7,6 +7,8 @@
 mod common;
 #[path = "support/dask.rs"]
 mod dask_support;
+#[path = "support/s3.rs"]
+mod s3_support;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -410,6 +412,55 @@ fn dask_runs_the_items_as_tasks() {
         })
         .count();
     assert_eq!(on_workers, 6);
+}
+
+#[test]
+fn dask_with_s3_keeps_every_item_in_the_bucket_and_collects_them_in_order() {
+    let server = s3_support::S3Server::start();
+    server.create_bucket("dynamic");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("run.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "storage: {{s3: {{config: {{s3_bucket: dynamic, endpoint_url: '{}', allow_http: true}}}}}}\n\
+             execution: {{dask: {{}}}}\n\
+             solids: {{partitions: {{config: {{count: 5}}}}}}\n",
+            server.endpoint()
+        ),
+    )
+    .unwrap();
+    let (out, stdout, stderr) = run(example("tables", dir.path())
+        .args(["execute", "partitioned", "--json", "-c"])
+        .arg(&file)
+        .env("SOLIDFLOW_PYTHON", dask_support::python())
+        .env("AWS_ACCESS_KEY_ID", s3_support::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", s3_support::SECRET_KEY));
+    assert!(out.status.success(), "{stderr}");
+    let events = json_lines(&stdout);
+    assert_eq!(totals(&events), expected(5));
+    // Every item's step wrote its output to the bucket, under its own key.
+    let mut stored: Vec<String> = Vec::new();
+    let mut dirs = vec![server.data_dir().join("dynamic")];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                stored.push(path.to_string_lossy().into_owned());
+            }
+        }
+    }
+    for n in 0..5 {
+        let item = format!("part_{n}");
+        assert!(
+            stored
+                .iter()
+                .any(|p| p.contains("summarize") && p.contains(&item)),
+            "no stored output of summarize[{item}] among {stored:?}"
+        );
+    }
 }
 
 #[test]

@@ -1163,7 +1163,7 @@ mod multiprocess_warm_only {
     fn ctrl_c_during_warm_steps_stops_them_and_the_servers() {
         let h = warm("max_concurrent: 2").env("SF_CONFORMANCE_GRANDCHILD", "1");
         let (run, pids) = start_sleepers(&h);
-        let servers = servers(&run.events);
+        let servers = servers(run.events());
         assert_eq!(servers.len(), 2, "two slots: {servers:?}");
         let grandchildren = [
             read_pid(&h.work("sleep_a.grandchild.pid")),

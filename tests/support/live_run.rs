@@ -121,6 +121,11 @@ impl LiveRun {
         })
     }
 
+    /// The events received so far, in order.
+    pub fn events(&self) -> &[Value] {
+        &self.events
+    }
+
     /// The pipeline process id (also its process group id).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
