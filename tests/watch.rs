@@ -25,7 +25,7 @@ fn logs_follow_streams_a_running_run_until_it_ends() {
         .unwrap();
 
     // The run record appears once the run has started; follow it from a second process.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut follower = loop {
         let mut child = conformance(home.path(), dir.path())
             .args(["logs", run_id, "--follow", "--json"])
