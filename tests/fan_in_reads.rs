@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use solidflow::config::ConfigSources;
 use solidflow::config::schema::ConfigType;
 use solidflow::definition::mode::Mode;
-use solidflow::definition::pipeline::Pipeline;
+use solidflow::definition::pipeline::{InputSource, OutputRef, Pipeline, RawHandle};
 use solidflow::definition::solid::{Outputs, SolidDefinition};
 use solidflow::definition::storage::{StorageContext, StorageDefinition};
 use solidflow::definition::types::TypeInfo;
@@ -127,4 +127,152 @@ fn fan_in_reads_every_value_in_order_on_s3() {
         "endpoint": server.endpoint(),
         "bucket": "fanin",
     }}}));
+}
+
+/// Filesystem storage that counts the reads in flight (each read is held for a few
+/// milliseconds, so reads that run at once overlap) and reads at most `LIMIT` at once.
+#[derive(Debug)]
+struct CountingStorage {
+    inner: solidflow::storage::FilesystemStorage,
+    in_flight: std::sync::atomic::AtomicUsize,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const LIMIT: usize = 4;
+
+impl IntermediateStorage for CountingStorage {
+    fn kind(&self) -> &'static str {
+        "counting"
+    }
+    fn reach(&self) -> solidflow::storage::Reach {
+        self.inner.reach()
+    }
+    fn location(&self, key: &solidflow::storage::IntermediateKey) -> String {
+        self.inner.location(key)
+    }
+    fn write(
+        &self,
+        key: &solidflow::storage::IntermediateKey,
+        write: solidflow::storage::WriteFn<'_>,
+    ) -> Result<u64, StorageError> {
+        self.inner.write(key, write)
+    }
+    fn read(
+        &self,
+        key: &solidflow::storage::IntermediateKey,
+    ) -> Result<Box<dyn std::io::Read + Send>, StorageError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let reader = self.inner.read(key);
+        self.in_flight.fetch_sub(1, SeqCst);
+        reader
+    }
+    fn read_concurrency(&self) -> usize {
+        LIMIT
+    }
+    fn exists(&self, key: &solidflow::storage::IntermediateKey) -> Result<bool, StorageError> {
+        self.inner.exists(key)
+    }
+    fn list_run(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<solidflow::storage::IntermediateKey>, StorageError> {
+        self.inner.list_run(run_id)
+    }
+}
+
+static MOST_IN_FLIGHT: std::sync::LazyLock<Arc<std::sync::atomic::AtomicUsize>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn counting_storage() -> StorageDefinition {
+    fn build(
+        config: &Value,
+        _: &StorageContext,
+    ) -> Result<Arc<dyn IntermediateStorage>, StorageError> {
+        let dir = config["dir"].as_str().unwrap_or_default();
+        Ok(Arc::new(CountingStorage {
+            inner: solidflow::storage::FilesystemStorage::new(dir),
+            in_flight: Default::default(),
+            most: MOST_IN_FLIGHT.clone(),
+        }))
+    }
+    StorageDefinition {
+        name: "counting",
+        description: "filesystem storage that counts reads in flight",
+        config: || ConfigType::Any,
+        build,
+    }
+}
+
+/// `N` leaves wired into `gather` as one typed fan-in (`Vec<i64>`).
+fn typed_fan_in() -> Pipeline {
+    let gather = SolidDefinition::new("gather", |_, mut inputs| {
+        Ok(Outputs::result(inputs.take::<Vec<i64>>("values")?))
+    })
+    .input("values", TypeInfo::of::<Vec<i64>>())
+    .output("result", TypeInfo::of::<Vec<i64>>());
+    Pipeline::build("typed_fan_in", |p| {
+        let mut sources = Vec::new();
+        for i in 0..N {
+            let leaf = SolidDefinition::new("leaf", move |_, _| Ok(Outputs::result(leaf_value(i))))
+                .output("result", TypeInfo::of::<i64>());
+            p.add(&format!("leaf{i}"), leaf, vec![]);
+            sources.push(OutputRef {
+                solid: format!("leaf{i}"),
+                output: "result".into(),
+            });
+        }
+        let fan_in = RawHandle(InputSource::FanIn { sources });
+        p.add("gather", gather, vec![("values".to_string(), fan_in)]);
+    })
+    .expect("valid typed fan-in")
+}
+
+/// Both wirings of a fan-in (one input per upstream, and one `Vec<T>` input gathered
+/// from many) read several values at once, never more than the storage's
+/// `read_concurrency`, and the values arrive in order.
+#[test]
+fn fan_in_reads_overlap_up_to_read_concurrency() {
+    use std::sync::atomic::Ordering::SeqCst;
+    for (name, pipeline) in [
+        ("one input per upstream", pipeline()),
+        ("typed Vec<i64> fan-in", typed_fan_in()),
+    ] {
+        let home = tempfile::tempdir().expect("temp dir");
+        let mut storages = default_storages();
+        storages.push(counting_storage());
+        let pipeline = pipeline.with_modes([Mode::new("default").storages(storages)]);
+        let config = json!({
+            "storage": {"counting": {"config": {"dir": home.path().join("values")}}},
+            "execution": {"in_process": {"config": {"max_concurrent": 1}}},
+        });
+        MOST_IN_FLIGHT.store(0, SeqCst);
+        let result = execute_pipeline_with(
+            &pipeline,
+            &ConfigSources::from_value(config),
+            RunOptions {
+                home: Some(home.path().to_path_buf()),
+                ..Default::default()
+            },
+        )
+        .expect("run starts");
+        assert!(
+            result.success(),
+            "{name}: run failed: {:#?}",
+            result.events()
+        );
+        let expected: Vec<i64> = (0..N).map(leaf_value).collect();
+        assert_eq!(
+            result.result::<Vec<i64>>("gather").expect("gather"),
+            expected,
+            "{name}"
+        );
+        let most = MOST_IN_FLIGHT.load(SeqCst);
+        assert!(
+            (2..=LIMIT).contains(&most),
+            "{name}: {most} reads were in flight at most; expected between 2 and read_concurrency ({LIMIT})"
+        );
+    }
 }

@@ -135,6 +135,7 @@ impl StepEnvironment {
         def: &crate::definition::solid::SolidDefinition,
     ) -> Result<Inputs, SolidError> {
         let mut values = BTreeMap::new();
+        let mut prefetched = self.prefetch_step_inputs(step, def)?.into_iter();
         for (input, input_def) in step.inputs.iter().zip(&def.inputs) {
             let (value, source, source_run_id) = match &input.source {
                 StepInputSource::Step {
@@ -142,8 +143,12 @@ impl StepEnvironment {
                     output,
                     run_id,
                 } => {
-                    let value =
-                        self.load_output(run_id.as_deref(), step_key, output, input_def.ty)?;
+                    let value = match prefetched.next().flatten() {
+                        Some(value) => value,
+                        None => {
+                            self.load_output(run_id.as_deref(), step_key, output, input_def.ty)?
+                        }
+                    };
                     let source = match run_id {
                         Some(run) => format!("{step_key}.{output} of run {run}"),
                         None => format!("{step_key}.{output}"),
@@ -248,6 +253,43 @@ impl StepEnvironment {
             values.insert(input.name.clone(), value);
         }
         Ok(Inputs::new(values))
+    }
+
+    /// The stored values of a step's single-output inputs (`StepInputSource::Step`), in
+    /// input order, read up to the storage's `read_concurrency` at once: a step wired
+    /// to many upstream steps one input each is a fan-in too. Empty when values are in
+    /// memory or there is at most one such input (the input loop reads them then).
+    fn prefetch_step_inputs(
+        &self,
+        step: &ExecutionStep,
+        def: &crate::definition::solid::SolidDefinition,
+    ) -> Result<Vec<Option<Value>>, SolidError> {
+        let reads: Vec<_> = step
+            .inputs
+            .iter()
+            .zip(&def.inputs)
+            .filter_map(|(input, input_def)| match &input.source {
+                StepInputSource::Step {
+                    step_key,
+                    output,
+                    run_id,
+                } => Some((
+                    run_id.as_deref(),
+                    step_key.as_str(),
+                    output.as_str(),
+                    input_def.ty,
+                )),
+                _ => None,
+            })
+            .collect();
+        let limit = self.storage.read_concurrency().max(1);
+        if self.memory.is_some() || reads.len() <= 1 || limit <= 1 {
+            return Ok(Vec::new());
+        }
+        let values = map_bounded(&reads, limit, |&(run_id, step_key, output, ty)| {
+            self.load_output(run_id, step_key, output, ty)
+        })?;
+        Ok(values.into_iter().map(Some).collect())
     }
 
     /// Reads output `output` of `step_key`, from memory or from storage; from the
