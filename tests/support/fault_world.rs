@@ -4,14 +4,13 @@
 //! `faults execute` started in it.
 //!
 //! Include it with `#[path = "support/fault_world.rs"] mod fault_world;` next to
-//! `support/live_run.rs` (as `mod live_run`), `support/outcome.rs` (as `mod outcome`)
-//! and `support/dask.rs` (as `mod dask_support`).
+//! `support/dask.rs` (as `mod dask_support`).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::live_run::LiveRun;
+use solidflow::conformance::executor::LiveRun;
 
 /// One test's directories.
 pub struct World {
