@@ -13,17 +13,13 @@
 
 #[path = "support/dask.rs"]
 mod dask_support;
-#[path = "support/live_run.rs"]
-mod live_run;
-#[path = "support/outcome.rs"]
-mod outcome;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use dask_support::{DaskCluster, WorkerSpec, python};
-use outcome::Outcome;
 use serde_json::Value;
+use solidflow::conformance::executor::{LiveRun, Outcome};
 
 const STEPS: [&str; 4] = ["numbers", "sum_evens", "sum_odds", "total"];
 
@@ -73,7 +69,7 @@ fn run(dir: &Path, build: &Path, address: &str) -> Outcome {
         .env("SOLIDFLOW_HOME", dir.join("home"))
         .env("SOLIDFLOW_PYTHON", python())
         .current_dir(dir);
-    let out = live_run::LiveRun::start(command).finish();
+    let out = LiveRun::start(command).finish();
     assert_eq!(out.code, Some(0), "{}", out.describe());
     for step in STEPS {
         assert!(

@@ -13,10 +13,6 @@
 
 #[path = "support/dask.rs"]
 mod dask_support;
-#[path = "support/outcome.rs"]
-mod outcome;
-
-use outcome::Outcome;
 
 use std::io::Read;
 use std::path::Path;
@@ -24,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dask_support::{DaskCluster, TlsFiles, WorkerSpec, python};
+use solidflow::conformance::executor::Outcome;
 
 const STEPS: [&str; 4] = ["numbers", "sum_evens", "sum_odds", "total"];
 

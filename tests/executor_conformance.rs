@@ -1,730 +1,139 @@
 //! Executor conformance suite: the same behaviour checked on every executor.
 //!
-//! Each case drives the real CLI of the `conformance` pipeline binary
-//! (`src/bin/conformance.rs`) with `execute <pipeline> --json`, reads the event stream
-//! from its stdout while it runs, and checks exit code, events and side effects. Every
-//! test gets its own `SOLIDFLOW_HOME` and work directory; waits are on conditions with
-//! deadlines, never fixed sleeps.
+//! The cases are the kit in `solidflow::conformance::executor` (the `conformance`
+//! feature), which a third-party executor runs the same way. Each drives the real CLI of
+//! the `conformance` pipeline binary (`src/bin/conformance.rs`, the kit's
+//! `repository()`) with `execute <pipeline> --json` and checks exit code, events and side
+//! effects. Here every case is one test, per executor and isolation.
 //!
-//! An executor joins with one line at the bottom of this file:
+//! An executor joins with one `conformance_suite!` line at the bottom of this file: the
+//! module name, the kit's `Target` (binary, config key, base run config, the groups of
+//! cases it claims), and one macro per claimed group:
 //!
 //! ```ignore
-//! conformance_suite!(multiprocess, "execution: {multiprocess: {}}\nstorage: {filesystem: {}}\n",
-//!     scheduling_cases, isolated_cases);
+//! conformance_suite!(
+//!     multiprocess,
+//!     target("multiprocess", "execution: {multiprocess: {}}\nstorage: {filesystem: {}}\n")
+//!         .with_resources(ResourceConfigs::run_pool())
+//!         .with_groups([Group::Isolated, Group::EscalatingCancel]),
+//!     core_cases, resource_cases, isolated_cases, escalating_cancel_cases
+//! );
 //! ```
 //!
-//! The module name is the executor's config key (used to add `resources` to its config);
-//! `conformance_suite!(multiprocess_warm as multiprocess, "<config>", ...)` runs the same
-//! executor again under another module name, with another base config (a mode, an
-//! isolation setting).
-//! Every executor gets the core cases; the names after the config add groups of cases:
-//!
-//! - `scheduling_cases`: executors that schedule steps themselves, with `max_concurrent`
-//!   and a `resources:` pool for the whole run (`in_process`, `multiprocess`).
-//! - `worker_resource_cases`: executors whose resources belong to each worker and whose
-//!   concurrency is the workers' threads (`dask`). The same three questions (do resources
-//!   serialize steps, do independent steps overlap, is an impossible requirement refused
-//!   before any step runs) asked with `n_workers`/`threads_per_worker`/per-worker
-//!   `resources`.
-//! - `isolated_cases`: executors that run each step in its own process (crash
-//!   containment, captured stdout/stderr, killing a step's process group, refusing
-//!   `in_memory` storage).
-//! - `escalating_cancel_cases` / `grace_cancel_cases`: how steps that ignore SIGTERM end
-//!   on Ctrl-C: on a second Ctrl-C (`multiprocess`), or after a grace period (`dask`).
+//! The same executor in another isolation (warm step servers next to process-per-step)
+//! is another line under another module name. Two tests keep the lists honest: each
+//! suite's macros must be the groups its target claims, and each group macro must list
+//! exactly the kit's cases of that group (`every_case_of_the_kit_is_instantiated`), so
+//! a case added to the kit fails here until it has a test on every executor.
 //!
 //! The Dask cases need the venv from `scripts/python-env.sh` (or `SOLIDFLOW_PYTHON`);
 //! without it they fail and say so. Each Dask case starts a local cluster (about a
-//! second), so the Dask module sticks to 2 workers × 1 thread.
+//! second), so the Dask module sticks to 2 workers × 1 thread. Behaviour specific to one
+//! executor is in the `*_only` modules at the end.
 //!
-//! Run: `cargo test --test executor_conformance`.
+//! Run: `cargo build --bins && cargo test --test executor_conformance`.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
+use solidflow::conformance::executor::{
+    self as kit, Group, Harness, ResourceConfigs, Target, assert_dies, expect_canceled, read_pid,
+    start_sleepers,
+};
 
 #[path = "support/dask.rs"]
 mod dask_support;
-#[path = "support/live_run.rs"]
-mod live_run;
-#[path = "support/outcome.rs"]
-mod outcome;
-
-use live_run::{LiveRun, assert_dies, read_pid};
-use outcome::Outcome;
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_conformance"))
 }
 
-/// One test's private world: a home, a work dir shared with the solids, and the base
-/// config selecting the executor under test.
-pub struct Harness {
-    _tmp: tempfile::TempDir,
-    home: PathBuf,
-    work: PathBuf,
-    executor: &'static str,
-    base: PathBuf,
-    env: Vec<(String, String)>,
-}
-
-impl Harness {
-    pub fn new(executor: &'static str, base_config: &str) -> Self {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let home = tmp.path().join("home");
-        let work = tmp.path().join("work");
-        std::fs::create_dir_all(&work).expect("work dir");
-        let base = tmp.path().join("base.yaml");
-        std::fs::write(&base, base_config).expect("write base config");
-        let mut env = Vec::new();
-        if executor == "dask" {
-            // The interpreter with dask + distributed (panics naming the fix if missing).
-            let python = dask_support::python();
-            env.push(("SOLIDFLOW_PYTHON".into(), python.display().to_string()));
-        }
-        Self {
-            _tmp: tmp,
-            home,
-            work,
-            executor,
-            base,
-            env,
-        }
-    }
-
-    /// Adds an environment variable for the pipeline process (and its step processes).
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
-    }
-
-    /// `execution: {<executor>: {config: <yaml>}}`, to merge over the base config.
-    pub fn executor_config(&self, yaml: &str) -> String {
-        format!("execution: {{{}: {{config: {yaml}}}}}\n", self.executor)
-    }
-
-    /// Starts `execute <pipeline> --json` with the base config and `extra` merged over it.
-    pub fn start(&self, pipeline: &str, extra: &str) -> LiveRun {
-        let extra_path = self
-            .work
-            .join(format!("extra-{pipeline}-{}.yaml", fastish_id()));
-        std::fs::write(&extra_path, extra).expect("write extra config");
-        let mut command = Command::new(binary());
-        command
-            .args(["execute", pipeline, "--json", "-c"])
-            .arg(&self.base)
-            .arg("-c")
-            .arg(&extra_path)
-            .env("SOLIDFLOW_HOME", &self.home)
-            .env("SF_CONFORMANCE_DIR", &self.work);
-        for (k, v) in &self.env {
-            command.env(k, v);
-        }
-        LiveRun::start(command)
-    }
-
-    /// Runs to completion.
-    pub fn run(&self, pipeline: &str, extra: &str) -> Outcome {
-        self.start(pipeline, extra).finish()
-    }
-
-    /// A file in the work directory.
-    pub fn work(&self, name: &str) -> PathBuf {
-        self.work.join(name)
-    }
-}
-
-fn fastish_id() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
-/// What the cases ask of a finished run, beyond the shared [`Outcome`].
-trait Expect {
-    fn step<'a>(&'a self, step: &str, event_type: &'a str) -> Vec<&'a Value>;
-    fn one<'a>(&'a self, step: &str, event_type: &'a str) -> &'a Value;
-    fn has_message(&self, step: &str, needle: &str) -> bool;
-    fn expect_canceled(&self);
-    fn expect_code(&self, code: i32);
-}
-
-impl Expect for Outcome {
-    fn step<'a>(&'a self, step: &str, event_type: &'a str) -> Vec<&'a Value> {
-        self.of_type(event_type)
-            .filter(|e| e["step_key"] == step)
-            .collect()
-    }
-
-    fn one<'a>(&'a self, step: &str, event_type: &'a str) -> &'a Value {
-        let found = self.step(step, event_type);
-        assert_eq!(
-            found.len(),
-            1,
-            "expected one {event_type} for {step}; events:\n{}",
-            self.describe()
-        );
-        found[0]
-    }
-
-    fn has_message(&self, step: &str, needle: &str) -> bool {
-        self.events.iter().any(|e| {
-            e["step_key"] == step && e["message"].as_str().is_some_and(|m| m.contains(needle))
-        })
-    }
-
-    /// The `cancel` pipeline was interrupted: exit 130, one PIPELINE_CANCELED, and both
-    /// sleeping steps failed as interrupted.
-    fn expect_canceled(&self) {
-        self.expect_code(130);
-        assert_eq!(
-            self.of_type("PIPELINE_CANCELED").count(),
-            1,
-            "{}",
-            self.describe()
-        );
-        for step in ["sleep_a.compute", "sleep_b.compute"] {
-            assert_eq!(
-                self.one(step, "STEP_FAILURE")["data"]["error"]["kind"],
-                "interrupted"
-            );
-        }
-    }
-
-    fn expect_code(&self, code: i32) {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "exit code; stderr:\n{}\nevents:\n{}",
-            self.stderr,
-            self.describe()
-        );
-    }
-}
-
-/// Starts the `cancel` pipeline and waits until both of its sleeping steps run; returns
-/// the run and the two step processes' pids.
-fn start_sleepers(h: &Harness) -> (LiveRun, [u32; 2]) {
-    let mut run = h.start("cancel", "");
-    for who in ["sleep_a", "sleep_b"] {
-        run.wait_event("both sleepers", |e| {
-            e["message"] == format!("{who} sleeping")
-        });
-    }
-    let pids = [
-        read_pid(&h.work("sleep_a.pid")),
-        read_pid(&h.work("sleep_b.pid")),
-    ];
-    (run, pids)
-}
-
-/// The cases, as plain functions over a harness.
-pub mod cases {
-    use super::*;
-
-    pub fn success(h: &Harness) {
-        let out = h.run("success", "");
-        out.expect_code(0);
-        for step in [
-            "numbers.compute",
-            "sum_evens.compute",
-            "sum_odds.compute",
-            "total.compute",
-        ] {
-            out.one(step, "STEP_SUCCESS");
-        }
-        assert!(
-            out.has_message("total.compute", "total=55"),
-            "values flow between steps:\n{}",
-            out.describe()
-        );
-        assert_eq!(out.of_type("PIPELINE_SUCCESS").count(), 1);
-        let start = out
-            .of_type("PIPELINE_START")
-            .next()
-            .expect("PIPELINE_START");
-        assert_eq!(start["data"]["executor"], h.executor);
-    }
-
-    pub fn failure_skips_dependents_and_finishes_independent_branch(h: &Harness) {
-        let out = h.run("failure", "");
-        out.expect_code(1);
-        let failure = out.one("boom.compute", "STEP_FAILURE");
-        assert_eq!(failure["data"]["error"]["kind"], "error");
-        assert!(
-            failure["data"]["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("boom: the source is unavailable")
-        );
-        assert_eq!(failure["data"]["error"]["causes"][0], "connection refused");
-        let skipped = out.one("downstream.compute", "STEP_SKIPPED");
-        assert_eq!(skipped["data"]["upstream"][0], "boom.compute");
-        out.one("numbers.compute", "STEP_SUCCESS");
-        out.one("sum_evens.compute", "STEP_SUCCESS");
-        let end = out
-            .of_type("PIPELINE_FAILURE")
-            .next()
-            .expect("PIPELINE_FAILURE");
-        assert_eq!(
-            end["data"]["failed_steps"],
-            serde_json::json!(["boom.compute"])
-        );
-    }
-
-    pub fn panic_reports_message_and_location(h: &Harness) {
-        let out = h.run("panic", "");
-        out.expect_code(1);
-        let error = &out.one("kaboom.compute", "STEP_FAILURE")["data"]["error"];
-        assert_eq!(error["kind"], "panic");
-        assert!(
-            error["message"].as_str().unwrap().contains("kaboom 42"),
-            "{error}"
-        );
-        assert!(
-            error["location"]
-                .as_str()
-                .unwrap()
-                .contains("conformance.rs"),
-            "{error}"
-        );
-        out.one("downstream.compute", "STEP_SKIPPED");
-        out.one("sum_evens.compute", "STEP_SUCCESS");
-    }
-
-    pub fn retries_policy_explicit_and_run_config_override(h: &Harness) {
-        let out = h.run(
-            "retries",
-            "solids: {overridden: {retry: {max_retries: 2}}}\n",
-        );
-        out.expect_code(0);
-        // flaky: policy max_retries = 2, fails attempts 1 and 2.
-        let up: Vec<u64> = out
-            .step("flaky.compute", "STEP_UP_FOR_RETRY")
-            .iter()
-            .map(|e| e["data"]["attempt"].as_u64().unwrap())
-            .collect();
-        assert_eq!(up, [1, 2], "{}", out.describe());
-        let restarted: Vec<u64> = out
-            .step("flaky.compute", "STEP_RESTARTED")
-            .iter()
-            .map(|e| e["data"]["attempt"].as_u64().unwrap())
-            .collect();
-        assert_eq!(restarted, [2, 3]);
-        assert_eq!(
-            out.one("flaky.compute", "STEP_SUCCESS")["data"]["attempt"],
-            3
-        );
-        for n in 1..=3 {
-            assert!(
-                out.has_message("flaky.compute", &format!("flaky attempt {n}")),
-                "attempt {n} visible in ctx"
-            );
-        }
-        // asks_retry: no policy, explicit SolidError::retry.
-        assert_eq!(out.step("asks_retry.compute", "STEP_UP_FOR_RETRY").len(), 1);
-        assert_eq!(
-            out.one("asks_retry.compute", "STEP_SUCCESS")["data"]["attempt"],
-            2
-        );
-        // overridden: no policy in code, max_retries: 2 from run config.
-        assert_eq!(out.step("overridden.compute", "STEP_UP_FOR_RETRY").len(), 2);
-        assert_eq!(
-            out.one("overridden.compute", "STEP_SUCCESS")["data"]["attempt"],
-            3
-        );
-        assert!(out.has_message(
-            "attempts.compute",
-            "attempts flaky=3 asks_retry=2 overridden=3"
-        ));
-        assert!(out.of_type("STEP_FAILURE").next().is_none());
-    }
-
-    pub fn retries_exhausted_fail(h: &Harness) {
-        // Without the override, `overridden` fails for good on its first attempt.
-        let out = h.run("retries", "");
-        out.expect_code(1);
-        assert!(
-            out.step("overridden.compute", "STEP_UP_FOR_RETRY")
-                .is_empty()
-        );
-        assert_eq!(
-            out.one("overridden.compute", "STEP_FAILURE")["data"]["attempt"],
-            1
-        );
-        out.one("attempts.compute", "STEP_SKIPPED");
-    }
-
-    fn interval(h: &Harness, who: &str) -> (u128, u128, bool) {
-        let start: u128 = std::fs::read_to_string(h.work(&format!("{who}.start")))
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let end = std::fs::read_to_string(h.work(&format!("{who}.end"))).unwrap();
-        let mut parts = end.split(' ');
-        (
-            start,
-            parts.next().unwrap().parse().unwrap(),
-            parts.next().unwrap() == "true",
+/// The `executor` target of the `conformance` binary with `base_config`; Dask targets
+/// get the interpreter with dask + distributed (panics naming the fix if it is missing).
+fn target(executor: &str, base_config: &str) -> Target {
+    let target = Target::new(binary(), executor, base_config);
+    if executor == "dask" {
+        target.env(
+            "SOLIDFLOW_PYTHON",
+            dask_support::python().display().to_string(),
         )
-    }
-
-    /// `executor_config` gives room for both steps but only one GPU.
-    pub fn resources_serialize_steps(h: &Harness, executor_config: &str) {
-        // Two GPU:1 steps, plenty of slots, one GPU: they must not overlap. Each waits up
-        // to 1 s for the other to start, so an overlapping scheduler would be caught by
-        // the `saw_peer` flag as well as by the recorded intervals.
-        let extra = h.executor_config(executor_config)
-            + "solids: {left: {config: {wait_secs: 1}}, right: {config: {wait_secs: 1}}}\n";
-        let out = h.run("pair", &extra);
-        out.expect_code(0);
-        let (ls, le, lsaw) = interval(h, "left");
-        let (rs, re, rsaw) = interval(h, "right");
-        assert!(!lsaw && !rsaw, "a GPU:1 step saw its peer running");
-        assert!(
-            le <= rs || re <= ls,
-            "GPU:1 steps overlapped: left {ls}..{le}, right {rs}..{re}"
-        );
-    }
-
-    /// `executor_config` gives room for both steps and two GPUs.
-    pub fn concurrency_overlaps_independent_steps(h: &Harness, executor_config: &str) {
-        // With two GPUs both start together: each waits (up to 60 s) for the other.
-        let extra = h.executor_config(executor_config)
-            + "solids: {left: {config: {wait_secs: 60}}, right: {config: {wait_secs: 60}}}\n";
-        let out = h.run("pair", &extra);
-        out.expect_code(0);
-        assert!(
-            out.has_message("left.compute", "left: saw_peer=true"),
-            "{}",
-            out.describe()
-        );
-        assert!(
-            out.has_message("right.compute", "right: saw_peer=true"),
-            "{}",
-            out.describe()
-        );
-    }
-
-    /// `executor_config` offers no GPU at all.
-    pub fn impossible_resources_rejected_before_the_run(h: &Harness, executor_config: &str) {
-        let extra = h.executor_config(executor_config)
-            + "solids: {left: {config: {wait_secs: 1}}, right: {config: {wait_secs: 1}}}\n";
-        let out = h.run("pair", &extra);
-        assert_ne!(out.code, Some(0));
-        assert!(
-            out.stderr.contains("requires GPU=1"),
-            "stderr: {}",
-            out.stderr
-        );
-        assert!(
-            out.of_type("STEP_START").next().is_none(),
-            "no step may start"
-        );
-        assert!(!h.work("left.start").exists());
-    }
-
-    pub fn events_are_live(h: &Harness) {
-        let mut run = h.start("live", "");
-        run.wait_event("the log line `waiting for go`", |e| {
-            e["event_type"] == "LOG_MESSAGE" && e["message"] == "waiting for go"
-        });
-        std::fs::write(h.work("go"), "go").unwrap();
-        let out = run.finish();
-        out.expect_code(0);
-        out.one("waits_for_go.compute", "STEP_SUCCESS");
-    }
-
-    pub fn cancel_stops_steps_and_leaves_no_orphans(h: &Harness) {
-        let (run, pids) = start_sleepers(h);
-        run.signal(libc::SIGINT);
-        let out = run.finish();
-        out.expect_canceled();
-        out.one("downstream.compute", "STEP_SKIPPED");
-        for pid in pids {
-            assert_dies(pid, "a step process");
-        }
-        // The run history records the cancellation.
-        let runs = Command::new(binary())
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .args(["runs", "--json"])
-            .env("SOLIDFLOW_HOME", &h.home)
-            .output()
-            .unwrap();
-        let runs = String::from_utf8_lossy(&runs.stdout);
-        assert!(runs.contains("\"CANCELED\""), "run history: {runs}");
-    }
-
-    // --- cases for executors that run each step in its own process ----------------------
-
-    /// `in_memory` lives in one process: refused before the run, naming what to pick.
-    pub fn in_memory_storage_is_refused_up_front(h: &Harness) {
-        let h = Harness::new(
-            h.executor,
-            &format!(
-                "execution: {{{}: {{}}}}\nstorage: {{in_memory: {{}}}}\n",
-                h.executor
-            ),
-        );
-        let out = h.run("success", "");
-        out.expect_code(2);
-        assert!(out.stderr.contains("`in_memory` storage"), "{}", out.stderr);
-        assert!(
-            out.stderr.contains("storage: {filesystem: {}}") && out.stderr.contains("s3"),
-            "the error names the fix: {}",
-            out.stderr
-        );
-        assert!(out.of_type("PIPELINE_START").next().is_none());
-    }
-
-    pub fn crash_is_contained(h: &Harness, how: &str, signal: &str) {
-        let out = h.run(
-            "crash",
-            &format!("solids: {{crash: {{config: {{how: {how}}}}}}}\n"),
-        );
-        out.expect_code(1);
-        let error = &out.one("crash.compute", "STEP_FAILURE")["data"]["error"];
-        assert_eq!(error["kind"], "crash", "{error}");
-        let message = error["message"].as_str().unwrap();
-        assert!(
-            message.contains(&format!("killed by signal {signal}")),
-            "{message}"
-        );
-        assert!(message.contains("without reporting a result"), "{message}");
-        out.one("downstream.compute", "STEP_SKIPPED");
-        out.one("numbers.compute", "STEP_SUCCESS");
-        out.one("sum_evens.compute", "STEP_SUCCESS");
-        assert!(out.has_message(
-            "crash.compute",
-            &format!("[stderr] about to crash by {how}")
-        ));
-    }
-
-    pub fn stdout_and_stderr_are_captured(h: &Harness) {
-        let out = h.run("noisy", "");
-        out.expect_code(0);
-        // Printing to stdout did not corrupt the protocol: it arrives as stderr.
-        assert!(
-            out.has_message("noisy.compute", "[stderr] noisy says hello on stdout"),
-            "{}",
-            out.describe()
-        );
-        assert!(out.has_message("noisy.compute", "[stderr] noisy says hello on stderr"));
-        assert!(out.has_message("noisy.compute", "noisy logged normally"));
-        // The complete output is also kept in the run's log directory, in files named
-        // after the step (the live stream may drop lines; the files do not).
-        let run_id = out.of_type("PIPELINE_START").next().unwrap()["run_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let log_dir = h.home.join("logs").join(&run_id);
-        let mut log = String::new();
-        for entry in std::fs::read_dir(&log_dir)
-            .unwrap_or_else(|e| panic!("no step logs in {}: {e}", log_dir.display()))
-        {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            if name.starts_with("noisy.compute.") {
-                log.push_str(&std::fs::read_to_string(&path).unwrap());
-            }
-        }
-        assert!(
-            log.contains("noisy says hello on stderr")
-                && log.contains("noisy says hello on stdout"),
-            "the step's log files in {} lack its output: {log}",
-            log_dir.display()
-        );
-        // Every step ran in its own process, not in the parent.
-        let parent = out.of_type("PIPELINE_START").next().unwrap()["pid"].clone();
-        let child = out.one("noisy.compute", "STEP_SUCCESS")["pid"].clone();
-        assert_ne!(parent, child);
-    }
-
-    pub fn grandchildren_are_killed_on_cancel(h: &Harness) {
-        let (run, _) = start_sleepers(h);
-        let pids: Vec<u32> = [
-            "sleep_a.pid",
-            "sleep_b.pid",
-            "sleep_a.grandchild.pid",
-            "sleep_b.grandchild.pid",
-        ]
-        .iter()
-        .map(|f| read_pid(&h.work(f)))
-        .collect();
-        run.signal(libc::SIGINT);
-        let out = run.finish();
-        out.expect_code(130);
-        assert_eq!(
-            out.of_type("PIPELINE_CANCELED").count(),
-            1,
-            "{}",
-            out.describe()
-        );
-        for pid in pids {
-            assert_dies(pid, "a step process or its child");
-        }
-    }
-
-    /// For executors that kill a step's process group after a grace period on their own
-    /// (Dask: SIGTERM, then SIGKILL after the grace): one Ctrl-C takes down steps that
-    /// ignore SIGTERM, and the run ends canceled.
-    pub fn term_ignoring_steps_die_after_one_interrupt(h: &Harness) {
-        let (run, pids) = start_sleepers(h);
-        run.signal(libc::SIGINT);
-        let out = run.finish();
-        out.expect_canceled();
-        for pid in pids {
-            assert_dies(pid, "a step process that ignores SIGTERM");
-        }
-    }
-
-    /// For executors that wait for SIGTERM'd steps until a second Ctrl-C (multiprocess).
-    pub fn second_interrupt_kills_at_once(h: &Harness) {
-        let (mut run, pids) = start_sleepers(h);
-        run.signal(libc::SIGINT);
-        // The steps ignore SIGTERM; wait until the executor has started canceling.
-        run.wait_event("the cancel notice", |e| {
-            e["event_type"] == "ENGINE_EVENT"
-                && e["message"].as_str().unwrap_or("").starts_with("canceling")
-        });
-        run.signal(libc::SIGINT);
-        let out = run.finish();
-        out.expect_code(130);
-        assert!(
-            out.stderr.contains("interrupted again"),
-            "stderr: {}",
-            out.stderr
-        );
-        for pid in pids {
-            assert_dies(pid, "a step process");
-        }
+    } else {
+        target
     }
 }
 
-/// Tests for every executor; expects `fn harness() -> Harness` in the enclosing module.
+/// A fresh harness on `target(executor, base_config)`.
+fn harness(executor: &str, base_config: &str) -> Harness {
+    Harness::new(&target(executor, base_config))
+}
+
+/// Resources that belong to each worker, with the workers' threads as the concurrency
+/// (Dask's local cluster). One worker with two threads has room for both steps; only
+/// its `GPU` amount decides whether they overlap.
+fn per_worker_resources() -> ResourceConfigs {
+    ResourceConfigs {
+        one_gpu: "{n_workers: 1, threads_per_worker: 2, resources: {GPU: 1}}".into(),
+        two_gpus: "{n_workers: 1, threads_per_worker: 2, resources: {GPU: 2}}".into(),
+        no_gpu: "{resources: {CPU: 8}}".into(),
+    }
+}
+
+/// `cases!(tests, Group: a, b)` makes one test per case (run on the enclosing module's
+/// `under_test()`); `cases!(group, ...)` is the group; `cases!(names, ...)` the group and
+/// its case names, for the completeness check.
+macro_rules! cases {
+    (tests, $group:ident: $($case:ident),+ $(,)?) => {$(
+        #[test]
+        fn $case() {
+            crate::kit::run_case(&under_test(), stringify!($case));
+        }
+    )+};
+    (group, $group:ident: $($case:ident),+ $(,)?) => {
+        crate::kit::Group::$group
+    };
+    (names, $group:ident: $($case:ident),+ $(,)?) => {
+        (crate::kit::Group::$group, vec![$(stringify!($case)),+])
+    };
+}
+
+/// Every executor.
 macro_rules! core_cases {
-    () => {
-        #[test]
-        fn success() {
-            cases::success(&harness());
-        }
-        #[test]
-        fn failure_skips_dependents_and_finishes_independent_branch() {
-            cases::failure_skips_dependents_and_finishes_independent_branch(&harness());
-        }
-        #[test]
-        fn panic_reports_message_and_location() {
-            cases::panic_reports_message_and_location(&harness());
-        }
-        #[test]
-        fn retries_policy_explicit_and_run_config_override() {
-            cases::retries_policy_explicit_and_run_config_override(&harness());
-        }
-        #[test]
-        fn retries_exhausted_fail() {
-            cases::retries_exhausted_fail(&harness());
-        }
-        #[test]
-        fn events_are_live() {
-            cases::events_are_live(&harness());
-        }
-        #[test]
-        fn cancel_stops_steps_and_leaves_no_orphans() {
-            cases::cancel_stops_steps_and_leaves_no_orphans(&harness());
+    ($what:ident) => {
+        cases! {$what, Core:
+            success,
+            failure_skips_dependents_and_finishes_independent_branch,
+            panic_reports_message_and_location,
+            retries_policy_explicit_and_run_config_override,
+            retries_exhausted_fail,
+            events_are_live,
+            cancel_stops_steps_and_leaves_no_orphans,
         }
     };
 }
 
-/// Resources and concurrency for executors with `max_concurrent` and one `resources:`
-/// pool for the run.
-macro_rules! scheduling_cases {
-    () => {
-        #[test]
-        fn resources_serialize_steps() {
-            cases::resources_serialize_steps(
-                &harness(),
-                "{max_concurrent: 4, resources: {GPU: 1}}",
-            );
-        }
-        #[test]
-        fn concurrency_overlaps_independent_steps() {
-            cases::concurrency_overlaps_independent_steps(
-                &harness(),
-                "{max_concurrent: 2, resources: {GPU: 2}}",
-            );
-        }
-        #[test]
-        fn impossible_resources_rejected_before_the_run() {
-            cases::impossible_resources_rejected_before_the_run(
-                &harness(),
-                "{resources: {CPU: 8}}",
-            );
+/// Resources and concurrency, with the configs of the target's `ResourceConfigs`.
+macro_rules! resource_cases {
+    ($what:ident) => {
+        cases! {$what, Resources:
+            resources_serialize_steps,
+            concurrency_overlaps_independent_steps,
+            impossible_resources_rejected_before_the_run,
         }
     };
 }
 
-/// The same three questions for an executor whose resources are per worker and whose
-/// concurrency is the workers' threads (Dask's local cluster). One worker with two
-/// threads has room for both steps; only its `GPU` amount decides whether they overlap.
-macro_rules! worker_resource_cases {
-    () => {
-        #[test]
-        fn resources_serialize_steps() {
-            cases::resources_serialize_steps(
-                &harness(),
-                "{n_workers: 1, threads_per_worker: 2, resources: {GPU: 1}}",
-            );
-        }
-        #[test]
-        fn concurrency_overlaps_independent_steps() {
-            cases::concurrency_overlaps_independent_steps(
-                &harness(),
-                "{n_workers: 1, threads_per_worker: 2, resources: {GPU: 2}}",
-            );
-        }
-        #[test]
-        fn impossible_resources_rejected_before_the_run() {
-            cases::impossible_resources_rejected_before_the_run(
-                &harness(),
-                "{resources: {CPU: 8}}",
-            );
-        }
-    };
-}
-
-/// Tests for executors that run every step in its own process.
+/// Executors that run every step in its own process.
 macro_rules! isolated_cases {
-    () => {
-        #[test]
-        fn in_memory_storage_is_refused_up_front() {
-            cases::in_memory_storage_is_refused_up_front(&harness());
-        }
-        #[test]
-        fn abort_is_contained() {
-            cases::crash_is_contained(&harness(), "abort", "6");
-        }
-        #[test]
-        fn kill9_is_contained() {
-            cases::crash_is_contained(&harness(), "kill9", "9");
-        }
-        #[test]
-        fn segfault_is_contained() {
-            cases::crash_is_contained(&harness(), "segv", "11");
-        }
-        #[test]
-        fn stdout_and_stderr_are_captured() {
-            cases::stdout_and_stderr_are_captured(&harness());
-        }
-        #[test]
-        fn grandchildren_are_killed_on_cancel() {
-            cases::grandchildren_are_killed_on_cancel(
-                &harness().env("SF_CONFORMANCE_GRANDCHILD", "1"),
-            );
+    ($what:ident) => {
+        cases! {$what, Isolated:
+            in_memory_storage_is_refused_up_front,
+            abort_is_contained,
+            kill9_is_contained,
+            segfault_is_contained,
+            stdout_and_stderr_are_captured,
+            grandchildren_are_killed_on_cancel,
         }
     };
 }
@@ -732,85 +141,139 @@ macro_rules! isolated_cases {
 /// Cancellation that waits for steps to exit on SIGTERM, and kills them at once on a
 /// second Ctrl-C (multiprocess).
 macro_rules! escalating_cancel_cases {
-    () => {
-        #[test]
-        fn second_interrupt_kills_at_once() {
-            cases::second_interrupt_kills_at_once(
-                &harness().env("SF_CONFORMANCE_IGNORE_TERM", "1"),
-            );
-        }
+    ($what:ident) => {
+        cases! {$what, EscalatingCancel: second_interrupt_kills_at_once}
     };
 }
 
 /// Cancellation that SIGKILLs steps by itself after a grace period (Dask).
 macro_rules! grace_cancel_cases {
-    () => {
-        #[test]
-        fn term_ignoring_steps_die_after_one_interrupt() {
-            cases::term_ignoring_steps_die_after_one_interrupt(
-                &harness().env("SF_CONFORMANCE_IGNORE_TERM", "1"),
-            );
+    ($what:ident) => {
+        cases! {$what, GraceCancel: term_ignoring_steps_die_after_one_interrupt}
+    };
+}
+
+/// `conformance_suite!(<module>, <Target>, <group macros>...)`: one test per case of
+/// each group, and a check that the groups are those the target claims.
+macro_rules! conformance_suite {
+    ($name:ident, $target:expr, $($group:ident),+ $(,)?) => {
+        mod $name {
+            use super::*;
+
+            fn under_test() -> Target {
+                $target
+            }
+
+            $($group!(tests);)+
+
+            #[test]
+            fn instantiates_the_groups_the_target_claims() {
+                assert_eq!(under_test().groups(), [$($group!(group)),+]);
+            }
         }
     };
 }
 
-/// Instantiates the suite for one executor: `conformance_suite!(<config key>, "<base run
-/// config>", <case groups>...)`; see the module docs for the groups. A second
-/// configuration of the same executor gets its own module name:
-/// `conformance_suite!(<module> as <config key>, ...)`.
-macro_rules! conformance_suite {
-    ($name:ident as $key:ident, $config:expr $(, $group:ident)* $(,)?) => {
-        mod $name {
-            use super::*;
-
-            fn harness() -> Harness {
-                Harness::new(stringify!($key), $config)
-            }
-
-            core_cases!();
-            $($group!();)*
-        }
-    };
-    ($name:ident, $config:expr $(, $group:ident)* $(,)?) => {
-        conformance_suite!($name as $name, $config $(, $group)*);
-    };
+/// A case added to the kit must be added to its group's macro above, too.
+#[test]
+fn every_case_of_the_kit_is_instantiated() {
+    let listed = [
+        core_cases!(names),
+        resource_cases!(names),
+        isolated_cases!(names),
+        escalating_cancel_cases!(names),
+        grace_cancel_cases!(names),
+    ];
+    for (group, names) in &listed {
+        assert_eq!(
+            &kit::case_names(*group),
+            names,
+            "the kit's {group:?} cases differ from this file's macro for them"
+        );
+    }
+    for case in kit::CASES {
+        assert!(
+            listed.iter().any(|(group, _)| *group == case.group),
+            "the kit's group {:?} has no macro here",
+            case.group
+        );
+    }
 }
 
 conformance_suite!(
     in_process,
-    "execution: {in_process: {config: {max_concurrent: 4}}}\nstorage: {in_memory: {}}\n",
-    scheduling_cases
+    target(
+        "in_process",
+        "execution: {in_process: {config: {max_concurrent: 4}}}\nstorage: {in_memory: {}}\n"
+    )
+    .with_resources(ResourceConfigs::run_pool()),
+    core_cases,
+    resource_cases
 );
 conformance_suite!(
     multiprocess,
-    "execution: {multiprocess: {config: {max_concurrent: 4}}}\nstorage: {filesystem: {}}\n",
-    scheduling_cases,
+    target(
+        "multiprocess",
+        "execution: {multiprocess: {config: {max_concurrent: 4}}}\nstorage: {filesystem: {}}\n"
+    )
+    .with_resources(ResourceConfigs::run_pool())
+    .with_groups([Group::Isolated, Group::EscalatingCancel]),
+    core_cases,
+    resource_cases,
     isolated_cases,
     escalating_cancel_cases
 );
 // The same executor with warm step servers (`isolation: warm`): every case again.
 conformance_suite!(
-    multiprocess_warm as multiprocess,
-    "execution: {multiprocess: {config: {max_concurrent: 4, isolation: warm}}}\nstorage: {filesystem: {}}\n",
-    scheduling_cases,
+    multiprocess_warm,
+    target(
+        "multiprocess",
+        "execution: {multiprocess: {config: {max_concurrent: 4, isolation: warm}}}\nstorage: {filesystem: {}}\n"
+    )
+    .with_resources(ResourceConfigs::run_pool())
+    .with_groups([Group::Isolated, Group::EscalatingCancel]),
+    core_cases,
+    resource_cases,
     isolated_cases,
     escalating_cancel_cases
 );
 conformance_suite!(
     dask,
-    "execution: {dask: {config: {n_workers: 2, threads_per_worker: 1}}}\nstorage: {filesystem: {}}\n",
-    worker_resource_cases,
+    target(
+        "dask",
+        "execution: {dask: {config: {n_workers: 2, threads_per_worker: 1}}}\nstorage: {filesystem: {}}\n"
+    )
+    .with_resources(per_worker_resources())
+    .with_groups([Group::Isolated, Group::GraceCancel]),
+    core_cases,
+    resource_cases,
     isolated_cases,
     grace_cancel_cases
 );
 // Dask with warm step servers on the workers (`isolation: warm`).
 conformance_suite!(
-    dask_warm as dask,
-    "execution: {dask: {config: {n_workers: 2, threads_per_worker: 1, isolation: warm}}}\nstorage: {filesystem: {}}\n",
-    worker_resource_cases,
+    dask_warm,
+    target(
+        "dask",
+        "execution: {dask: {config: {n_workers: 2, threads_per_worker: 1, isolation: warm}}}\nstorage: {filesystem: {}}\n"
+    )
+    .with_resources(per_worker_resources())
+    .with_groups([Group::Isolated, Group::GraceCancel]),
+    core_cases,
+    resource_cases,
     isolated_cases,
     grace_cancel_cases
 );
+
+/// The kit's one-call entry point, as a third-party executor would use it: every core
+/// case on `in_process`, one after the other.
+#[test]
+fn run_all_passes_on_in_process() {
+    kit::run_all(&target(
+        "in_process",
+        "execution: {in_process: {config: {max_concurrent: 4}}}\nstorage: {in_memory: {}}\n",
+    ));
+}
 
 /// Behaviour specific to the multiprocess executor and the step protocol.
 mod multiprocess_only {
@@ -819,7 +282,7 @@ mod multiprocess_only {
     /// The step's stderr file is named in an event as soon as its process starts.
     #[test]
     fn step_log_file_is_announced() {
-        let h = Harness::new(
+        let h = harness(
             "multiprocess",
             "execution: {multiprocess: {}}\nstorage: {filesystem: {}}\n",
         );
@@ -841,7 +304,7 @@ mod multiprocess_only {
 
     #[test]
     fn default_concurrency_is_one_per_core() {
-        let h = Harness::new(
+        let h = harness(
             "multiprocess",
             "execution: {multiprocess: {}}\nstorage: {filesystem: {}}\n",
         );
@@ -858,7 +321,7 @@ mod multiprocess_only {
     /// A parent killed outright (no chance to clean up) still takes its steps with it.
     #[test]
     fn step_processes_die_with_a_killed_parent() {
-        let h = Harness::new(
+        let h = harness(
             "multiprocess",
             "execution: {multiprocess: {config: {max_concurrent: 2}}}\nstorage: {filesystem: {}}\n",
         );
@@ -972,7 +435,7 @@ mod dask_only {
     #[test]
     fn shared_filesystem_runs_on_an_existing_cluster() {
         let cluster = DaskCluster::start(&[WorkerSpec::plain("w1")]);
-        let h = Harness::new(
+        let h = harness(
             "dask",
             &format!(
                 "execution: {{dask: {{config: {{address: '{}'}}}}}}\n",
@@ -1018,8 +481,8 @@ mod dask_only {
 mod multiprocess_warm_only {
     use super::*;
 
-    fn warm(config: &str) -> Harness {
-        Harness::new(
+    fn warm(config: &str) -> Target {
+        target(
             "multiprocess",
             &format!(
                 "execution: {{multiprocess: {{config: {{isolation: warm, {config}}}}}}}\nstorage: {{filesystem: {{}}}}\n"
@@ -1059,7 +522,7 @@ mod multiprocess_warm_only {
     /// after the run.
     #[test]
     fn an_aborting_step_is_a_crash_and_the_server_serves_on() {
-        let h = warm("max_concurrent: 1");
+        let h = Harness::new(&warm("max_concurrent: 1"));
         let out = h.run("crash", "solids: {crash: {config: {how: abort}}}\n");
         out.expect_code(1);
         let error = &out.one("crash.compute", "STEP_FAILURE")["data"]["error"];
@@ -1096,7 +559,7 @@ mod multiprocess_warm_only {
     /// with the server), its retry runs on a new server, and the run succeeds.
     #[test]
     fn a_killed_server_crashes_its_step_and_a_new_server_runs_the_retry() {
-        let h = warm("max_concurrent: 1");
+        let h = Harness::new(&warm("max_concurrent: 1"));
         let mut run = h.start(
             "live",
             "solids: {waits_for_go: {retry: {max_retries: 1}}}\n",
@@ -1141,8 +604,9 @@ mod multiprocess_warm_only {
     /// those of any other run.
     #[test]
     fn recycled_servers_keep_results_right() {
-        let h = warm("max_concurrent: 1, max_steps_per_server: 1");
-        cases::success(&h);
+        let target = warm("max_concurrent: 1, max_steps_per_server: 1");
+        kit::cases::success(&target);
+        let h = Harness::new(&target);
         let out = h.run("success", "");
         out.expect_code(0);
         let servers = servers(&out.events);
@@ -1161,7 +625,7 @@ mod multiprocess_warm_only {
     /// run ends canceled with 130, and no server outlives the run.
     #[test]
     fn ctrl_c_during_warm_steps_stops_them_and_the_servers() {
-        let h = warm("max_concurrent: 2").env("SF_CONFORMANCE_GRANDCHILD", "1");
+        let h = Harness::new(&warm("max_concurrent: 2").env("SF_CONFORMANCE_GRANDCHILD", "1"));
         let (run, pids) = start_sleepers(&h);
         let servers = servers(run.events());
         assert_eq!(servers.len(), 2, "two slots: {servers:?}");
@@ -1171,7 +635,7 @@ mod multiprocess_warm_only {
         ];
         run.signal(libc::SIGINT);
         let out = run.finish();
-        out.expect_canceled();
+        expect_canceled(&out);
         out.one("downstream.compute", "STEP_SKIPPED");
         for pid in pids.into_iter().chain(grandchildren).chain(servers) {
             assert_dies(pid, "a warm step, its child, or its server");
@@ -1183,8 +647,8 @@ mod multiprocess_warm_only {
 mod dask_warm_only {
     use super::*;
 
-    fn warm(config: &str) -> Harness {
-        Harness::new(
+    fn warm(config: &str) -> Target {
+        target(
             "dask",
             &format!(
                 "execution: {{dask: {{config: {{n_workers: 2, threads_per_worker: 1, isolation: warm, {config}}}}}}}\nstorage: {{filesystem: {{}}}}\n"
@@ -1202,7 +666,7 @@ mod dask_warm_only {
     /// ends canceled and neither the steps nor the servers outlive it.
     #[test]
     fn steps_are_forked_by_worker_servers_and_ctrl_c_leaves_nothing() {
-        let h = warm("allowed_failures: 0");
+        let h = Harness::new(&warm("allowed_failures: 0"));
         let (run, pids) = start_sleepers(&h);
         let servers: Vec<u32> = pids.iter().map(|&p| parent_of(p)).collect();
         for server in &servers {
@@ -1215,7 +679,7 @@ mod dask_warm_only {
         }
         run.signal(libc::SIGINT);
         let out = run.finish();
-        out.expect_canceled();
+        expect_canceled(&out);
         for pid in pids.into_iter().chain(servers) {
             assert_dies(pid, "a warm step or its worker's step server");
         }
@@ -1224,6 +688,6 @@ mod dask_warm_only {
     /// A server per step (`max_steps_per_server: 1`): the results are right.
     #[test]
     fn recycled_worker_servers_keep_results_right() {
-        cases::success(&warm("max_steps_per_server: 1"));
+        kit::cases::success(&warm("max_steps_per_server: 1"));
     }
 }

@@ -13,10 +13,6 @@
 mod dask_support;
 #[path = "support/fault_world.rs"]
 mod fault_world;
-#[path = "support/live_run.rs"]
-mod live_run;
-#[path = "support/outcome.rs"]
-mod outcome;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -26,9 +22,8 @@ use std::time::{Duration, Instant};
 
 use dask_support::{DaskCluster, WorkerSpec};
 use fault_world::World;
-use live_run::{LiveRun, assert_dies};
-use outcome::Outcome;
 use serde_json::Value;
+use solidflow::conformance::executor::{LiveRun, Outcome, assert_dies};
 
 /// Generous upper bound for a connect that must honour `timeout: 5`.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(60);

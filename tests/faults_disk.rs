@@ -9,16 +9,11 @@
 //!
 //! Run: `cargo test --test faults_disk -- --test-threads=2`.
 
-#[path = "support/live_run.rs"]
-mod live_run;
-#[path = "support/outcome.rs"]
-mod outcome;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use live_run::LiveRun;
+use solidflow::conformance::executor::LiveRun;
 
 /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
 struct SmallDisk {

@@ -19,14 +19,10 @@
 mod dask_support;
 #[path = "support/fault_world.rs"]
 mod fault_world;
-#[path = "support/live_run.rs"]
-mod live_run;
-#[path = "support/outcome.rs"]
-mod outcome;
 
 use dask_support::{DaskCluster, WorkerSpec};
 use fault_world::World;
-use live_run::{LiveRun, assert_dies, read_pid};
+use solidflow::conformance::executor::{LiveRun, assert_dies, read_pid};
 
 /// Starts `faults execute orphans --json` with `execution` and `spawner` doing `then`.
 fn start(w: &World, execution: &str, then: &str) -> LiveRun {

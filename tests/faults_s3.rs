@@ -13,10 +13,6 @@
 //!
 //! Run: `cargo test --test faults_s3 -- --test-threads=2`.
 
-#[path = "support/live_run.rs"]
-mod live_run;
-#[path = "support/outcome.rs"]
-mod outcome;
 #[path = "support/s3.rs"]
 mod s3_support;
 
@@ -26,8 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use live_run::LiveRun;
 use s3_support::{ACCESS_KEY, S3Server, SECRET_KEY};
+use solidflow::conformance::executor::{LiveRun, Outcome};
 
 const BUCKET: &str = "faults";
 
@@ -112,7 +108,7 @@ fn no_credentials_fail_without_contacting_metadata(s3_extra: &str, env_disabled:
         cmd.env_remove("AWS_EC2_METADATA_DISABLED");
     }
     let output = cmd.output().expect("run faults");
-    let out = outcome::Outcome::new(
+    let out = Outcome::new(
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),

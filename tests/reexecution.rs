@@ -7,8 +7,6 @@
 mod common;
 #[path = "support/dask.rs"]
 mod dask_support;
-#[path = "support/outcome.rs"]
-mod outcome;
 #[path = "support/s3.rs"]
 mod s3_support;
 
@@ -18,9 +16,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dask_support::{DaskCluster, WorkerSpec, python};
-use outcome::Outcome;
 use s3_support::{ACCESS_KEY, S3Server, SECRET_KEY};
 use serde_json::Value;
+use solidflow::conformance::executor::Outcome;
 
 /// Steps that succeed in the failing first run, and must not run again.
 const REUSED: [&str; 3] = ["load.compute", "square.compute", "count.compute"];

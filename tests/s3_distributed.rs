@@ -20,12 +20,8 @@
 
 #[path = "support/dask.rs"]
 mod dask_support;
-#[path = "support/outcome.rs"]
-mod outcome;
 #[path = "support/s3.rs"]
 mod s3_support;
-
-use outcome::Outcome;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -33,6 +29,7 @@ use std::process::{Command, Stdio};
 use dask_support::{DaskCluster, WorkerSpec, python};
 use s3_support::{ACCESS_KEY, S3Server, SECRET_KEY};
 use serde_json::Value;
+use solidflow::conformance::executor::Outcome;
 use solidflow::storage::{IntermediateStorage, S3Storage};
 
 const BUCKET: &str = "distributed";

@@ -6,13 +6,13 @@ use solidflow::definition::solid::{Outputs, SolidDefinition};
 use solidflow::definition::types::TypeInfo;
 
 /// Produces `0`.
-pub fn source() -> SolidDefinition {
+pub(crate) fn source() -> SolidDefinition {
     SolidDefinition::new("source", |_, _| Ok(Outputs::result(0i64)))
         .output("result", TypeInfo::of::<i64>())
 }
 
 /// Adds one to its input `x`.
-pub fn increment() -> SolidDefinition {
+pub(crate) fn increment() -> SolidDefinition {
     SolidDefinition::new("increment", |_, mut inputs| {
         Ok(Outputs::result(inputs.take::<i64>("x")? + 1))
     })
@@ -21,7 +21,7 @@ pub fn increment() -> SolidDefinition {
 }
 
 /// `n` steps, each consuming the previous one.
-pub fn chain(n: usize) -> Pipeline {
+pub(crate) fn chain(n: usize) -> Pipeline {
     Pipeline::build("chain", |p| {
         p.add("s0", source(), vec![]);
         for i in 1..n {
@@ -33,7 +33,7 @@ pub fn chain(n: usize) -> Pipeline {
 }
 
 /// One source and `n` leaves consuming it.
-pub fn fan_out(n: usize) -> Pipeline {
+pub(crate) fn fan_out(n: usize) -> Pipeline {
     Pipeline::build("fan_out", |p| {
         p.add("root", source(), vec![]);
         for i in 0..n {
@@ -46,7 +46,7 @@ pub fn fan_out(n: usize) -> Pipeline {
 
 /// Sums its `n` inputs `x0`..`x{n-1}`.
 #[allow(dead_code)]
-pub fn gather(n: usize) -> SolidDefinition {
+pub(crate) fn gather(n: usize) -> SolidDefinition {
     let mut def = SolidDefinition::new("gather", move |_, mut inputs| {
         let mut sum = 0i64;
         for i in 0..n {
@@ -63,7 +63,7 @@ pub fn gather(n: usize) -> SolidDefinition {
 
 /// One source, `n` leaves consuming it, and one step gathering every leaf (`n + 2` steps).
 #[allow(dead_code)]
-pub fn fan_in(n: usize) -> Pipeline {
+pub(crate) fn fan_in(n: usize) -> Pipeline {
     Pipeline::build("fan_in", |p| {
         p.add("root", source(), vec![]);
         let mut wires = Vec::with_capacity(n);

@@ -19,10 +19,10 @@ def test_requests_get_replies_with_their_id_and_errors_their_kind(out: Collect) 
         "not json",
         json.dumps({"op": "nope", "id": 1}),
         json.dumps({"op": "submit", "id": 2, "key": "k", "command": ["true"]}),
-        json.dumps({"op": "ping", "id": 3}),
+        json.dumps({"op": "release", "id": 3, "keys": []}),
         json.dumps({"op": "release", "id": 4, "keys": ["k"]}),
         json.dumps({"op": "shutdown", "id": 5}),
-        json.dumps({"op": "ping", "id": 6}),
+        json.dumps({"op": "release", "id": 6, "keys": []}),
     ]
     assert server.serve(bridge, out, iter(requests)) == 0  # type: ignore[arg-type]
     kinds = [(m["type"], m.get("id"), m.get("kind")) for m in out.messages]
@@ -30,7 +30,7 @@ def test_requests_get_replies_with_their_id_and_errors_their_kind(out: Collect) 
         ("error", None, "bad_request"),
         ("error", 1, "bad_request"),
         ("error", 2, "not_connected"),
-        ("pong", 3, None),
+        ("released", 3, None),
         ("released", 4, None),
         ("shutdown", 5, None),
     ], "nothing is served after shutdown"

@@ -16,13 +16,10 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use solidflow::prelude::*;
 
-#[path = "fixture/mod.rs"]
-mod fixture;
-use fixture::wait_for;
-use fixture::write_atomic;
+use solidflow::conformance::files::{shared_dir, wait_for, write_atomic};
 
 fn dir() -> PathBuf {
-    fixture::shared_dir("SF_FAULTS_DIR")
+    shared_dir("SF_FAULTS_DIR")
 }
 
 // --- processes a solid leaves behind ----------------------------------------------------

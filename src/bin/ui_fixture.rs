@@ -17,12 +17,10 @@ use solidflow::definition::solid::{Outputs, SolidDefinition};
 use solidflow::definition::types::TypeInfo;
 use solidflow::prelude::*;
 
-#[path = "fixture/mod.rs"]
-mod fixture;
-use fixture::wait_for;
+use solidflow::conformance::files::{shared_dir, wait_for};
 
 fn dir() -> PathBuf {
-    fixture::shared_dir("SF_UI_DIR")
+    shared_dir("SF_UI_DIR")
 }
 
 // --- greet: succeeds, retries once, logs HTML, materializes -------------------------

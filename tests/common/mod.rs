@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The path of a built example binary (`cargo test` builds examples before tests).
-pub fn example_bin(name: &str) -> PathBuf {
+pub(crate) fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
         .parent()
@@ -22,7 +22,7 @@ pub fn example_bin(name: &str) -> PathBuf {
 }
 
 /// A command for example `name` with its own solidflow home.
-pub fn example(name: &str, home: &Path) -> Command {
+pub(crate) fn example(name: &str, home: &Path) -> Command {
     let mut cmd = Command::new(example_bin(name));
     cmd.env("SOLIDFLOW_HOME", home)
         .env("NO_COLOR", "1")
@@ -32,7 +32,7 @@ pub fn example(name: &str, home: &Path) -> Command {
 }
 
 /// Runs a command and returns its output, with stdout/stderr as strings.
-pub fn run(cmd: &mut Command) -> (Output, String, String) {
+pub(crate) fn run(cmd: &mut Command) -> (Output, String, String) {
     let out = cmd.output().expect("spawn example");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -40,7 +40,7 @@ pub fn run(cmd: &mut Command) -> (Output, String, String) {
 }
 
 /// Parses `--json` output: one event per line.
-pub fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+pub(crate) fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
     stdout
         .lines()
         .filter(|l| !l.trim().is_empty())

@@ -23,12 +23,12 @@ use chromiumoxide::{Browser, BrowserConfig, Page};
 use futures_util::StreamExt;
 
 /// Where Debian's chromium package puts the browser.
-pub const CHROMIUM: &str = "/usr/bin/chromium";
+pub(crate) const CHROMIUM: &str = "/usr/bin/chromium";
 /// How long a condition in the page may take.
-pub const DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A headless Chromium with a fresh profile; closed on drop.
-pub struct Chromium {
+pub(crate) struct Chromium {
     pub browser: Browser,
     handler: tokio::task::JoinHandle<()>,
     errors: Arc<Mutex<Vec<String>>>,
@@ -37,7 +37,7 @@ pub struct Chromium {
 
 impl Chromium {
     /// Starts the browser. Panics, naming the fix, when it is not installed.
-    pub async fn launch() -> Self {
+    pub(crate) async fn launch() -> Self {
         assert!(
             Path::new(CHROMIUM).is_file(),
             "the web page tests need Chromium at {CHROMIUM}: install it with `apt-get install -y chromium chromium-driver` (scripts/test.sh does this)"
@@ -71,7 +71,7 @@ impl Chromium {
     }
 
     /// Opens `url` in a new tab and records its console errors.
-    pub async fn open(&self, url: &str) -> Page {
+    pub(crate) async fn open(&self, url: &str) -> Page {
         let page = self
             .browser
             .new_page("about:blank")
@@ -149,18 +149,18 @@ impl Chromium {
     }
 
     /// Every console error, exception and browser log error seen so far.
-    pub fn errors(&self) -> Vec<String> {
+    pub(crate) fn errors(&self) -> Vec<String> {
         self.errors.lock().unwrap().clone()
     }
 
     /// Panics listing every console error, exception and browser log error seen.
-    pub fn assert_no_errors(&self) {
+    pub(crate) fn assert_no_errors(&self) {
         let errors = self.errors();
         assert!(errors.is_empty(), "JavaScript/browser errors: {errors:#?}");
     }
 
     /// Closes the browser and waits for its process.
-    pub async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         let _ = self.browser.close().await;
         let _ = self.browser.wait().await;
         self.handler.abort();
@@ -169,7 +169,7 @@ impl Chromium {
 
 /// Opens the runs list, waits until run `run_id` is listed (it may just be starting),
 /// then goes to its run page.
-pub async fn open_run_page(chromium: &Chromium, url: &str, run_id: &str) -> Page {
+pub(crate) async fn open_run_page(chromium: &Chromium, url: &str, run_id: &str) -> Page {
     let page = chromium.open(&format!("{url}/")).await;
     wait_for(
         &page,
@@ -184,7 +184,7 @@ pub async fn open_run_page(chromium: &Chromium, url: &str, run_id: &str) -> Page
 }
 
 /// Clicks the element `selector` finds (panics naming it when there is none).
-pub async fn click(page: &Page, selector: &str) {
+pub(crate) async fn click(page: &Page, selector: &str) {
     page.find_element(selector)
         .await
         .unwrap_or_else(|e| panic!("no element {selector}: {e}"))
@@ -194,7 +194,7 @@ pub async fn click(page: &Page, selector: &str) {
 }
 
 /// Evaluates `js` (an expression) and returns its JSON value.
-pub async fn eval(page: &Page, js: &str) -> serde_json::Value {
+pub(crate) async fn eval(page: &Page, js: &str) -> serde_json::Value {
     page.evaluate(js)
         .await
         .unwrap_or_else(|e| panic!("evaluating {js}: {e}"))
@@ -203,7 +203,7 @@ pub async fn eval(page: &Page, js: &str) -> serde_json::Value {
 }
 
 /// Polls `js` until it is truthy; panics with `what` and the last value after the deadline.
-pub async fn wait_for(page: &Page, what: &str, js: &str) -> serde_json::Value {
+pub(crate) async fn wait_for(page: &Page, what: &str, js: &str) -> serde_json::Value {
     let deadline = Instant::now() + DEADLINE;
     loop {
         let v = page
@@ -232,7 +232,7 @@ pub async fn wait_for(page: &Page, what: &str, js: &str) -> serde_json::Value {
 }
 
 /// `target/ui-screenshots/<name>.png`.
-pub fn screenshot_path(name: &str) -> PathBuf {
+pub(crate) fn screenshot_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     let target = exe
         .ancestors()
@@ -245,7 +245,7 @@ pub fn screenshot_path(name: &str) -> PathBuf {
 }
 
 /// Saves a full-page screenshot of `page` under `target/ui-screenshots/`.
-pub async fn screenshot(page: &Page, name: &str) {
+pub(crate) async fn screenshot(page: &Page, name: &str) {
     let png = page
         .screenshot(ScreenshotParams::builder().full_page(true).build())
         .await
@@ -254,13 +254,13 @@ pub async fn screenshot(page: &Page, name: &str) {
 }
 
 /// The `ui_fixture` binary with its own solidflow home and coordination dir.
-pub struct Fixture {
+pub(crate) struct Fixture {
     pub home: tempfile::TempDir,
     pub dir: tempfile::TempDir,
 }
 
 impl Fixture {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let fixture = Self {
             home: tempfile::tempdir().expect("home"),
             dir: tempfile::tempdir().expect("dir"),
@@ -279,7 +279,7 @@ impl Fixture {
     }
 
     /// A command for the fixture binary.
-    pub fn command(&self) -> Command {
+    pub(crate) fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ui_fixture"));
         cmd.env("SOLIDFLOW_HOME", self.home.path())
             .env("SF_UI_DIR", self.dir.path())
@@ -289,7 +289,7 @@ impl Fixture {
     }
 
     /// Executes `pipeline` to the end (with filesystem storage) and returns its exit code.
-    pub fn execute(&self, pipeline: &str, run_id: &str) -> i32 {
+    pub(crate) fn execute(&self, pipeline: &str, run_id: &str) -> i32 {
         let status = self
             .spawn_execute(pipeline, run_id)
             .wait()
@@ -298,13 +298,13 @@ impl Fixture {
     }
 
     /// Starts `execute` of `pipeline` (with filesystem storage) in the background.
-    pub fn spawn_execute(&self, pipeline: &str, run_id: &str) -> Child {
+    pub(crate) fn spawn_execute(&self, pipeline: &str, run_id: &str) -> Child {
         self.spawn_execute_with(pipeline, run_id, "fs.yaml")
     }
 
     /// Starts `execute` of `pipeline` with config file `config` (`fs.yaml`: filesystem
     /// storage; `mp.yaml`: that and the multiprocess executor).
-    pub fn spawn_execute_with(&self, pipeline: &str, run_id: &str, config: &str) -> Child {
+    pub(crate) fn spawn_execute_with(&self, pipeline: &str, run_id: &str, config: &str) -> Child {
         let config = self.dir.path().join(config);
         self.command()
             .args(["execute", pipeline, "-c"])
@@ -317,17 +317,17 @@ impl Fixture {
     }
 
     /// Creates the coordination file `name`.
-    pub fn touch(&self, name: &str) {
+    pub(crate) fn touch(&self, name: &str) {
         std::fs::write(self.dir.path().join(name), "").expect("touch");
     }
 
     /// Starts `ui --port 0` and waits for the URL it prints.
-    pub fn ui(&self) -> UiServer {
+    pub(crate) fn ui(&self) -> UiServer {
         self.ui_on(0)
     }
 
     /// Starts `ui --port <port>` (0: any free port) and waits for the URL it prints.
-    pub fn ui_on(&self, port: u16) -> UiServer {
+    pub(crate) fn ui_on(&self, port: u16) -> UiServer {
         let mut child = self
             .command()
             .args(["ui", "--port", &port.to_string()])
@@ -353,7 +353,7 @@ impl Fixture {
 }
 
 /// A running `ui`; killed on drop.
-pub struct UiServer {
+pub(crate) struct UiServer {
     child: Child,
     /// `http://127.0.0.1:PORT` (no trailing slash).
     pub url: String,
@@ -361,7 +361,7 @@ pub struct UiServer {
 
 impl UiServer {
     /// The port it listens on.
-    pub fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.url
             .rsplit(':')
             .next()

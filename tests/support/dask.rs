@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The repository root.
-pub fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The Python interpreter with dask + distributed: `$SOLIDFLOW_PYTHON` or `.venv/bin/python`.
 /// Panics, naming the fix, when it is missing.
-pub fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let python = std::env::var_os("SOLIDFLOW_PYTHON")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
@@ -42,7 +42,7 @@ pub fn python() -> PathBuf {
 }
 
 /// The `dask` command of that venv.
-pub fn dask_cli() -> PathBuf {
+pub(crate) fn dask_cli() -> PathBuf {
     let python = python();
     let dask = python
         .parent()
@@ -58,7 +58,7 @@ pub fn dask_cli() -> PathBuf {
 }
 
 /// A free TCP port on 127.0.0.1 (the listener is closed before returning).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind a free port")
         .local_addr()
@@ -97,7 +97,7 @@ impl Proc {
 
 /// One worker to start: its name and `--resources`.
 #[derive(Debug, Clone, Default)]
-pub struct WorkerSpec {
+pub(crate) struct WorkerSpec {
     /// `--name`.
     pub name: String,
     /// `--resources`, e.g. `GPU=1`.
@@ -111,7 +111,7 @@ pub struct WorkerSpec {
 
 impl WorkerSpec {
     /// A worker with one thread and no resources.
-    pub fn plain(name: &str) -> Self {
+    pub(crate) fn plain(name: &str) -> Self {
         Self {
             name: name.into(),
             resources: None,
@@ -121,7 +121,7 @@ impl WorkerSpec {
     }
 
     /// A worker with one thread and these resources (`"GPU=1"`).
-    pub fn with_resources(name: &str, resources: &str) -> Self {
+    pub(crate) fn with_resources(name: &str, resources: &str) -> Self {
         Self {
             name: name.into(),
             resources: Some(resources.into()),
@@ -131,7 +131,7 @@ impl WorkerSpec {
     }
 
     /// Adds an environment variable for this worker.
-    pub fn env(mut self, key: &str, value: &str) -> Self {
+    pub(crate) fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
         self
     }
@@ -141,7 +141,7 @@ impl WorkerSpec {
 /// `openssl` command in a temporary directory (removed on drop): `server_*` for the
 /// scheduler and workers, `client_*` for a Dask client. Both leaf certificates are for
 /// `127.0.0.1` (IP SAN) and `localhost`.
-pub struct TlsFiles {
+pub(crate) struct TlsFiles {
     /// The CA certificate (PEM).
     pub ca_file: PathBuf,
     /// Certificate of the scheduler and workers (server and client use).
@@ -180,7 +180,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 impl TlsFiles {
     /// Makes a CA (P-256, valid one day) and a server and a client certificate signed
     /// by it. Panics, naming the fix, when `openssl` is missing.
-    pub fn generate() -> Self {
+    pub(crate) fn generate() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("solidflow-dask-tls-")
             .tempdir()
@@ -283,7 +283,7 @@ impl TlsFiles {
 }
 
 /// A running scheduler and its workers.
-pub struct DaskCluster {
+pub(crate) struct DaskCluster {
     scheduler: Proc,
     workers: Vec<(WorkerSpec, Proc, String)>,
     /// `tcp://<host>:<port>` (`tcp://127.0.0.1:<port>` unless started with [`DaskCluster::start_on`],
@@ -341,19 +341,19 @@ fn wait_for_log(proc: &mut Proc, needle: &str, what: &str) -> String {
 impl DaskCluster {
     /// Starts a scheduler and these workers on 127.0.0.1, and waits until every worker
     /// registered.
-    pub fn start(workers: &[WorkerSpec]) -> Self {
+    pub(crate) fn start(workers: &[WorkerSpec]) -> Self {
         Self::start_on("127.0.0.1", workers)
     }
 
     /// Like [`start`](Self::start), with scheduler and workers listening on `host`, which
     /// must be a loopback address (tests never listen elsewhere).
-    pub fn start_on(host: &str, workers: &[WorkerSpec]) -> Self {
+    pub(crate) fn start_on(host: &str, workers: &[WorkerSpec]) -> Self {
         Self::launch(host, workers, None, &[])
     }
 
     /// Like [`start`](Self::start), with `env` set for the scheduler and every worker
     /// (e.g. `TMPDIR`, so a test can check what the cluster's processes leave there).
-    pub fn start_with_env(workers: &[WorkerSpec], env: &[(&str, &Path)]) -> Self {
+    pub(crate) fn start_with_env(workers: &[WorkerSpec], env: &[(&str, &Path)]) -> Self {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.display().to_string()))
@@ -364,7 +364,7 @@ impl DaskCluster {
     /// Like [`start`](Self::start), but scheduler and workers speak TLS (`--protocol tls`)
     /// with the server certificate of `tls`: the address is `tls://127.0.0.1:<port>`,
     /// and clients need the CA and a client certificate of `tls`.
-    pub fn start_tls(tls: &TlsFiles, workers: &[WorkerSpec]) -> Self {
+    pub(crate) fn start_tls(tls: &TlsFiles, workers: &[WorkerSpec]) -> Self {
         Self::launch("127.0.0.1", workers, Some(tls), &[])
     }
 
@@ -432,7 +432,7 @@ impl DaskCluster {
     }
 
     /// Starts one more worker and waits until it registered. Returns its index.
-    pub fn add_worker(&mut self, spec: WorkerSpec) -> usize {
+    pub(crate) fn add_worker(&mut self, spec: WorkerSpec) -> usize {
         let log = self.dir.path().join(format!("worker-{}.log", spec.name));
         let mut cmd = Command::new(dask_cli());
         cmd.args([
@@ -485,22 +485,22 @@ impl DaskCluster {
 
     /// The cache of shipped builds of worker `i` (`$SOLIDFLOW_BIN_CACHE`, unless its
     /// spec sets another): one file per build, named by its sha256.
-    pub fn bin_cache(&self, i: usize) -> PathBuf {
+    pub(crate) fn bin_cache(&self, i: usize) -> PathBuf {
         self.bin_cache_of(&self.workers[i].0.name)
     }
 
     /// The process id of the scheduler.
-    pub fn scheduler_pid(&self) -> u32 {
+    pub(crate) fn scheduler_pid(&self) -> u32 {
         self.scheduler.child.id()
     }
 
     /// The address (`tcp://127.0.0.1:<port>`) of worker `i`.
-    pub fn worker_address(&self, i: usize) -> &str {
+    pub(crate) fn worker_address(&self, i: usize) -> &str {
         &self.workers[i].2
     }
 
     /// Index of the worker named `name`.
-    pub fn worker_named(&self, name: &str) -> usize {
+    pub(crate) fn worker_named(&self, name: &str) -> usize {
         self.workers
             .iter()
             .position(|(s, _, _)| s.name == name)
@@ -509,7 +509,7 @@ impl DaskCluster {
 
     /// The scheduler's dashboard as `tcp://127.0.0.1:<port>` (an HTTP server, not the
     /// scheduler: what a user gets when they give the dashboard's port by mistake).
-    pub fn dashboard_address(&self) -> String {
+    pub(crate) fn dashboard_address(&self) -> String {
         let log = self.scheduler.log_text();
         let line = log
             .lines()
@@ -521,13 +521,13 @@ impl DaskCluster {
     }
 
     /// Kills the scheduler with SIGKILL. Its workers notice and shut down.
-    pub fn kill_scheduler(&mut self) {
+    pub(crate) fn kill_scheduler(&mut self) {
         self.scheduler.kill();
     }
 
     /// Starts the scheduler again on the same address (after [`kill_scheduler`](Self::kill_scheduler)),
     /// as a supervisor such as systemd or Kubernetes would, and waits until it listens.
-    pub fn restart_scheduler(&mut self) {
+    pub(crate) fn restart_scheduler(&mut self) {
         self.scheduler.kill();
         let log = self.dir.path().join("scheduler-restarted.log");
         let mut scheduler = spawn(
@@ -543,12 +543,12 @@ impl DaskCluster {
     }
 
     /// Kills worker `i` (nanny and worker process) with SIGKILL.
-    pub fn kill_worker(&mut self, i: usize) {
+    pub(crate) fn kill_worker(&mut self, i: usize) {
         self.workers[i].1.kill();
     }
 
     /// The logs of the scheduler and every worker, for failure messages.
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut out = format!("--- scheduler ---\n{}", self.scheduler.log_text());
         for (spec, proc, _) in &self.workers {
             out.push_str(&format!(
@@ -561,7 +561,7 @@ impl DaskCluster {
     }
 
     /// Process ids of the scheduler and workers that are still running.
-    pub fn pids(&self) -> Vec<u32> {
+    pub(crate) fn pids(&self) -> Vec<u32> {
         std::iter::once(&self.scheduler)
             .chain(self.workers.iter().map(|(_, p, _)| p))
             .filter(|p| p.alive)
@@ -580,7 +580,7 @@ impl Drop for DaskCluster {
 }
 
 /// Whether a process is running (a zombie counts as exited).
-pub fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit(')')
@@ -591,7 +591,7 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 /// Every descendant process of `pid` (children, grandchildren, ...), from /proc.
-pub fn descendants(pid: u32) -> Vec<u32> {
+pub(crate) fn descendants(pid: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {

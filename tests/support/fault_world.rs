@@ -4,23 +4,22 @@
 //! `faults execute` started in it.
 //!
 //! Include it with `#[path = "support/fault_world.rs"] mod fault_world;` next to
-//! `support/live_run.rs` (as `mod live_run`), `support/outcome.rs` (as `mod outcome`)
-//! and `support/dask.rs` (as `mod dask_support`).
+//! `support/dask.rs` (as `mod dask_support`).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::live_run::LiveRun;
+use solidflow::conformance::executor::LiveRun;
 
 /// One test's directories.
-pub struct World {
+pub(crate) struct World {
     tmp: tempfile::TempDir,
 }
 
 impl World {
     /// Fresh directories (`work/`, `tmp/`) in the test process's temporary directory.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let tmp = tempfile::tempdir().expect("temp dir");
         for dir in ["work", "tmp"] {
             std::fs::create_dir_all(tmp.path().join(dir)).expect("create test dirs");
@@ -29,23 +28,23 @@ impl World {
     }
 
     /// A file in the work directory the solids share with the test.
-    pub fn work(&self, name: &str) -> PathBuf {
+    pub(crate) fn work(&self, name: &str) -> PathBuf {
         self.tmp.path().join("work").join(name)
     }
 
     /// The `$TMPDIR` of every process the test starts (pipeline, scheduler, workers).
-    pub fn tmpdir(&self) -> PathBuf {
+    pub(crate) fn tmpdir(&self) -> PathBuf {
         self.tmp.path().join("tmp")
     }
 
     /// The solidflow home.
-    pub fn home(&self) -> PathBuf {
+    pub(crate) fn home(&self) -> PathBuf {
         self.tmp.path().join("home")
     }
 
     /// Starts `faults execute <pipeline> --json` with the run config `config` (YAML),
     /// in this world's directories.
-    pub fn execute(&self, pipeline: &str, config: &str) -> LiveRun {
+    pub(crate) fn execute(&self, pipeline: &str, config: &str) -> LiveRun {
         let path = self.tmp.path().join(format!("{pipeline}.yaml"));
         std::fs::write(&path, config).expect("write run config");
         let mut command = Command::new(env!("CARGO_BIN_EXE_faults"));
@@ -61,7 +60,7 @@ impl World {
     }
 
     /// The status `faults runs` shows for the newest run in this home.
-    pub fn run_status(&self) -> String {
+    pub(crate) fn run_status(&self) -> String {
         let out = Command::new(env!("CARGO_BIN_EXE_faults"))
             .arg("runs")
             .env("SOLIDFLOW_HOME", self.home())
@@ -75,7 +74,7 @@ impl World {
 
     /// Asserts that nothing of solidflow's is left in `$TMPDIR` after `fault` (what Dask
     /// keeps there, its `dask-scratch-space`, is Dask's and is listed only).
-    pub fn assert_tmpdir_clean(&self, fault: &str) {
+    pub(crate) fn assert_tmpdir_clean(&self, fault: &str) {
         let mut entries = Vec::new();
         list(&self.tmpdir(), &self.tmpdir(), &mut entries);
         let leftovers: Vec<&String> = entries

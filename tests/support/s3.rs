@@ -26,12 +26,12 @@ use std::time::{Duration, Instant};
 use solidflow::storage::{S3Config, S3Credentials, S3Storage};
 
 /// The access key id the test server accepts.
-pub const ACCESS_KEY: &str = "solidflow-test-access";
+pub(crate) const ACCESS_KEY: &str = "solidflow-test-access";
 /// The secret the test server accepts.
-pub const SECRET_KEY: &str = "solidflow-test-secret-5f2a9c";
+pub(crate) const SECRET_KEY: &str = "solidflow-test-secret-5f2a9c";
 
 /// A running s3s-fs server.
-pub struct S3Server {
+pub(crate) struct S3Server {
     child: Child,
     addr: SocketAddr,
     root: tempfile::TempDir,
@@ -39,7 +39,7 @@ pub struct S3Server {
 }
 
 /// Where the s3s-fs binary is expected.
-pub fn s3s_fs_binary() -> PathBuf {
+pub(crate) fn s3s_fs_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("SOLIDFLOW_S3S_FS") {
         return PathBuf::from(path);
     }
@@ -48,7 +48,7 @@ pub fn s3s_fs_binary() -> PathBuf {
 
 impl S3Server {
     /// Starts a server with an empty root, waiting (with a deadline) until it accepts connections.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let binary = s3s_fs_binary();
         assert!(
             binary.is_file(),
@@ -92,20 +92,20 @@ impl S3Server {
     }
 
     /// `http://127.0.0.1:<port>`.
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Stops the server (SIGKILL), as an outage: connections are refused until
     /// [`restart`](Self::restart). Data and port are kept.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// Starts the server again on the same port with the same data, waiting (with a
     /// deadline) until it accepts connections.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.stop();
         self.child = spawn_server(
             &s3s_fs_binary(),
@@ -118,28 +118,28 @@ impl S3Server {
     }
 
     /// The listening address.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// The server's data directory (one subdirectory per bucket).
-    pub fn data_dir(&self) -> PathBuf {
+    pub(crate) fn data_dir(&self) -> PathBuf {
         self.root.path().join("data")
     }
 
     /// Creates bucket `name` (for s3s-fs, a directory in its root).
-    pub fn create_bucket(&self, name: &str) {
+    pub(crate) fn create_bucket(&self, name: &str) {
         std::fs::create_dir_all(self.data_dir().join(name)).expect("create bucket directory");
     }
 
     /// Settings for `bucket` on this server with the right credentials, small parts (so
     /// multipart is exercised by modest values) and quick retries.
-    pub fn config(&self, bucket: &str) -> S3Config {
+    pub(crate) fn config(&self, bucket: &str) -> S3Config {
         self.config_via(bucket, &self.endpoint())
     }
 
     /// Like [`config`](Self::config), but talking to `endpoint` (e.g. a [`FaultProxy`]).
-    pub fn config_via(&self, bucket: &str, endpoint: &str) -> S3Config {
+    pub(crate) fn config_via(&self, bucket: &str, endpoint: &str) -> S3Config {
         let mut config = S3Config::new(bucket);
         config.endpoint_url = Some(endpoint.to_owned());
         config.allow_http = true;
@@ -153,13 +153,13 @@ impl S3Server {
     }
 
     /// A storage on a fresh bucket `bucket`.
-    pub fn storage(&self, bucket: &str) -> S3Storage {
+    pub(crate) fn storage(&self, bucket: &str) -> S3Storage {
         self.create_bucket(bucket);
         S3Storage::new(self.config(bucket)).expect("S3 storage")
     }
 
     /// What the server logged so far (for assertion messages).
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -228,7 +228,7 @@ fn wait_until_listening(
 
 /// How a [`FaultProxy`] fails a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     /// Answer `503 Slow Down`, as S3 does when throttling.
     SlowDown,
     /// Read the request, then close the connection without answering.
@@ -238,7 +238,7 @@ pub enum Fault {
 /// A TCP proxy in front of an [`S3Server`] that fails the first `failures` requests it sees
 /// (or every request, with `usize::MAX`), then forwards everything. One request per
 /// connection: every response is sent with `Connection: close`.
-pub struct FaultProxy {
+pub(crate) struct FaultProxy {
     addr: SocketAddr,
     faults_served: Arc<AtomicUsize>,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -246,7 +246,7 @@ pub struct FaultProxy {
 
 impl FaultProxy {
     /// Starts the proxy on a free loopback port.
-    pub fn start(upstream: SocketAddr, fault: Fault, failures: usize) -> Self {
+    pub(crate) fn start(upstream: SocketAddr, fault: Fault, failures: usize) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let faults_served = Arc::new(AtomicUsize::new(0));
@@ -272,12 +272,12 @@ impl FaultProxy {
     }
 
     /// `http://127.0.0.1:<port>`.
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// How many requests were failed so far.
-    pub fn faults_served(&self) -> usize {
+    pub(crate) fn faults_served(&self) -> usize {
         self.faults_served.load(Ordering::SeqCst)
     }
 }

@@ -22,6 +22,11 @@ pub mod ui;
 
 pub use solidflow_macros::solid;
 
+// `#[solid]` expands to `::solidflow::...` paths; the conformance pipelines are solids
+// written inside this crate.
+#[cfg(feature = "conformance")]
+extern crate self as solidflow;
+
 /// The Arrow crates [`Table`](definition::table::Table) is made of, re-exported so that a
 /// pipeline builds its record batches with the same versions.
 pub mod arrow {

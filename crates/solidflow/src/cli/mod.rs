@@ -5,7 +5,6 @@
 
 mod console;
 mod runs;
-pub(crate) mod schema_text;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -284,7 +283,7 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
                     serde_json::to_string_pretty(&schema).expect("schema serializes")
                 );
             } else {
-                out!("{}", schema_text::render(&schema));
+                out!("{}", crate::config::schema_text::render(&schema));
             }
             Ok(EXIT_SUCCESS)
         }),

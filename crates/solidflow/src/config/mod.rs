@@ -5,6 +5,7 @@ pub mod error;
 pub mod json_schema;
 pub mod run_config;
 pub mod schema;
+pub(crate) mod schema_text;
 pub mod source;
 pub mod validate;
 

@@ -27,6 +27,10 @@ use crate::plan::{ExecutionPlan, StepKey};
 /// The protocol version; parent and child must agree.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Set on step processes to the parent's pid; step mode then dies with its parent.
+/// (Also at [`crate::executor::PARENT_PID_ENV`], where the launchers that set it live.)
+pub const PARENT_PID_ENV: &str = "SOLIDFLOW_PARENT_PID";
+
 /// Everything a step process needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepInvocation {

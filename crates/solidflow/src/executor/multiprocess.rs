@@ -47,8 +47,7 @@ use crate::execution::launcher::{
 };
 use crate::execution::scheduler::{Resources, check_resources};
 
-/// Set on step processes to the parent's pid; step mode then dies with its parent.
-pub const PARENT_PID_ENV: &str = "SOLIDFLOW_PARENT_PID";
+pub use crate::execution::protocol::PARENT_PID_ENV;
 
 /// How long canceled steps get between SIGTERM and SIGKILL by default.
 pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(2);

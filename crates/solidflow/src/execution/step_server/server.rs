@@ -237,7 +237,7 @@ fn spawn_step(invocation: &StepInvocation, out: OwnedFd, err: OwnedFd) -> Result
         .stderr(Stdio::from(err))
         .process_group(0)
         .env(
-            crate::executor::PARENT_PID_ENV,
+            crate::execution::protocol::PARENT_PID_ENV,
             std::process::id().to_string(),
         )
         .spawn()

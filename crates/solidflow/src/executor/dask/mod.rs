@@ -1,7 +1,7 @@
 //! `dask`: every step attempt runs as one Dask task on a local or remote cluster.
 //!
 //! Dask's client protocol is pickled Python, so this executor drives a small Python
-//! program, the [`bridge`], over JSON lines (see `docs/dask-bridge.md`). The
+//! program, the bridge (`bridge/`), over JSON lines (see `docs/dask-bridge.md`). The
 //! executor itself is the shared run loop of out-of-process executors
 //! ([`run_steps`]) with a Dask [`StepLauncher`]: a step goes to Dask only once its
 //! upstream steps succeeded, so dependents of a failure are never submitted, retries
@@ -32,12 +32,13 @@
 //! [`StepInvocation`]: crate::execution::protocol::StepInvocation
 
 mod address;
-pub mod bridge;
+pub(crate) mod bridge;
 mod config;
 mod launcher;
 mod placement;
 mod run;
 
+pub use self::bridge::{AdaptSpec, ClusterKind, ClusterSpec, TlsConfig};
 pub use self::config::{DaskConfig, config_schema};
 pub use self::placement::critical_path;
 
@@ -45,7 +46,6 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use self::bridge::ClusterKind;
 use super::{ExecutionContext, Executor, ExecutorDefinition, ExecutorError};
 use crate::execution::launcher::check_reach;
 use crate::execution::scheduler::{Summary, check_resources};

@@ -6,7 +6,7 @@ use axum::response::Response;
 use maud::html;
 
 use super::{layout, message_page, respond};
-use crate::cli::schema_text;
+use crate::config::schema_text;
 use crate::config::{RunConfig, run_config_schema};
 use crate::plan::ExecutionPlan;
 use crate::ui::{AppState, dag};

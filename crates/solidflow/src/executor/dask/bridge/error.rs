@@ -8,7 +8,7 @@ use super::{BridgeMessage, ErrorKind, PROTOCOL_VERSION};
 
 /// Errors of the bridge client. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
-pub enum BridgeError {
+pub(crate) enum BridgeError {
     /// The interpreter could not be found.
     #[error(
         "Python interpreter `{}` not found ({source}); the Dask executor needs Python 3.10+ \

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 /// The bridge's first message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ReadyInfo {
+pub(crate) struct ReadyInfo {
     /// Protocol version.
     pub protocol: u32,
     /// Python version.
@@ -25,7 +25,7 @@ pub struct ReadyInfo {
 
 /// A Dask worker as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkerInfo {
+pub(crate) struct WorkerInfo {
     /// `tcp://host:port`.
     pub address: String,
     /// Resources it offers.
@@ -40,7 +40,7 @@ pub struct WorkerInfo {
 
 /// Reply to `connect`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ConnectedInfo {
+pub(crate) struct ConnectedInfo {
     /// Scheduler address.
     pub scheduler: String,
     /// Dashboard URL, if any.
@@ -53,7 +53,7 @@ pub struct ConnectedInfo {
 
 /// Final message of a task whose command ran to the end.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskDone {
+pub(crate) struct TaskDone {
     /// The key.
     pub key: String,
     /// Exit code, or `None` if killed by a signal.
@@ -74,17 +74,10 @@ pub struct TaskDone {
     pub log_files: BTreeMap<String, String>,
 }
 
-impl TaskDone {
-    /// Exit code 0 and no signal.
-    pub fn success(&self) -> bool {
-        self.exit_code == Some(0) && self.signal.is_none()
-    }
-}
-
 /// Why a task failed without its command finishing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum FailureReason {
+pub(crate) enum FailureReason {
     /// Its worker died (more often than `allowed_failures`).
     WorkerLost,
     /// Canceled (by `cancel`, or by Dask).
@@ -103,7 +96,7 @@ pub enum FailureReason {
 /// What kind of request failed (an `error` message's `kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// The request was malformed (unknown op, missing field, duplicate key).
     BadRequest,
     /// `connect` has not succeeded yet.
@@ -139,7 +132,7 @@ impl std::fmt::Display for ErrorKind {
 
 /// Final message of a task that failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskFailed {
+pub(crate) struct TaskFailed {
     /// The key.
     pub key: String,
     /// Category.
@@ -154,7 +147,7 @@ pub struct TaskFailed {
 /// Which output stream a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Stream {
+pub(crate) enum Stream {
     /// The step's stdout.
     #[default]
     Stdout,
@@ -164,7 +157,7 @@ pub enum Stream {
 
 /// Reply to `upload_binary`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Uploaded {
+pub(crate) struct Uploaded {
     /// Content hash.
     pub sha256: String,
     /// Path on the workers, if the same on all of them.
@@ -193,7 +186,7 @@ pub struct Uploaded {
 /// the request methods.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum BridgeMessage {
+pub(crate) enum BridgeMessage {
     /// The bridge started.
     Ready(ReadyInfo),
     /// Reply to `connect`.
@@ -266,13 +259,6 @@ pub enum BridgeMessage {
     },
     /// Reply to `upload_binary`.
     Uploaded(Uploaded),
-    /// Reply to `workers`.
-    Workers {
-        /// Current workers.
-        workers: Vec<WorkerInfo>,
-    },
-    /// Reply to `ping`.
-    Pong,
     /// Reply to `shutdown`.
     Shutdown,
     /// A request failed.
@@ -299,7 +285,7 @@ pub enum BridgeMessage {
 
 impl BridgeMessage {
     /// The task key, for task events.
-    pub fn key(&self) -> Option<&str> {
+    pub(crate) fn key(&self) -> Option<&str> {
         match self {
             Self::Started { key, .. }
             | Self::Line { key, .. }
@@ -313,7 +299,7 @@ impl BridgeMessage {
     }
 
     /// Whether this is the last message for its key (`done` or `failed`).
-    pub fn is_final(&self) -> bool {
+    pub(crate) fn is_final(&self) -> bool {
         matches!(self, Self::Done(_) | Self::Failed(_))
     }
 

@@ -37,14 +37,14 @@ mod requests;
 #[cfg(test)]
 mod tests;
 
-pub use self::error::BridgeError;
-pub use self::messages::{
-    BridgeMessage, ConnectedInfo, ErrorKind, FailureReason, ReadyInfo, Stream, TaskDone,
-    TaskFailed, Uploaded, WorkerInfo,
+pub(crate) use self::error::BridgeError;
+pub(crate) use self::messages::{
+    BridgeMessage, ConnectedInfo, ErrorKind, FailureReason, ReadyInfo, Stream, TaskDone, Uploaded,
+    WorkerInfo,
 };
-pub use self::requests::{
-    AdaptSpec, ClusterKind, ClusterSpec, ConnectRequest, Request, SubmitRequest, TlsConfig,
-    WarmTask, WorkerResources,
+pub use self::requests::{AdaptSpec, ClusterKind, ClusterSpec, TlsConfig};
+pub(crate) use self::requests::{
+    ConnectRequest, Request, SubmitRequest, WarmTask, WorkerResources,
 };
 
 use std::collections::{BTreeMap, HashMap};
@@ -63,7 +63,7 @@ use self::process::{Tail, tail_text};
 
 /// The bridge's Python package: `(file name, source)` of each module of
 /// `solidflow_dask_bridge`.
-pub const PACKAGE: &[(&str, &str)] = &[
+pub(crate) const PACKAGE: &[(&str, &str)] = &[
     (
         "__init__.py",
         include_str!("solidflow_dask_bridge/__init__.py"),
@@ -101,17 +101,17 @@ pub const PACKAGE: &[(&str, &str)] = &[
 
 /// Version of the JSON-lines protocol this client speaks (the bridge's `ready`
 /// message must report the same).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
 
 /// Environment variable naming the Python interpreter for the bridge, used when the
 /// executor config has no `python:`.
-pub const PYTHON_ENV_VAR: &str = "SOLIDFLOW_PYTHON";
+pub(crate) const PYTHON_ENV_VAR: &str = "SOLIDFLOW_PYTHON";
 
 /// Extra time, beyond a request's own Dask timeout, that a reply may take.
 const REPLY_MARGIN: Duration = Duration::from_secs(30);
 
 /// The interpreter to use when none is configured: `$SOLIDFLOW_PYTHON`, else `python3`.
-pub fn default_python() -> PathBuf {
+pub(crate) fn default_python() -> PathBuf {
     std::env::var_os(PYTHON_ENV_VAR)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
@@ -120,7 +120,7 @@ pub fn default_python() -> PathBuf {
 
 /// How to start the bridge.
 #[derive(Debug, Clone)]
-pub struct BridgeOptions {
+pub(crate) struct BridgeOptions {
     /// Python interpreter with `distributed` installed.
     pub python: PathBuf,
     /// Extra interpreter arguments, placed before the program (e.g. `-X dev`).
@@ -152,7 +152,7 @@ impl Default for BridgeOptions {
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<BridgeMessage>>>>;
 
 /// A running bridge process. See the module docs.
-pub struct Bridge {
+pub(crate) struct Bridge {
     python: PathBuf,
     stdin: tokio::sync::Mutex<Option<ChildStdin>>,
     pending: Pending,
@@ -175,24 +175,19 @@ impl std::fmt::Debug for Bridge {
 }
 impl Bridge {
     /// Versions and pid reported by the bridge at startup.
-    pub fn info(&self) -> &ReadyInfo {
+    pub(crate) fn info(&self) -> &ReadyInfo {
         &self.ready
     }
 
-    /// The interpreter running the bridge.
-    pub fn python(&self) -> &Path {
-        &self.python
-    }
-
     /// Last lines of the bridge's stderr.
-    pub fn stderr_tail(&self) -> String {
+    pub(crate) fn stderr_tail(&self) -> String {
         tail_text(&self.stderr_tail)
     }
 
     /// Sends a raw request (an object with `"op"`; an `"id"` is added) and waits up
     /// to `timeout` for the reply with that id. Error replies become
     /// [`BridgeError::Remote`] (or a more specific variant).
-    pub async fn request(
+    pub(crate) async fn request(
         &self,
         mut request: Value,
         timeout: Duration,
@@ -257,7 +252,10 @@ impl Bridge {
     }
 
     /// Creates or joins a cluster (see [`ConnectRequest`]).
-    pub async fn connect(&self, request: &ConnectRequest) -> Result<ConnectedInfo, BridgeError> {
+    pub(crate) async fn connect(
+        &self,
+        request: &ConnectRequest,
+    ) -> Result<ConnectedInfo, BridgeError> {
         let dask_timeout = Duration::from_secs_f64(request.timeout.unwrap_or(30.0).max(0.0));
         let value = Request::Connect(request).to_value();
         // A cluster manager may wait for its scheduler and then for workers.
@@ -282,24 +280,15 @@ impl Bridge {
         }
     }
 
-    /// Submits one task. Returns once the bridge accepted it; everything that happens
-    /// to it (including an immediate `failed` for unsatisfiable resources or unknown
-    /// deps) arrives on the event receiver.
-    pub async fn submit(&self, request: &SubmitRequest) -> Result<(), BridgeError> {
-        let value = Request::Submit(request).to_value();
-        match self.request(value, self.request_timeout).await? {
-            BridgeMessage::Submitted { .. } | BridgeMessage::Failed(_) => Ok(()),
-            other => Err(BridgeError::UnexpectedReply {
-                op: "submit".into(),
-                reply: Box::new(other),
-            }),
-        }
-    }
-
-    /// Submits several tasks at once: all requests are written before the first
-    /// reply is awaited, so the bridge works through them without a round trip per
-    /// task. One result per request, in order (see [`Bridge::submit`]).
-    pub async fn submit_many(&self, requests: &[SubmitRequest]) -> Vec<Result<(), BridgeError>> {
+    /// Submits tasks: all requests are written before the first reply is awaited, so
+    /// the bridge works through them without a round trip per task. One result per
+    /// request, in order; `Ok` once the bridge accepted the task. Everything that
+    /// happens to it (including an immediate `failed` for unsatisfiable resources)
+    /// arrives on the event receiver.
+    pub(crate) async fn submit_many(
+        &self,
+        requests: &[SubmitRequest],
+    ) -> Vec<Result<(), BridgeError>> {
         let mut bytes = Vec::new();
         let mut waiting = Vec::with_capacity(requests.len());
         for request in requests {
@@ -346,7 +335,7 @@ impl Bridge {
     /// Cancels tasks and kills their running processes (SIGTERM to the process
     /// group, SIGKILL after `grace`). Returns the keys whose process was killed, with
     /// the worker. Each canceled task also gets `failed` / `canceled` on the receiver.
-    pub async fn cancel(
+    pub(crate) async fn cancel(
         &self,
         keys: &[String],
         grace: Duration,
@@ -365,8 +354,8 @@ impl Bridge {
         }
     }
 
-    /// Forgets finished tasks so Dask can release them. They can no longer be deps.
-    pub async fn release(&self, keys: &[String]) -> Result<(), BridgeError> {
+    /// Forgets finished tasks so Dask can release them.
+    pub(crate) async fn release(&self, keys: &[String]) -> Result<(), BridgeError> {
         let value = Request::Release { keys }.to_value();
         match self.request(value, self.request_timeout).await? {
             BridgeMessage::Released { .. } => Ok(()),
@@ -381,7 +370,7 @@ impl Bridge {
     /// is asked first and receives it only when it does not hold it already; it keeps
     /// the `keep` most recently used builds, and a worker fetches a build from it when
     /// a task first needs it. Use [`Uploaded::command0`] as `command[0]` to run it.
-    pub async fn upload_binary(
+    pub(crate) async fn upload_binary(
         &self,
         path: &Path,
         sha256: Option<&str>,
@@ -400,38 +389,10 @@ impl Bridge {
         }
     }
 
-    /// The workers connected to the scheduler now.
-    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, BridgeError> {
-        match self
-            .request(Request::Workers.to_value(), self.request_timeout)
-            .await?
-        {
-            BridgeMessage::Workers { workers } => Ok(workers),
-            other => Err(BridgeError::UnexpectedReply {
-                op: "workers".into(),
-                reply: Box::new(other),
-            }),
-        }
-    }
-
-    /// Round trip to the bridge.
-    pub async fn ping(&self) -> Result<(), BridgeError> {
-        match self
-            .request(Request::Ping.to_value(), self.request_timeout)
-            .await?
-        {
-            BridgeMessage::Pong => Ok(()),
-            other => Err(BridgeError::UnexpectedReply {
-                op: "ping".into(),
-                reply: Box::new(other),
-            }),
-        }
-    }
-
     /// Kills running steps, closes the client (and the cluster, if the bridge
     /// created it) and waits for the bridge to exit; kills it if it takes longer
     /// than `timeout`.
-    pub async fn shutdown(self, timeout: Duration) -> Result<(), BridgeError> {
+    pub(crate) async fn shutdown(self, timeout: Duration) -> Result<(), BridgeError> {
         self.expected_exit.store(true, Ordering::SeqCst);
         let reply = self.request(Request::Shutdown.to_value(), timeout).await;
         let mut exit = self.exit.clone();
@@ -452,7 +413,7 @@ impl Bridge {
     }
 
     /// Kills the bridge process at once (no cleanup of a created cluster).
-    pub fn kill(&self) {
+    pub(crate) fn kill(&self) {
         self.expected_exit.store(true, Ordering::SeqCst);
         if let Some(tx) = self.kill.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = tx.send(());

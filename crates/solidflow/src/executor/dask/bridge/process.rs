@@ -44,7 +44,7 @@ impl Bridge {
     ///
     /// Returns the handle and the receiver of task events (and, at the end,
     /// [`BridgeMessage::Exited`]).
-    pub async fn spawn(
+    pub(crate) async fn spawn(
         options: BridgeOptions,
     ) -> Result<(Bridge, mpsc::UnboundedReceiver<BridgeMessage>), BridgeError> {
         let python = options.python.clone();

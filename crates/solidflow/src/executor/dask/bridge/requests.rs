@@ -75,7 +75,7 @@ pub struct TlsConfig {
 /// Resources of the workers of a created local cluster.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
-pub enum WorkerResources {
+pub(crate) enum WorkerResources {
     /// The same resources on every worker.
     Uniform(BTreeMap<String, f64>),
     /// One map per worker (creates that many workers).
@@ -85,7 +85,7 @@ pub enum WorkerResources {
 /// `connect`: create a cluster or join one. All fields are optional; the default
 /// creates a LocalCluster with Dask's default size.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct ConnectRequest {
+pub(crate) struct ConnectRequest {
     /// Scheduler address (`tcp://...`, `tls://...`) of an existing cluster.
     pub address: Option<String>,
     /// Seconds to wait for the scheduler (and for `wait_for_workers`).
@@ -112,7 +112,7 @@ pub struct ConnectRequest {
 
 /// `submit`: run one command as a Dask task.
 #[derive(Debug, Clone, Serialize)]
-pub struct SubmitRequest {
+pub(crate) struct SubmitRequest {
     /// Unique Dask key (include run id and attempt).
     pub key: String,
     /// argv. `command[0]` may be `{uploaded:<sha256>}` (see [`Bridge::upload_binary`](super::Bridge::upload_binary)).
@@ -149,7 +149,7 @@ pub struct SubmitRequest {
 
 /// How a worker recycles its warm step servers (`submit`'s `warm`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct WarmTask {
+pub(crate) struct WarmTask {
     /// Replace a server after this many steps (0: never).
     pub max_steps: u64,
     /// Replace a server whose resident memory exceeds this many MB (0: no limit).
@@ -158,7 +158,11 @@ pub struct WarmTask {
 
 impl SubmitRequest {
     /// A request with no stdin, env or resources.
-    pub fn new(key: impl Into<String>, command: Vec<String>, log_topic: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        key: impl Into<String>,
+        command: Vec<String>,
+        log_topic: impl Into<String>,
+    ) -> Self {
         Self {
             key: key.into(),
             command,
@@ -178,7 +182,7 @@ impl SubmitRequest {
 /// One request, as it goes on the wire (tagged by `op`; the client adds `id`).
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request<'a> {
+pub(crate) enum Request<'a> {
     /// Create or join a cluster.
     Connect(&'a ConnectRequest),
     /// Run one command as a Dask task.
@@ -205,31 +209,13 @@ pub enum Request<'a> {
         /// How many builds the scheduler keeps.
         keep: u32,
     },
-    /// The workers connected now.
-    Workers,
-    /// A round trip.
-    Ping,
     /// Clean up and exit.
     Shutdown,
 }
 
 impl Request<'_> {
-    /// The request's op, for error messages.
-    pub fn op(&self) -> &'static str {
-        match self {
-            Self::Connect(_) => "connect",
-            Self::Submit(_) => "submit",
-            Self::Cancel { .. } => "cancel",
-            Self::Release { .. } => "release",
-            Self::UploadBinary { .. } => "upload_binary",
-            Self::Workers => "workers",
-            Self::Ping => "ping",
-            Self::Shutdown => "shutdown",
-        }
-    }
-
     /// The wire form without `id`.
-    pub fn to_value(&self) -> Value {
+    pub(crate) fn to_value(&self) -> Value {
         serde_json::to_value(self).expect("requests serialize")
     }
 }

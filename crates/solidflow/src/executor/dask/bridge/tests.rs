@@ -43,6 +43,18 @@ async fn next_final(
     }
 }
 
+/// Submits one task and waits until the bridge accepted it.
+async fn submit(bridge: &Bridge, request: SubmitRequest) {
+    for accepted in bridge.submit_many(&[request]).await {
+        accepted.expect("the bridge accepts the task");
+    }
+}
+
+/// Exit code 0 and no signal.
+fn succeeded(done: &TaskDone) -> bool {
+    done.exit_code == Some(0) && done.signal.is_none()
+}
+
 fn sh(script: &str) -> Vec<String> {
     vec!["sh".into(), "-c".into(), script.into()]
 }
@@ -76,14 +88,11 @@ async fn local_cluster_lines_resources_cancel_shutdown() {
     let mut seen = Vec::new();
 
     // live lines arrive before done, a second apart
-    bridge
-        .submit(&SubmitRequest::new(
-            "t-live",
-            sh("echo a; sleep 1; echo b"),
-            "t",
-        ))
-        .await
-        .unwrap();
+    submit(
+        &bridge,
+        SubmitRequest::new("t-live", sh("echo a; sleep 1; echo b"), "t"),
+    )
+    .await;
     let mut times = Vec::new();
     let done = loop {
         let msg = rx.recv().await.unwrap();
@@ -110,26 +119,27 @@ async fn local_cluster_lines_resources_cancel_shutdown() {
     let BridgeMessage::Done(done) = done else {
         panic!("expected done, got {done:?}")
     };
-    assert!(done.success(), "{done:?}");
+    assert!(succeeded(&done), "{done:?}");
 
     // GPU task on the GPU worker
     let mut req = SubmitRequest::new("t-gpu", sh("echo gpu"), "t");
     req.resources.insert("GPU".into(), 1.0);
-    bridge.submit(&req).await.unwrap();
+    submit(&bridge, req).await;
     match next_final(&mut rx, &mut seen, "t-gpu").await {
         BridgeMessage::Done(d) => assert_eq!(d.worker, gpu),
         other => panic!("{other:?}"),
     }
 
     // a command that cannot start says so with its own reason code
-    bridge
-        .submit(&SubmitRequest::new(
+    submit(
+        &bridge,
+        SubmitRequest::new(
             "t-missing",
             vec!["/nonexistent/solidflow-binary".into()],
             "t",
-        ))
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     match next_final(&mut rx, &mut seen, "t-missing").await {
         BridgeMessage::Failed(f) => {
             assert_eq!(f.reason, FailureReason::NotStarted, "{f:?}");
@@ -140,16 +150,13 @@ async fn local_cluster_lines_resources_cancel_shutdown() {
 
     // done when the process exits, even if a child it left behind holds stderr
     let started = std::time::Instant::now();
-    bridge
-        .submit(&SubmitRequest::new(
-            "t-orphan",
-            sh("sleep 60 >/dev/null & echo left"),
-            "t",
-        ))
-        .await
-        .unwrap();
+    submit(
+        &bridge,
+        SubmitRequest::new("t-orphan", sh("sleep 60 >/dev/null & echo left"), "t"),
+    )
+    .await;
     match next_final(&mut rx, &mut seen, "t-orphan").await {
-        BridgeMessage::Done(d) => assert!(d.success(), "{d:?}"),
+        BridgeMessage::Done(d) => assert!(succeeded(&d), "{d:?}"),
         other => panic!("{other:?}"),
     }
     assert!(
@@ -159,14 +166,11 @@ async fn local_cluster_lines_resources_cancel_shutdown() {
     );
 
     // cancel kills the running process
-    bridge
-        .submit(&SubmitRequest::new(
-            "t-cancel",
-            sh("echo go; exec sleep 300"),
-            "t",
-        ))
-        .await
-        .unwrap();
+    submit(
+        &bridge,
+        SubmitRequest::new("t-cancel", sh("echo go; exec sleep 300"), "t"),
+    )
+    .await;
     let pid = loop {
         match rx.recv().await.unwrap() {
             BridgeMessage::Started { key, pid, .. } if key == "t-cancel" => break pid.unwrap(),
@@ -281,8 +285,8 @@ async fn unreachable_scheduler_names_the_address() {
         "{err:?}"
     );
     assert!(err.to_string().contains(&address), "{err}");
-    // still serving
-    bridge.ping().await.unwrap();
+    // still serving: a request gets its reply
+    bridge.release(&[]).await.unwrap();
     bridge.shutdown(Duration::from_secs(30)).await.unwrap();
 }
 
@@ -307,6 +311,6 @@ async fn dead_bridge_is_reported_with_stderr() {
         }
         other => panic!("{other:?}"),
     }
-    let err = bridge.ping().await.unwrap_err();
+    let err = bridge.release(&[]).await.unwrap_err();
     assert!(matches!(err, BridgeError::BridgeDied { .. }), "{err:?}");
 }

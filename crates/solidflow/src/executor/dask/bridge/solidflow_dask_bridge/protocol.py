@@ -181,15 +181,6 @@ class Uploaded(TypedDict):
     evicted: list[str]
 
 
-class Workers(TypedDict):
-    type: Literal["workers"]
-    workers: list[WorkerInfo]
-
-
-class Pong(TypedDict):
-    type: Literal["pong"]
-
-
 class Shutdown(TypedDict):
     type: Literal["shutdown"]
 
@@ -216,8 +207,6 @@ MESSAGES: dict[str, type] = {
     "canceled": Canceled,
     "released": Released,
     "uploaded": Uploaded,
-    "workers": Workers,
-    "pong": Pong,
     "shutdown": Shutdown,
     "error": Error,
 }
@@ -229,8 +218,6 @@ OPS: tuple[str, ...] = (
     "cancel",
     "release",
     "upload_binary",
-    "workers",
-    "ping",
     "shutdown",
 )
 

@@ -168,9 +168,6 @@ class Bridge:
                 reply["id"] = req["id"]
             self.emit(reply)
 
-    def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "pong"}
-
     def op_connect(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.client is not None:
             raise BridgeError("already_connected", "the bridge is already connected")
@@ -357,9 +354,6 @@ class Bridge:
             # The scheduler's copies of delivered events (topics.py).
             self.client.run_on_scheduler(topics.truncate, sorted(self.topics))
         return {"type": "released", "keys": keys}
-
-    def op_workers(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "workers", "workers": self.workers()}
 
     def op_upload_binary(self, req: dict[str, Any]) -> dict[str, Any]:
         """Ships a build once: the scheduler is asked first and keeps the last few

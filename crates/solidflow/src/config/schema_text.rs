@@ -1,4 +1,4 @@
-//! Renders a config schema as annotated YAML for `config-schema`.
+//! Renders a config schema as annotated YAML: `config-schema` and the web page.
 
 use crate::config::schema::{ConfigType, Field};
 

@@ -1,10 +1,6 @@
-//! Test helper: a pipeline binary running `execute ... --json` in its own process group,
-//! with its events read live, so a test can wait for a moment and then break something
-//! (kill a process by pid, interrupt the group, stop a server).
-//!
-//! Include it with `#[path = "support/live_run.rs"] mod live_run;` next to
-//! `support/outcome.rs` (as `mod outcome`).
-#![allow(dead_code)]
+//! A pipeline binary running `execute ... --json` in its own process group, with its
+//! events read live, so a test can wait for a moment and then break something (kill a
+//! process by pid, interrupt the group, stop a server); and checks that a process is gone.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -14,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::outcome::Outcome;
+use super::outcome::Outcome;
 
 /// Generous upper bound for one run; a hang fails the test instead of blocking CI.
 pub const RUN_DEADLINE: Duration = Duration::from_secs(180);

@@ -1,6 +1,5 @@
 //! The result of running a pipeline binary with `--json`: exit code, events and output,
-//! with helpers for assertions and failure messages. Shared by the CLI-driven tests.
-#![allow(dead_code)]
+//! with helpers for assertions and failure messages.
 
 use std::time::Duration;
 
@@ -72,5 +71,43 @@ impl Outcome {
             .map(|e| e["message"].as_str().unwrap_or_default().to_string())
             .collect();
         format!("{}\n{}", failures.join("\n"), self.stderr)
+    }
+
+    /// The events of one type for one step (`"total.compute"`), in order.
+    pub fn step<'a>(&'a self, step: &str, event_type: &'a str) -> Vec<&'a Value> {
+        self.of_type(event_type)
+            .filter(|e| e["step_key"] == step)
+            .collect()
+    }
+
+    /// The one event of a type for a step; panics, listing the events, if there is not
+    /// exactly one.
+    pub fn one<'a>(&'a self, step: &str, event_type: &'a str) -> &'a Value {
+        let found = self.step(step, event_type);
+        assert_eq!(
+            found.len(),
+            1,
+            "expected one {event_type} for {step}; events:\n{}",
+            self.describe()
+        );
+        found[0]
+    }
+
+    /// Whether an event of `step` has a message containing `needle`.
+    pub fn has_message(&self, step: &str, needle: &str) -> bool {
+        self.events.iter().any(|e| {
+            e["step_key"] == step && e["message"].as_str().is_some_and(|m| m.contains(needle))
+        })
+    }
+
+    /// Panics, with stderr and the events, unless the process exited with `code`.
+    pub fn expect_code(&self, code: i32) {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "exit code; stderr:\n{}\nevents:\n{}",
+            self.stderr,
+            self.describe()
+        );
     }
 }
