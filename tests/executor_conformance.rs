@@ -1211,7 +1211,10 @@ mod multiprocess_in_server_only {
         let message = message.as_str();
         let launches: Vec<(String, Value)> = out
             .of_type("ENGINE_EVENT")
-            .filter(|e| e["data"]["details"]["isolation"] == "in_server")
+            .filter(|e| {
+                e["data"]["details"]["isolation"] == "in_server"
+                    && e["data"]["details"]["server"].is_u64()
+            })
             .map(|e| {
                 let key = e["step_key"].as_str().unwrap_or_default().to_string();
                 (key, e["data"]["details"].clone())
