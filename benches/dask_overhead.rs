@@ -16,7 +16,9 @@
 //! - **solidflow**: `execute_pipeline` with `execution: {dask: {config: {address: ...}}}`
 //!   and filesystem storage, once with `isolation: process` (a `<binary> step` process
 //!   per task) and once with `isolation: warm` (the workers' step servers fork each
-//!   step; the servers stay on the workers between runs, so best-of-N is warm). The bench binary is its own pipeline binary: the workers
+//!   step; the servers stay on the workers between runs, so best-of-N is warm), and once
+//!   with `isolation: in_server` (those servers run each step themselves, no fork). The
+//!   bench binary is its own pipeline binary: the workers
 //!   run `<this binary> step`. Reported are the whole run (bridge start and connect
 //!   included) and the part after connecting (from the executor's "connected" event to
 //!   the end), which is what scales with the number of steps.
@@ -387,7 +389,7 @@ fn main() {
     ];
     for ((name, steps, part), isolation) in shapes
         .into_iter()
-        .flat_map(|s| [(s, "process"), (s, "warm")])
+        .flat_map(|s| [(s, "process"), (s, "warm"), (s, "in_server")])
     {
         if !wanted(part) {
             continue;

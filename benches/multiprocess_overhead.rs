@@ -1,4 +1,5 @@
-//! Per-step overhead of the multiprocess executor (`isolation: process` and `warm`), next
+//! Per-step overhead of the multiprocess executor (`isolation: process`, `warm` and
+//! `in_server`), next
 //! to in_process and to raw subprocesses, on trivial solids.
 //!
 //! ```sh
@@ -23,7 +24,8 @@
 //!   wall time per step: process exit, reaping, event forwarding and scheduling.
 //!
 //! With `isolation: warm` "spawn" is the request to the step server until its `started`
-//! reply (the fork), and "startup" no longer contains exec or the repository build.
+//! reply (the fork), and "startup" no longer contains exec or the repository build;
+//! `isolation: in_server` is the same without the fork (the server runs the step).
 //!
 //! The raw baselines, in the same run: N subprocesses of `/bin/true` one after another
 //! (chain) and N with two at a time (fan-out), spawned and waited for with
@@ -148,6 +150,10 @@ fn main() {
         (
             "multiprocess warm, filesystem",
             json!({"storage": {"filesystem": {}}, "execution": {"multiprocess": {"config": {"isolation": "warm"}}}}),
+        ),
+        (
+            "multiprocess in_server, filesystem",
+            json!({"storage": {"filesystem": {}}, "execution": {"multiprocess": {"config": {"isolation": "in_server"}}}}),
         ),
     ];
     println!("{n} steps per shape, {cores} cores, default max_concurrent (one per core)\n");

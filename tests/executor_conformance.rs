@@ -39,8 +39,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 use solidflow::conformance::executor::{
-    self as kit, Group, Harness, ResourceConfigs, Target, assert_dies, expect_canceled, read_pid,
-    start_sleepers,
+    self as kit, Group, Harness, Outcome, ResourceConfigs, Target, assert_dies, expect_canceled,
+    read_pid, start_sleepers,
 };
 
 #[path = "support/dask.rs"]
@@ -229,6 +229,20 @@ conformance_suite!(
     target(
         "multiprocess",
         "execution: {multiprocess: {config: {max_concurrent: 4, isolation: warm}}}\nstorage: {filesystem: {}}\n"
+    )
+    .with_resources(ResourceConfigs::run_pool())
+    .with_groups([Group::Isolated, Group::EscalatingCancel]),
+    core_cases,
+    resource_cases,
+    isolated_cases,
+    escalating_cancel_cases
+);
+// Warm step servers that run each step themselves (`isolation: in_server`): every case.
+conformance_suite!(
+    multiprocess_in_server,
+    target(
+        "multiprocess",
+        "execution: {multiprocess: {config: {max_concurrent: 4, isolation: in_server}}}\nstorage: {filesystem: {}}\n"
     )
     .with_resources(ResourceConfigs::run_pool())
     .with_groups([Group::Isolated, Group::EscalatingCancel]),
@@ -476,6 +490,21 @@ mod dask_only {
     }
 }
 
+/// Runs the `crash` pipeline with an aborting step: it fails as a `crash` that names
+/// signal 6. Returns the run and the crash message.
+fn aborted_run(h: &Harness) -> (Outcome, String) {
+    let out = h.run("crash", "solids: {crash: {config: {how: abort}}}\n");
+    out.expect_code(1);
+    let error = &out.one("crash.compute", "STEP_FAILURE")["data"]["error"];
+    assert_eq!(error["kind"], "crash", "{error}");
+    let message = error["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("killed by signal 6") && message.contains("without reporting a result"),
+        "{message}"
+    );
+    (out, message)
+}
+
 /// Warm step servers (`isolation: warm`): what a server does when a step crashes, when
 /// it dies itself, when it is recycled, and on Ctrl-C.
 mod multiprocess_warm_only {
@@ -523,16 +552,8 @@ mod multiprocess_warm_only {
     #[test]
     fn an_aborting_step_is_a_crash_and_the_server_serves_on() {
         let h = Harness::new(&warm("max_concurrent: 1"));
-        let out = h.run("crash", "solids: {crash: {config: {how: abort}}}\n");
-        out.expect_code(1);
-        let error = &out.one("crash.compute", "STEP_FAILURE")["data"]["error"];
-        assert_eq!(error["kind"], "crash", "{error}");
-        let message = error["message"].as_str().unwrap();
-        assert!(
-            message.contains("killed by signal 6")
-                && message.contains("without reporting a result"),
-            "{message}"
-        );
+        let (out, message) = aborted_run(&h);
+        let message = message.as_str();
         let launched = launches(&out.events);
         let crash_pid = launched
             .iter()
@@ -639,6 +660,60 @@ mod multiprocess_warm_only {
         out.one("downstream.compute", "STEP_SKIPPED");
         for pid in pids.into_iter().chain(grandchildren).chain(servers) {
             assert_dies(pid, "a warm step, its child, or its server");
+        }
+    }
+}
+
+/// `isolation: in_server`: the slot's step server runs each step itself.
+mod multiprocess_in_server_only {
+    use super::*;
+
+    /// A step that aborts takes its server down: a crash with the server's pid (the
+    /// step's process) and the signal, as with `process`; the remaining steps run on a
+    /// new server, and no server outlives the run.
+    #[test]
+    fn an_aborting_step_is_a_crash_and_a_new_server_runs_the_rest() {
+        let h = Harness::new(&target(
+            "multiprocess",
+            "execution: {multiprocess: {config: {max_concurrent: 1, isolation: in_server}}}\nstorage: {filesystem: {}}\n",
+        ));
+        let (out, message) = aborted_run(&h);
+        let message = message.as_str();
+        let launches: Vec<(String, Value)> = out
+            .of_type("ENGINE_EVENT")
+            .filter(|e| {
+                e["data"]["details"]["isolation"] == "in_server"
+                    && e["data"]["details"]["server"].is_u64()
+            })
+            .map(|e| {
+                let key = e["step_key"].as_str().unwrap_or_default().to_string();
+                (key, e["data"]["details"].clone())
+            })
+            .collect();
+        assert!(
+            launches.iter().all(|(_, d)| d["pid"] == d["server"]),
+            "every step ran in its server: {launches:?}"
+        );
+        let crashed = launches
+            .iter()
+            .position(|(k, _)| k == "crash.compute")
+            .expect("crash.compute was launched");
+        let crash_pid = &launches[crashed].1["pid"];
+        assert!(
+            message.contains(&format!("step process {crash_pid} ")),
+            "{message}"
+        );
+        for (key, details) in &launches[crashed + 1..] {
+            assert_ne!(&details["server"], crash_pid, "{key} ran on a new server");
+        }
+        out.one("numbers.compute", "STEP_SUCCESS");
+        out.one("sum_evens.compute", "STEP_SUCCESS");
+        out.one("downstream.compute", "STEP_SKIPPED");
+        for (_, details) in &launches {
+            assert_dies(
+                details["server"].as_u64().unwrap() as u32,
+                "a step server after the run",
+            );
         }
     }
 }

@@ -139,3 +139,24 @@ def test_a_missing_binary_is_an_os_error(tmp_path: Any) -> None:
     worker = FakeWorker()
     with pytest.raises(OSError):
         warm.start_step(worker, [str(tmp_path / "missing"), "step"], None, None, "{}", {})
+
+
+def test_follow_reads_both_pipes_and_the_end_on_one_thread(binary: str) -> None:
+    worker = FakeWorker()
+    proc = warm.start_step(
+        worker, [binary, "step"], None, None, json.dumps({"sh": "echo one; echo two >&2; printf tail; exit 4"}), {}
+    )
+    lines: list[tuple[str, str]] = []
+    polls = []
+
+    def due() -> float | None:
+        polls.append(threading.get_ident())
+        return 0.005
+
+    assert proc.follow(lambda stream, text: lines.append((stream, text)), due) == 4
+    assert sorted(lines) == [("stderr", "two"), ("stdout", "one"), ("stdout", "tail")]
+    assert set(polls) == {threading.get_ident()}, "no other thread"
+    assert proc.poll() == 4 and proc.wait() == 4
+    code, out, _, again = run(worker, binary, "echo next")
+    assert (code, out) == (0, "next\n") and again.server is proc.server
+    warm.pool_of(worker).close()

@@ -7,6 +7,7 @@ pub mod error;
 pub mod event;
 pub mod executor;
 pub mod launcher;
+pub(crate) mod message_stream;
 pub mod protocol;
 pub mod reexecution;
 pub mod run;

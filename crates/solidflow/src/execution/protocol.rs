@@ -9,12 +9,13 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::event::{ErrorInfo, Event};
+use super::message_stream::MessageStream;
 use super::run_id::RunId;
 use super::scheduler::StepOutcome;
 use super::sink::{EventListener, EventSink};
@@ -164,25 +165,6 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>
     Option::<f64>::deserialize(d).map(Some)
 }
 
-struct LineWriter(Mutex<Box<dyn Write + Send>>);
-
-impl LineWriter {
-    fn send(&self, msg: &StepMessage) {
-        let mut out = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = serde_json::to_writer(&mut *out, msg);
-        let _ = out.write_all(b"\n");
-        let _ = out.flush();
-    }
-}
-
-impl EventListener for LineWriter {
-    fn on_event(&self, event: &Event) {
-        self.send(&StepMessage::Event {
-            event: Box::new(event.clone()),
-        });
-    }
-}
-
 /// Runs the step described by `invocation` from `repository`, writing messages to `out`.
 /// Returns the process exit status.
 pub fn run_invocation(
@@ -190,15 +172,15 @@ pub fn run_invocation(
     invocation: StepInvocation,
     out: Box<dyn Write + Send>,
 ) -> i32 {
-    let writer = Arc::new(LineWriter(Mutex::new(out)));
-    let fail = |writer: &LineWriter, message: String, code: i32| {
+    let writer = Arc::new(MessageStream::new(out));
+    let fail = |writer: &MessageStream, message: String, code: i32| {
         let error = ErrorInfo {
             message,
             causes: vec![],
             kind: "error".into(),
             location: None,
         };
-        writer.send(&StepMessage::result(StepOutcome::Failed(error)));
+        writer.finish(&StepMessage::result(StepOutcome::Failed(error)));
         code
     };
     if invocation.protocol != PROTOCOL_VERSION {
@@ -303,7 +285,7 @@ pub fn run_invocation(
     } else {
         1
     };
-    writer.send(&StepMessage::result(outcome));
+    writer.finish(&StepMessage::result(outcome));
     code
 }
 

@@ -11,6 +11,12 @@ use super::event::{Event, EventKind, Level};
 pub trait EventListener: Send + Sync {
     /// Called once per event, in order, from the thread that emitted it.
     fn on_event(&self, event: &Event);
+
+    /// User code (a solid's compute) starts (`true`) or has returned (`false`) on the
+    /// emitting thread. A listener that batches events (a step process's message
+    /// stream) writes what it holds before user code runs, and every event at once
+    /// while it runs, so a step that crashes loses none of them. Default: nothing.
+    fn user_code(&self, _running: bool) {}
 }
 
 impl<F: Fn(&Event) + Send + Sync> EventListener for F {
@@ -85,6 +91,22 @@ impl EventSink {
         });
     }
 
+    /// Runs `f`, user code, telling the listeners before and after (see
+    /// [`EventListener::user_code`]).
+    pub(crate) fn user_code<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.tell_user_code(true);
+        let out = f();
+        self.tell_user_code(false);
+        out
+    }
+
+    fn tell_user_code(&self, running: bool) {
+        let _guard = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        for l in self.listeners.iter() {
+            l.user_code(running);
+        }
+    }
+
     /// Passes on an event built elsewhere (e.g. read from a step process).
     pub fn forward(&self, event: Event) {
         let _guard = self.order.lock().unwrap_or_else(|p| p.into_inner());
@@ -106,14 +128,19 @@ pub struct Origin {
     pub pid: u32,
 }
 
-/// This machine's host name, for event records.
+/// This machine's host name, for event records; read once per process (a step forked
+/// by a warm step server inherits it).
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "localhost".into())
+    })
+    .clone()
 }
 
 /// Collects events in memory (for [`ExecutionResult`](super::run::ExecutionResult)).

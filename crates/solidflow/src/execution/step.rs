@@ -85,7 +85,9 @@ impl StepEnvironment {
             solid_config.unwrap_or(&empty),
             &self.events,
         );
-        let outputs = call_catching_panics(|| (def.compute)(&ctx, inputs))?;
+        let outputs = self
+            .events
+            .user_code(|| call_catching_panics(|| (def.compute)(&ctx, inputs)))?;
         let mut produced = outputs.into_values();
         for out in &def.outputs {
             let pos = produced

@@ -44,6 +44,28 @@ pub enum Isolation {
     /// built once: the same isolation (own process, own process group, crash
     /// containment, descendants killed), without the process start.
     Warm,
+    /// A warm step server per slot runs each step itself, without a fork: a crash ends
+    /// the server (reported with its signal; a new server runs the next step), what a
+    /// step starts is killed when it returns, and a step that leaves threads running
+    /// retires its server; but a solid's global state (statics, environment, leaked
+    /// memory) carries over to the next steps of that server.
+    InServer,
+}
+
+impl Isolation {
+    /// Whether steps run on warm step servers.
+    pub(crate) fn is_warm(self) -> bool {
+        matches!(self, Self::Warm | Self::InServer)
+    }
+
+    /// The config value.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Warm => "warm",
+            Self::InServer => "in_server",
+        }
+    }
 }
 
 /// `execution: {multiprocess: {config: ...}}`.
@@ -58,7 +80,9 @@ pub struct MultiprocessConfig {
     #[schemars(schema_with = "resources_schema")]
     pub resources: Option<Resources>,
     /// process: a new process per step; warm: one step server per slot forks each step
-    /// from an already built repository (same isolation, no process start per step).
+    /// from an already built repository (same isolation, no process start per step);
+    /// in_server: the slot's step server runs each step itself (no fork; a crash restarts
+    /// the server; global state carries over between its steps).
     pub isolation: Isolation,
     /// warm: a step server is replaced after this many steps (0: never).
     #[schemars(range(max = 1_000_000_000))]
@@ -129,6 +153,8 @@ mod tests {
             (c.isolation, c.max_steps_per_server, c.max_server_rss_mb),
             (Isolation::Warm, 3, 0)
         );
+        let c = MultiprocessConfig::from_value(&json!({"isolation": "in_server"})).unwrap();
+        assert!(c.isolation.is_warm() && c.isolation.name() == "in_server");
         let err = MultiprocessConfig::from_value(&json!({"isolation": "thread"}))
             .unwrap_err()
             .to_string();

@@ -399,7 +399,7 @@ pub(super) fn signal_live(groups: &[i32], signal: i32) {
 
 impl Executor for MultiprocessExecutor {
     fn check(&self, ctx: &ExecutionContext) -> Result<(), ExecutorError> {
-        if self.isolation == Isolation::Warm && !cfg!(target_os = "linux") {
+        if self.isolation.is_warm() && !cfg!(target_os = "linux") {
             return Err(ExecutorError::Config(
                 "execution.multiprocess.config.isolation: warm step servers need Linux; use `isolation: process`".into(),
             ));
@@ -429,10 +429,7 @@ impl Executor for MultiprocessExecutor {
             ))
         })?;
         let slots = self.max_concurrent.max(1);
-        let isolation = match self.isolation {
-            Isolation::Process => "process",
-            Isolation::Warm => "warm",
-        };
+        let isolation = self.isolation.name();
         env.events.emit(
             None,
             Level::Debug,
@@ -451,8 +448,10 @@ impl Executor for MultiprocessExecutor {
                 let mut launcher = ProcessLauncher { program, log_dir };
                 run_steps(env, &ctx.cancel, &ctx.home, &mut launcher, options)
             }
-            Isolation::Warm => {
-                let mut launcher = WarmLauncher::new(program, log_dir, slots, self.recycle);
+            Isolation::Warm | Isolation::InServer => {
+                let in_server = self.isolation == Isolation::InServer;
+                let mut launcher =
+                    WarmLauncher::new(program, log_dir, slots, self.recycle, in_server);
                 run_steps(env, &ctx.cancel, &ctx.home, &mut launcher, options)
             }
         }

@@ -36,7 +36,7 @@ use crate::execution::launcher::attempt::describe_exit;
 use crate::execution::launcher::{
     Launch, LaunchError, Place, ProcessExit, Report, Reporter, StepLauncher,
 };
-use crate::execution::step_server::{ServerMessage, ServerRequest, send_with_fds};
+use crate::execution::step_server::{IN_SERVER_ENV, ServerMessage, ServerRequest, send_with_fds};
 
 /// When a server is replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +94,8 @@ struct SlotContext {
     program: PathBuf,
     log_dir: PathBuf,
     recycle: Recycle,
+    /// `isolation: in_server`: the servers run each step themselves.
+    in_server: bool,
 }
 
 /// Runs attempts on warm step servers, one per slot. See the module docs.
@@ -106,13 +108,20 @@ pub(super) struct WarmLauncher {
 }
 
 impl WarmLauncher {
-    pub(super) fn new(program: PathBuf, log_dir: PathBuf, slots: usize, recycle: Recycle) -> Self {
+    pub(super) fn new(
+        program: PathBuf,
+        log_dir: PathBuf,
+        slots: usize,
+        recycle: Recycle,
+        in_server: bool,
+    ) -> Self {
         let (idle_tx, idle_rx) = unbounded();
         Self {
             context: SlotContext {
                 program,
                 log_dir,
                 recycle,
+                in_server,
             },
             slots: slots.max(1),
             servers: Vec::new(),
@@ -160,14 +169,14 @@ impl StepLauncher for WarmLauncher {
         }
         let index = self.free_slot()?;
         let handle = Arc::new(StepHandle::default());
-        let program = self.context.program.clone();
+        let (program, in_server) = (self.context.program.clone(), self.context.in_server);
         let slot = &mut self.servers[index];
         if slot.stale.swap(false, Ordering::AcqRel) {
             slot.writer = None;
         }
         let mut new_server = None;
         if slot.writer.is_none() {
-            match Server::start(&program) {
+            match Server::start(&program, in_server) {
                 Ok(server) => {
                     slot.writer = server.socket.try_clone().ok();
                     new_server = Some(server);
@@ -312,16 +321,22 @@ struct Server {
 }
 
 impl Server {
-    fn start(program: &Path) -> std::io::Result<Self> {
+    fn start(program: &Path, in_server: bool) -> std::io::Result<Self> {
         let (ours, theirs) = UnixStream::pair()?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .arg("step-server")
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .process_group(0)
-            .env(PARENT_PID_ENV, std::process::id().to_string())
-            .spawn()?;
+            .env(PARENT_PID_ENV, std::process::id().to_string());
+        if in_server {
+            command.env(IN_SERVER_ENV, "1");
+        } else {
+            command.env_remove(IN_SERVER_ENV);
+        }
+        let child = command.spawn()?;
         Ok(Self {
             child,
             socket: ours,
@@ -432,6 +447,8 @@ impl Server {
             early: Vec::new(),
             exit: None,
             not_started: None,
+            in_server: false,
+            retire: false,
         };
         let lost = match pipes.and_then(|p| self.follow(p, &mut step)) {
             Ok(lost) => lost,
@@ -446,6 +463,8 @@ impl Server {
         self.steps += 1;
         let recycle = if lost {
             None
+        } else if step.retire {
+            Some("retires: the step left threads running in it".to_string())
         } else {
             self.due_for_recycling(context.recycle)
         };
@@ -459,12 +478,20 @@ impl Server {
                 details: json!({"server": self.pid(), "server_steps": self.steps, "recycled": true}),
             });
         }
-        let how = lost.then(|| describe_exit(&self.wait_lost()));
+        let lost_exit = lost.then(|| self.wait_lost());
+        let how = lost_exit.as_ref().map(describe_exit);
         let keep = !lost && recycle.is_none();
         free(keep);
         match (step.exit.take(), step.not_started.take(), step.pid, how) {
             (Some(exit), _, _, _) => reporter.send(Report::Exited(exit)),
             (None, Some(message), _, _) => reporter.send(Report::Failed(crash(message))),
+            (None, None, Some(pid), Some(_)) if step.in_server => {
+                // The step ran in the server, so the server's end is the step's: a
+                // crash is reported with its signal, as for a process of its own.
+                signal_group(pid, libc::SIGKILL);
+                registry().groups.remove(&pid);
+                reporter.send(Report::Exited(lost_exit.unwrap_or_default()));
+            }
             (None, None, Some(pid), how) => {
                 // The server died under the step, whose process died with it
                 // (PR_SET_PDEATHSIG); what its group left is killed here.
@@ -598,18 +625,31 @@ struct StepRun<'a> {
     early: Vec<(bool, String)>,
     exit: Option<ProcessExit>,
     not_started: Option<String>,
+    /// The step runs in the server process itself.
+    in_server: bool,
+    /// The server ends after this step.
+    retire: bool,
 }
 
 impl StepRun<'_> {
     fn reply(&mut self, line: &str) {
         match serde_json::from_str::<ServerMessage>(line) {
-            Ok(ServerMessage::Started { pid, forked }) => self.started(pid as i32, forked),
+            Ok(ServerMessage::Started {
+                pid,
+                forked,
+                in_server,
+            }) => {
+                self.in_server = in_server;
+                self.started(pid as i32, forked)
+            }
             Ok(ServerMessage::Exited {
                 pid,
                 code,
                 signal,
                 core_dumped,
+                retire,
             }) => {
+                self.retire = retire;
                 registry().groups.remove(&(pid as i32));
                 self.exit = Some(ProcessExit {
                     code,
@@ -645,7 +685,7 @@ impl StepRun<'_> {
         self.log = Some(StepLog::open(&self.log_path, &self.key, self.attempt, pid));
         let mut details = json!({
             "spawn_us": self.sent.elapsed().as_micros() as u64,
-            "isolation": "warm",
+            "isolation": if self.in_server { "in_server" } else { "warm" },
             "server": self.server,
             "server_steps": self.server_steps,
             "forked": forked,

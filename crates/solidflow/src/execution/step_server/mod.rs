@@ -34,6 +34,8 @@
 
 mod fds;
 #[cfg(target_os = "linux")]
+mod here;
+#[cfg(target_os = "linux")]
 mod server;
 
 pub use fds::{recv_with_fds, send_with_fds};
@@ -43,6 +45,10 @@ pub use server::serve;
 use serde::{Deserialize, Serialize};
 
 use super::protocol::StepInvocation;
+
+/// Set to `1` on a step server's environment: it runs each step itself instead of
+/// forking it (`isolation: warm_in_server`).
+pub const IN_SERVER_ENV: &str = "SOLIDFLOW_STEP_SERVER_IN_SERVER";
 
 /// A request to a step server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,8 +67,12 @@ pub enum ServerMessage {
         /// Its pid, also its process group id.
         pid: u32,
         /// Whether it was forked from the warm server (`false`: started as
-        /// `<binary> step` because the server was not single-threaded).
+        /// `<binary> step` because the server was not single-threaded, or run in
+        /// the server).
         forked: bool,
+        /// The step runs in the server process itself (`pid` is the server's).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        in_server: bool,
     },
     /// The step's process and everything it left running are gone.
     Exited {
@@ -74,6 +84,9 @@ pub enum ServerMessage {
         signal: Option<i32>,
         /// Whether it dumped core.
         core_dumped: bool,
+        /// The server ends after this reply (a step run in it left threads).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retire: bool,
     },
     /// The step could not be started.
     NotStarted {
@@ -91,6 +104,7 @@ mod tests {
         let started = ServerMessage::Started {
             pid: 7,
             forked: true,
+            in_server: false,
         };
         let text = serde_json::to_string(&started).unwrap();
         assert_eq!(text, r#"{"started":{"pid":7,"forked":true}}"#);

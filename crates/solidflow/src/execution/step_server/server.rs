@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use libc::{c_int, pid_t};
 
-use super::{ServerMessage, ServerRequest, recv_with_fds};
+use super::{ServerMessage, ServerRequest, here, recv_with_fds};
 use crate::definition::repository::Repository;
 use crate::execution::protocol::{StepInvocation, protocol_stdout, run_invocation};
 use crate::execution::supervisor::{PARENT_GONE_EXIT, linux};
@@ -52,12 +52,36 @@ pub fn serve(repository: &Repository, parent: Option<pid_t>) -> i32 {
         }
         let message = match start(repository, &line, fds, socket.as_raw_fd(), &old) {
             Err(message) => ServerMessage::NotStarted { message },
-            Ok((pid, forked)) => {
+            Ok(Start::Here(invocation, out, err)) => {
+                // SAFETY: getpid(2) has no preconditions.
+                let pid = unsafe { libc::getpid() };
+                let started = ServerMessage::Started {
+                    pid: pid as u32,
+                    forked: false,
+                    in_server: true,
+                };
+                if reply(&socket, &started).is_err() {
+                    return 0;
+                }
+                let code = here::run(repository, *invocation, [out, err], &set, &old);
+                // A step that left threads behind would leave them running under the
+                // next steps: the server retires instead.
+                stop = !linux::single_threaded();
+                ServerMessage::Exited {
+                    pid: pid as u32,
+                    code: Some(code),
+                    signal: None,
+                    core_dumped: false,
+                    retire: stop,
+                }
+            }
+            Ok(Start::Process(pid, forked)) => {
                 if reply(
                     &socket,
                     &ServerMessage::Started {
                         pid: pid as u32,
                         forked,
+                        in_server: false,
                     },
                 )
                 .is_err()
@@ -153,14 +177,23 @@ fn stop_requested(set: &libc::sigset_t) -> bool {
     }
 }
 
-/// Parses the request and starts the step's process: `(pid, forked)`.
+/// How a request is served.
+enum Start {
+    /// A process of its own was started: `(pid, forked)`.
+    Process(pid_t, bool),
+    /// Run it in this process ([`IN_SERVER_ENV`](super::IN_SERVER_ENV)), with its stdout
+    /// and stderr.
+    Here(Box<StepInvocation>, OwnedFd, OwnedFd),
+}
+
+/// Parses the request and starts the step's process, or hands it back to run here.
 fn start(
     repository: &Repository,
     line: &[u8],
     fds: Vec<OwnedFd>,
     socket: RawFd,
     old_mask: &libc::sigset_t,
-) -> Result<(pid_t, bool), String> {
+) -> Result<Start, String> {
     let request: ServerRequest = serde_json::from_slice(line)
         .map_err(|e| format!("the step server got a request it cannot read: {e}"))?;
     let ServerRequest::Run(invocation) = request;
@@ -169,10 +202,13 @@ fn start(
     };
     // Build a lazily registered pipeline here, once, so every later step forks it built.
     let _ = repository.pipeline(&invocation.pipeline);
-    if linux::single_threaded() {
-        fork_step(repository, *invocation, out, err, socket, old_mask).map(|pid| (pid, true))
+    if here::enabled() {
+        Ok(Start::Here(invocation, out, err))
+    } else if linux::single_threaded() {
+        fork_step(repository, *invocation, out, err, socket, old_mask)
+            .map(|pid| Start::Process(pid, true))
     } else {
-        spawn_step(&invocation, out, err).map(|pid| (pid, false))
+        spawn_step(&invocation, out, err).map(|pid| Start::Process(pid, false))
     }
 }
 
@@ -280,5 +316,6 @@ fn exited(pid: pid_t, status: c_int) -> ServerMessage {
         code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
         signal: signaled.then(|| libc::WTERMSIG(status)),
         core_dumped: signaled && libc::WCOREDUMP(status),
+        retire: false,
     }
 }

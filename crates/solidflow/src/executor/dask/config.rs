@@ -131,7 +131,7 @@ pub(super) struct DaskBlock {
     /// Names of environment variables (e.g. AWS_SECRET_ACCESS_KEY) copied from the parent to the step processes at submit time; their values are never recorded.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     forward_env: Vec<String>,
-    /// process: each task starts `<binary> step`; warm: each worker keeps step servers (`<binary> step-server`) that fork every step from an already built repository (same isolation, no process start per step).
+    /// process: each task starts `<binary> step`; warm: each worker keeps step servers (`<binary> step-server`) that fork every step from an already built repository (same isolation, no process start per step); in_server: those servers run each step themselves (no fork; a crash restarts the server; global state carries over between its steps).
     isolation: Isolation,
     /// warm: a worker's step server is replaced after this many steps (0: never).
     #[schemars(range(max = 1_000_000_000))]

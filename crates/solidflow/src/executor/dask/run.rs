@@ -21,6 +21,7 @@ use crate::execution::event::{EventKind, Level};
 use crate::execution::launcher::{RunOptions, run_steps};
 use crate::execution::scheduler::Summary;
 use crate::execution::step::StepEnvironment;
+use crate::execution::step_server::IN_SERVER_ENV;
 use crate::executor::{ExecutionContext, ExecutorError, Isolation};
 
 /// How long canceled steps get between SIGTERM and SIGKILL on the workers.
@@ -226,6 +227,11 @@ impl DaskExecutor {
                 step_env.insert(name.clone(), value);
             }
         }
+        if self.config.isolation == Isolation::InServer {
+            // The worker's step servers (started with the task's environment) then
+            // run each step themselves.
+            step_env.insert(IN_SERVER_ENV.to_string(), "1".to_string());
+        }
         let template = TaskTemplate {
             command0,
             env: step_env,
@@ -237,7 +243,7 @@ impl DaskExecutor {
             log_dir: ctx.home.join("logs").join(&env.run_id),
             priorities,
             allowed_failures: self.config.allowed_failures,
-            warm: (self.config.isolation == Isolation::Warm).then_some(WarmTask {
+            warm: self.config.isolation.is_warm().then_some(WarmTask {
                 max_steps: self.config.max_steps_per_server,
                 max_rss_mb: self.config.max_server_rss_mb,
             }),

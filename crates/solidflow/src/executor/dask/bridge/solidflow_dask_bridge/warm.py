@@ -28,11 +28,17 @@ import contextlib
 import json
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
+
+# After the server said `exited`, how long the step's output pipes may take to drain.
+DRAIN_SECONDS = 2.0
 
 # What a server is started with: binary, environment, working directory. Steps only
 # go to a server of the same flavor.
@@ -183,9 +189,10 @@ def pool_of(worker: Any) -> Pool:
 
 
 class WarmProcess:
-    """A step forked by a step server, with what `run_command` uses of a Popen: `pid`
-    (also its process group), `stdin` (None: the invocation went with the request),
-    `stdout`/`stderr` (pipes), `poll()` and `wait()`."""
+    """A step forked by a step server (or run in it), with what `run_command` uses of
+    a Popen: `pid` (also its process group), `stdin` (None: the invocation went with
+    the request), `stdout`/`stderr` (pipes), `poll()` and `wait()`; and `follow()`, which
+    runs it to its end on one thread."""
 
     stdin = None
 
@@ -219,6 +226,8 @@ class WarmProcess:
             raise ServerLost(message)
         self.pid = int(msg["started"]["pid"])
         self.forked = bool(msg["started"].get("forked"))
+        # The step runs in the server process itself: its pid and group are the server's.
+        self.in_server = bool(msg["started"].get("in_server"))
         self._lock = threading.Lock()
 
     def _close_pipes(self) -> None:
@@ -234,26 +243,125 @@ class WarmProcess:
         with self._lock:
             if self.returncode is not None:
                 return self.returncode
-            server = self.server
             try:
-                msg = server.reply()
-                exited = msg.get("exited") or {}
-                if exited.get("signal") is not None:
-                    self.returncode = -int(exited["signal"])
-                else:
-                    self.returncode = int(exited.get("code") or 0)
+                self._ended(self.server.reply())
             except ServerLost:
-                # The step's process died with its server (PR_SET_PDEATHSIG).
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.pid, signal.SIGKILL)
-                self.returncode = -signal.SIGKILL
-            server.steps += 1
-            self.pool.give_back(
-                server,
-                int(self.options.get("max_steps") or 0),
-                int(self.options.get("max_rss_mb") or 0),
-            )
-            return self.returncode
+                self._ended(None)
+            return self.returncode  # type: ignore[return-value]
+
+    def follow(self, line: Callable[[str, str], None], due: Callable[[], float | None]) -> int:
+        """Runs the step to its end on the calling thread: reads both output pipes and
+        the server's socket with one `poll`, hands every output line (without its line
+        end) to `line(stream, text)`, and calls `due()` whenever poll wakes up; `due`
+        returns how many seconds poll may sleep (None: until something comes). Returns
+        the exit code like `wait` once the server said `exited` and the pipes are
+        drained (or DRAIN_SECONDS after that)."""
+        with self._lock:
+            if self.returncode is not None:
+                return self.returncode
+            streams = {self.stdout.fileno(): "stdout", self.stderr.fileno(): "stderr"}
+            partial = dict.fromkeys(streams, b"")
+            sock = self.server.sock.fileno()
+            poller = select.poll()
+            for fd in (*streams, sock):
+                poller.register(fd, select.POLLIN)
+            drain_until: float | None = None
+            while streams:
+                if self.returncode is None and b"\n" in self.server.buf:
+                    self._reply_or_lost(poller, sock)
+                    continue
+                wait = due()
+                if self.returncode is not None:
+                    if drain_until is None:
+                        drain_until = time.monotonic() + DRAIN_SECONDS
+                    left = drain_until - time.monotonic()
+                    if left <= 0:
+                        break
+                    wait = left if wait is None else min(wait, left)
+                timeout = None if wait is None else max(0, int(wait * 1000) + 1)
+                for fd, _ in poller.poll(timeout):
+                    if fd == sock:
+                        if self.returncode is None:
+                            self._read_socket(poller, sock)
+                        continue
+                    stream = streams.get(fd)
+                    if stream is None:
+                        continue
+                    try:
+                        data = os.read(fd, 65536)
+                    except InterruptedError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        poller.unregister(fd)
+                        del streams[fd]
+                        if partial[fd]:
+                            line(stream, partial[fd].decode("utf-8", "replace"))
+                        continue
+                    *lines, partial[fd] = (partial[fd] + data).split(b"\n")
+                    for raw in lines:
+                        line(stream, raw.decode("utf-8", "replace"))
+            if self.returncode is None:  # pipes closed first (cannot happen before exit)
+                try:
+                    self._ended(self.server.reply())
+                except ServerLost:
+                    self._ended(None)
+            self._close_pipes()
+            return self.returncode  # type: ignore[return-value]
+
+    def _read_socket(self, poller: Any, sock: int) -> None:
+        try:
+            chunk = self.server.sock.recv(65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.server.lost = True
+            poller.unregister(sock)
+            self._ended(None)
+            return
+        self.server.buf += chunk
+        if b"\n" in self.server.buf:
+            self._reply_or_lost(poller, sock)
+
+    def _reply_or_lost(self, poller: Any, sock: int) -> None:
+        poller.unregister(sock)
+        try:
+            self._ended(self.server.reply())
+        except ServerLost:
+            self._ended(None)
+
+    def _ended(self, msg: dict[str, Any] | None) -> None:
+        """Records how the step ended (`msg`: the server's `exited`; None: the server
+        was lost) and gives the server back."""
+        server = self.server
+        if msg is None and self.in_server:
+            # The step ran in the server: the server's end is the step's (a crash
+            # keeps its signal, as for a process of its own).
+            try:
+                self.returncode = server.proc.wait(timeout=DRAIN_SECONDS)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                self.returncode = server.proc.wait()
+        elif msg is None:
+            # The step's process died with its server (PR_SET_PDEATHSIG).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.returncode = -signal.SIGKILL
+        else:
+            exited = msg.get("exited") or {}
+            if exited.get("retire"):
+                server.lost = True  # it ends after this step (the step left threads)
+            if exited.get("signal") is not None:
+                self.returncode = -int(exited["signal"])
+            else:
+                self.returncode = int(exited.get("code") or 0)
+        server.steps += 1
+        self.pool.give_back(
+            server,
+            int(self.options.get("max_steps") or 0),
+            int(self.options.get("max_rss_mb") or 0),
+        )
 
 
 def start_step(

@@ -91,7 +91,7 @@ class _Batch:
     one Dask event, and the server reports it done as soon as that event arrives.
     """
 
-    def __init__(self, worker: Any, topic: str, key: str, token: str) -> None:
+    def __init__(self, worker: Any, topic: str, key: str, token: str, flusher: bool = True) -> None:
         self.worker, self.topic, self.key, self.token = worker, topic, key, token
         self.cond = threading.Condition()
         self.start: dict[str, Any] | None = None
@@ -100,8 +100,11 @@ class _Batch:
         self.since: float | None = None
         self.closed = False
         self.events = 0
-        self.flusher = threading.Thread(target=self._flush_loop, daemon=True)
-        self.flusher.start()
+        # Without a flusher thread, whoever reads the output calls `due()` instead.
+        self.flusher: threading.Thread | None = None
+        if flusher:
+            self.flusher = threading.Thread(target=self._flush_loop, daemon=True)
+            self.flusher.start()
 
     def _send_locked(self, extra: dict[str, Any] | None = None) -> None:
         payload: dict[str, Any] = {"key": self.key, "token": self.token, "worker": self.worker.address}
@@ -154,12 +157,25 @@ class _Batch:
                     continue
                 self._send_locked()
 
+    def due(self) -> float | None:
+        """Sends the batch if it is due; returns the seconds until the next one is due
+        (None: nothing is waiting). For a batch without a flusher thread."""
+        with self.cond:
+            if self.since is None:
+                return None
+            left = self.since + FLUSH_SECONDS - time.monotonic()
+            if left > 0:
+                return left
+            self._send_locked()
+            return None
+
     def end(self, result: dict[str, Any]) -> int:
         """Sends the last batch with the end record; returns how many events went out."""
         with self.cond:
             self.closed = True
             self.cond.notify()
-        self.flusher.join()
+        if self.flusher is not None:
+            self.flusher.join()
         with self.cond:
             self._send_locked({"end": dict(result)})
             return self.events
@@ -258,32 +274,82 @@ def run_command(spec: dict[str, Any]) -> dict[str, Any]:
         if key in state["cancelled"]:
             close_tees()
             raise RuntimeError("step %s was canceled before it started" % key)
-        try:
-            if warm is not None:
-                # The invocation goes to a warm step server, which forks the step.
-                proc: Any = start_step(worker, command, env, spec.get("cwd"), spec.get("stdin") or "", warm)
-            else:
-                proc = subprocess.Popen(
-                    command,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    cwd=spec.get("cwd") or None,
-                    env=env,
-                    start_new_session=True,
-                    preexec_fn=preexec if libc is not None else None,
-                )
-        except OSError as e:
-            close_tees()
-            return {
-                "key": key,
-                "token": token,
-                "not_started": "could not start %r on worker %s: %s" % (command, worker.address, e),
-            }
+    try:
+        if warm is not None:
+            # The invocation goes to a warm step server, which forks the step. Not
+            # under the state lock: a cancel meanwhile is caught right below.
+            proc: Any = start_step(worker, command, env, spec.get("cwd"), spec.get("stdin") or "", warm)
+        else:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=spec.get("cwd") or None,
+                env=env,
+                start_new_session=True,
+                preexec_fn=preexec if libc is not None else None,
+            )
+    except OSError as e:
+        close_tees()
+        return {
+            "key": key,
+            "token": token,
+            "not_started": "could not start %r on worker %s: %s" % (command, worker.address, e),
+        }
+    with state["lock"]:
         state["procs"][key] = proc
-    batch = _Batch(worker, spec["log_topic"], key, token)
+        if key in state["cancelled"]:
+            # Canceled while it was starting: it has not done anything worth a grace.
+            kill_group(proc, signal.SIGKILL)
+    batch = _Batch(worker, spec["log_topic"], key, token, flusher=warm is None)
     batch.started(proc.pid)
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
 
+    def on_line(stream: str, text: str) -> None:
+        if stream == "stderr":
+            tail.append(text)
+        tee_line(stream, text)
+        batch.line(stream, text)
+
+    if warm is not None:
+        # One thread (this one) for the step's pipes, the server's replies and the
+        # batches: no threads to start per step.
+        try:
+            returncode = proc.follow(on_line, batch.due)
+        finally:
+            # The server killed what the step left; a step that ran in the server
+            # shares its group, which must live on.
+            if not proc.in_server:
+                kill_group(proc, signal.SIGKILL)
+            with state["lock"]:
+                state["procs"].pop(key, None)
+        readers: list[threading.Thread] = []
+    else:
+        returncode, readers = _follow_popen(proc, spec, on_line, state, key)
+    deadline = time.monotonic() + DRAIN_SECONDS
+    for t in readers:
+        t.join(max(0.0, deadline - time.monotonic()))
+    close_tees()
+    result = {
+        "key": key,
+        "token": token,
+        "exit_code": returncode if returncode >= 0 else None,
+        "signal": -returncode if returncode < 0 else None,
+        "worker": worker.address,
+        "stderr_tail": "\n".join(tail)[-STDERR_TAIL_CHARS:],
+        "duration": time.time() - started,
+        "log_files": {stream: f.name for stream, f in tee.items()},
+    }
+    result["events"] = batch.end(result)
+    return result
+
+
+def _follow_popen(
+    proc: Any, spec: dict[str, Any], on_line: Any, state: dict[str, Any], key: str
+) -> tuple[int, list[threading.Thread]]:
+    """Feeds a started `<binary> step` its stdin, reads its pipes on two threads and
+    waits for it; returns its exit code and the reader threads (still draining)."""
     stdin_data = (spec.get("stdin") or "").encode("utf-8") if proc.stdin is not None else b""
 
     def feed() -> None:
@@ -298,15 +364,9 @@ def run_command(spec: dict[str, Any]) -> dict[str, Any]:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
 
-    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-
     def drain(stream: str, pipe: Any) -> None:
         for raw in pipe:
-            text = raw.decode("utf-8", "replace").rstrip("\n")
-            if stream == "stderr":
-                tail.append(text)
-            tee_line(stream, text)
-            batch.line(stream, text)
+            on_line(stream, raw.decode("utf-8", "replace").rstrip("\n"))
 
     readers = [
         threading.Thread(target=drain, args=("stdout", proc.stdout), daemon=True),
@@ -328,22 +388,7 @@ def run_command(spec: dict[str, Any]) -> dict[str, Any]:
             proc.wait()
         with state["lock"]:
             state["procs"].pop(key, None)
-    deadline = time.monotonic() + DRAIN_SECONDS
-    for t in readers:
-        t.join(max(0.0, deadline - time.monotonic()))
-    close_tees()
-    result = {
-        "key": key,
-        "token": token,
-        "exit_code": returncode if returncode >= 0 else None,
-        "signal": -returncode if returncode < 0 else None,
-        "worker": worker.address,
-        "stderr_tail": "\n".join(tail)[-STDERR_TAIL_CHARS:],
-        "duration": time.time() - started,
-        "log_files": {stream: f.name for stream, f in tee.items()},
-    }
-    result["events"] = batch.end(result)
-    return result
+    return returncode, readers
 
 
 def task(spec: dict[str, Any]) -> Any:
