@@ -7,6 +7,9 @@
 //! SOLIDFLOW_BENCH_REPS=5 cargo bench --bench dask_overhead
 //! SOLIDFLOW_BENCH_ONLY=chain,fan cargo bench --bench dask_overhead   # parts: chain,fan,big,vec,critical,first
 //! SOLIDFLOW_BENCH_ONLY=vec cargo bench --bench dask_overhead          # the codec before/after (issue 13)
+//! SOLIDFLOW_BENCH_ONLY=scale SOLIDFLOW_BENCH_REPS=1 cargo bench --bench dask_overhead  # per step with size
+//! SOLIDFLOW_BENCH_ONLY=scale SOLIDFLOW_BENCH_SCALE=fan:200,fan:2000 SOLIDFLOW_BENCH_ISOLATION=warm \
+//!     cargo bench --bench dask_overhead
 //! ```
 //!
 //! It starts one real cluster (`dask scheduler` + 2 × `dask worker --nthreads 1` on
@@ -36,10 +39,19 @@
 //! an 8-step chain of 0.2 s steps) with and without `critical_path_priority`. Finally
 //! time-to-first-step with `execution: {dask: {}}` (a local cluster started for the
 //! run).
+//!
+//! `scale` (not in the default parts) runs a chain and a fan-out/fan-in at every size of
+//! `SOLIDFLOW_BENCH_SCALE` (default `chain:100,chain:1000,chain:10000,fan:200,fan:2000,fan:10000`;
+//! `chain:n` is `n` steps, `fan:n` is `n` leaves between a source and a gather, `n + 2`
+//! steps), with solidflow in each isolation of `SOLIDFLOW_BENCH_ISOLATION` (default
+//! `warm,process`) and raw (a)/(b) of the same shapes and sizes, and prints the cost per
+//! step after connecting and its ratio to the smallest size of the same shape. The
+//! pipelines are lazy, so a step process builds only the one it runs.
 
 #[path = "../tests/support/dask.rs"]
 mod dask_support;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -187,14 +199,78 @@ fn repository() -> Repository {
         p.invoke(source, ());
     })
     .unwrap();
-    Repository::new("dask_overhead")
+    let mut repo = Repository::new("dask_overhead")
         .with_pipeline(mode(chain))
         .with_pipeline(mode(fan))
         .with_pipeline(mode(big))
         .with_pipeline(mode(vec_before))
         .with_pipeline(mode(vec_after))
         .with_pipeline(mode(critical))
-        .with_pipeline(mode(one))
+        .with_pipeline(mode(one));
+    // The step processes on the workers read the same variable (the bench sets it
+    // before it starts the cluster, and the workers pass their environment on).
+    for (shape, n) in scale_sizes() {
+        repo =
+            repo.with_lazy_pipeline(scale_name(shape, n), move || mode(scale_pipeline(shape, n)));
+    }
+    repo
+}
+
+/// The default of `SOLIDFLOW_BENCH_SCALE`.
+const DEFAULT_SCALE: &str = "chain:100,chain:1000,chain:10000,fan:200,fan:2000,fan:10000";
+
+/// The `(shape, n)` of `SOLIDFLOW_BENCH_SCALE` (`chain:100,fan:200,...`).
+fn scale_sizes() -> Vec<(&'static str, usize)> {
+    let spec = std::env::var("SOLIDFLOW_BENCH_SCALE").unwrap_or_else(|_| DEFAULT_SCALE.into());
+    spec.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|item| {
+            let (shape, n) = item.trim().split_once(':').unwrap_or_else(|| {
+                panic!("SOLIDFLOW_BENCH_SCALE: `{item}` is not `chain:<n>` or `fan:<n>`")
+            });
+            let shape = match shape {
+                "chain" => "chain",
+                "fan" => "fan",
+                other => panic!("SOLIDFLOW_BENCH_SCALE: unknown shape `{other}` (chain, fan)"),
+            };
+            let n = n
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n >= 1)
+                .unwrap_or_else(|| panic!("SOLIDFLOW_BENCH_SCALE: `{n}` is not a size ≥ 1"));
+            (shape, n)
+        })
+        .collect()
+}
+
+fn scale_name(shape: &str, n: usize) -> String {
+    format!("scale_{shape}_{n}")
+}
+
+/// How many steps `shape` has at size `n`.
+fn scale_steps(shape: &str, n: usize) -> usize {
+    if shape == "chain" { n } else { n + 2 }
+}
+
+/// A chain of `n` steps, or a source, `n` leaves and a gather of the leaves.
+fn scale_pipeline(shape: &str, n: usize) -> Pipeline {
+    Pipeline::build(&scale_name(shape, n), |p| {
+        let s = p.invoke(source, ());
+        if shape == "chain" {
+            let mut h = s;
+            for i in 1..n {
+                h = p.invoke_as(&format!("increment_{i}"), increment, (h,));
+            }
+            return;
+        }
+        let mut inputs = Vec::with_capacity(n);
+        for i in 0..n {
+            p.invoke_as(&format!("increment_{i}"), increment, (s.clone(),));
+            inputs.push((format!("x{i}"), p.result(&format!("increment_{i}"))));
+        }
+        p.add("gather", gather(n), inputs);
+    })
+    .unwrap()
 }
 
 /// Records when the executor connected, when the first step started and when the run ended.
@@ -295,15 +371,15 @@ def make_blob():
 def blob_len(b):
     return len(b)
 
-def shape(client, name, fn, tmp):
+def shape(client, name, fn, tmp, n):
     if name == "chain":
         f = client.submit(fn, pure=False)
-        for _ in range(99):
+        for _ in range(n - 1):
             f = client.submit(fn, f, pure=False)
         client.gather([f])
     elif name == "fan":
         s = client.submit(fn, pure=False)
-        leaves = [client.submit(fn, s, pure=False) for _ in range(200)]
+        leaves = [client.submit(fn, s, pure=False) for _ in range(n)]
         client.gather([client.submit(fn, *leaves, pure=False)])
     elif name == "big":
         if fn is noop:
@@ -313,19 +389,20 @@ def shape(client, name, fn, tmp):
             p = client.submit(produce, os.path.join(tmp, "blob-%f" % time.time()), pure=False)
             client.gather([client.submit(consume, p, pure=False) for _ in range(4)])
 
-address, reps = sys.argv[1], int(sys.argv[2])
+# argv: address, reps, JSON list of [result name, shape, size]
+address, reps, jobs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 client = Client(address)
 tmp = tempfile.mkdtemp()
 out = {}
-for name in ["chain", "fan", "big"]:
+for result, name, n in jobs:
     for label, fn in [("a", noop), ("b", sub)]:
         best = None
         for _ in range(reps):
             t = time.perf_counter()
-            shape(client, name, fn, tmp)
+            shape(client, name, fn, tmp, n)
             d = time.perf_counter() - t
             best = d if best is None else min(best, d)
-        out["%s_%s" % (name, label)] = best
+        out["%s_%s" % (result, label)] = best
 print(json.dumps(out))
 client.close()
 "#;
@@ -344,12 +421,20 @@ fn main() {
         .unwrap_or(3);
     // SOLIDFLOW_BENCH_ONLY=chain,fan,big,critical,first: run only these parts.
     let only = std::env::var("SOLIDFLOW_BENCH_ONLY").ok();
-    let wanted = |part: &str| {
+    let listed = |part: &str| {
         only.as_deref()
-            .is_none_or(|o| o.split(',').any(|p| p.trim() == part))
+            .is_some_and(|o| o.split(',').any(|p| p.trim() == part))
     };
-    // SAFETY: single-threaded at this point; the executor reads it for the bridge.
-    unsafe { std::env::set_var("SOLIDFLOW_PYTHON", dask_support::python()) };
+    // `scale` runs only when asked for: it takes long.
+    let wanted = |part: &str| listed(part) || (only.is_none() && part != "scale");
+    // SAFETY: single-threaded at this point; the executor reads the first for the
+    // bridge, and the workers (started below) pass the second on to the step processes.
+    unsafe {
+        std::env::set_var("SOLIDFLOW_PYTHON", dask_support::python());
+        if std::env::var_os("SOLIDFLOW_BENCH_SCALE").is_none() {
+            std::env::set_var("SOLIDFLOW_BENCH_SCALE", DEFAULT_SCALE);
+        }
+    }
     let repo = repository();
     let cluster = dask_support::DaskCluster::start(&[
         dask_support::WorkerSpec::plain("w0"),
@@ -363,18 +448,27 @@ fn main() {
     // Raw Dask baselines, same cluster.
     let script = home.path().join("raw.py");
     std::fs::write(&script, RAW_SCRIPT).unwrap();
-    let out = std::process::Command::new(dask_support::python())
-        .arg(&script)
-        .arg(&cluster.address)
-        .arg(reps.to_string())
-        .output()
-        .expect("run the raw Dask baseline");
-    assert!(
-        out.status.success(),
-        "raw baseline failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let raw: serde_json::Value = serde_json::from_slice(&out.stdout).expect("baseline JSON");
+    let raw = |jobs: serde_json::Value| -> serde_json::Value {
+        let out = std::process::Command::new(dask_support::python())
+            .arg(&script)
+            .arg(&cluster.address)
+            .arg(reps.to_string())
+            .arg(jobs.to_string())
+            .output()
+            .expect("run the raw Dask baseline");
+        assert!(
+            out.status.success(),
+            "raw baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("baseline JSON")
+    };
+    let raw_jobs: Vec<_> = [("chain", 100), ("fan", 200), ("big", 0)]
+        .into_iter()
+        .filter(|(name, _)| wanted(name) || (*name == "big" && wanted("vec")))
+        .map(|(name, n)| json!([name, name, n]))
+        .collect();
+    let raw_default = raw(json!(raw_jobs));
 
     println!(
         "| shape | isolation | steps | solidflow total | solidflow after connect | per step | raw (a) no-op per step | raw (b) subprocess per step | solidflow / (a) | solidflow / (b) |"
@@ -408,8 +502,8 @@ fn main() {
         }
         let t = best.unwrap();
         let per = t.after_connect.as_secs_f64() / steps as f64;
-        let a = raw[format!("{baseline}_a")].as_f64().unwrap() / steps as f64;
-        let b = raw[format!("{baseline}_b")].as_f64().unwrap() / steps as f64;
+        let a = raw_default[format!("{baseline}_a")].as_f64().unwrap() / steps as f64;
+        let b = raw_default[format!("{baseline}_b")].as_f64().unwrap() / steps as f64;
         println!(
             "| {name} | {isolation} | {steps} | {:.2} s | {:.2} s | {:.1} ms | {:.1} ms | {:.1} ms | {:.2}× | {:.2}× |",
             t.total.as_secs_f64(),
@@ -458,6 +552,10 @@ fn main() {
         );
     }
 
+    if wanted("scale") {
+        scale(&repo, &cluster.address, reps, home.path(), raw);
+    }
+
     drop(cluster);
     if !wanted("first") {
         return;
@@ -475,4 +573,67 @@ fn main() {
         times.iter().min().unwrap().as_secs_f64(),
         times.iter().max().unwrap().as_secs_f64()
     );
+}
+
+/// The `scale` part: per step at every size of `SOLIDFLOW_BENCH_SCALE`, solidflow in each
+/// isolation of `SOLIDFLOW_BENCH_ISOLATION` next to raw (a)/(b) of the same shape and size.
+fn scale(
+    repo: &Repository,
+    address: &str,
+    reps: usize,
+    home: &std::path::Path,
+    raw: impl Fn(serde_json::Value) -> serde_json::Value,
+) {
+    // Smallest size of each shape first: the ratios are to it.
+    let mut sizes = scale_sizes();
+    sizes.sort_unstable();
+    let isolations =
+        std::env::var("SOLIDFLOW_BENCH_ISOLATION").unwrap_or_else(|_| "warm,process".into());
+    let isolations: Vec<&str> = isolations
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let jobs: Vec<_> = sizes
+        .iter()
+        .map(|&(shape, n)| json!([scale_name(shape, n), shape, n]))
+        .collect();
+    let raw = raw(json!(jobs));
+    println!();
+    println!("Per step with size (after connect, best of {reps}):");
+    println!();
+    println!(
+        "| shape | steps | isolation | solidflow after connect | per step | / smallest | raw (a) per step | raw (b) per step | raw (b) / smallest | solidflow / (a) | solidflow / (b) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    // (shape, isolation) -> per step at the smallest size; shape -> raw (b) there.
+    let mut smallest: HashMap<(&str, &str), f64> = HashMap::new();
+    let mut smallest_raw: HashMap<&str, f64> = HashMap::new();
+    for &(shape, n) in &sizes {
+        let name = scale_name(shape, n);
+        let steps = scale_steps(shape, n);
+        let a = raw[format!("{name}_a")].as_f64().unwrap() / steps as f64;
+        let b = raw[format!("{name}_b")].as_f64().unwrap() / steps as f64;
+        let base_b = *smallest_raw.entry(shape).or_insert(b);
+        for &isolation in &isolations {
+            let config = json!({"config": {"address": address, "isolation": isolation}});
+            let best = (0..reps)
+                .map(|_| run_solidflow(repo, &name, config.clone(), home).after_connect)
+                .min()
+                .unwrap();
+            let per = best.as_secs_f64() / steps as f64;
+            let base = *smallest.entry((shape, isolation)).or_insert(per);
+            println!(
+                "| {shape} {n} | {steps} | {isolation} | {:.2} s | {:.2} ms | {:.2}× | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2}× |",
+                best.as_secs_f64(),
+                per * 1e3,
+                per / base,
+                a * 1e3,
+                b * 1e3,
+                b / base_b,
+                per / a,
+                per / b
+            );
+        }
+    }
 }

@@ -29,6 +29,12 @@ command -v "$python3_bin" >/dev/null 2>&1 \
 "$python3_bin" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
   || die "$("$python3_bin" --version 2>&1) is too old: dask/distributed 2026.x need Python 3.10+. Set PYTHON3=/path/to/python3.10+."
 
+# CPython gh-106883: before 3.11.9 / 3.12.3, a Dask worker can deadlock (its profiler's
+# sys._current_frames + a GC callback + a thread starting); a long Dask run then stalls
+# for minutes (docs/benchmarks.md, "Per-step cost with size on Dask").
+"$python3_bin" -c 'import sys; v = sys.version_info[:3]; sys.exit(1 if (3, 11) <= v < (3, 11, 9) or (3, 12) <= v < (3, 12, 3) else 0)' \
+  || printf 'python-env.sh: warning: %s has CPython bug gh-106883 (Dask workers can deadlock in long runs); use Python >= 3.11.9, >= 3.12.3 or 3.13 (PYTHON3=...).\n' "$("$python3_bin" --version 2>&1)" >&2
+
 "$python3_bin" -c 'import venv, ensurepip' >/dev/null 2>&1 \
   || die "'$python3_bin' has no working venv/ensurepip module. Debian/Ubuntu: apt-get install python3-venv (or python3.X-venv matching '$("$python3_bin" --version 2>&1)')."
 
