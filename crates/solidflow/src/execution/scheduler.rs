@@ -809,6 +809,21 @@ mod tests {
         assert!(summary.failed.is_empty() && summary.skipped.is_empty() && !summary.canceled);
     }
 
+    /// The events and summary of `a` failing for good and `b`, `c` (after it) skipped.
+    fn expect_a_failed_b_and_c_skipped(s: Scheduler<'_>, collector: &EventCollector) {
+        assert_eq!(
+            types(collector),
+            [
+                "STEP_FAILURE a.compute",
+                "STEP_SKIPPED b.compute",
+                "STEP_SKIPPED c.compute"
+            ]
+        );
+        let summary = s.summary();
+        assert_eq!(summary.failed, ["a.compute"]);
+        assert_eq!(summary.skipped, ["b.compute", "c.compute"]);
+    }
+
     #[test]
     fn a_failure_skips_everything_downstream_and_nothing_else() {
         let plan = plan(&[
@@ -828,17 +843,7 @@ mod tests {
         s.finished(3, StepOutcome::Succeeded);
         assert_eq!(s.next(), None);
         assert!(s.is_finished());
-        assert_eq!(
-            types(&collector),
-            [
-                "STEP_FAILURE a.compute",
-                "STEP_SKIPPED b.compute",
-                "STEP_SKIPPED c.compute"
-            ]
-        );
-        let summary = s.summary();
-        assert_eq!(summary.failed, ["a.compute"]);
-        assert_eq!(summary.skipped, ["b.compute", "c.compute"]);
+        expect_a_failed_b_and_c_skipped(s, &collector);
     }
 
     #[test]
@@ -1156,15 +1161,7 @@ mod tests {
         );
         assert_eq!(s.take_withdrawn(), [1]);
         assert!(s.is_finished());
-        assert_eq!(
-            types(&collector),
-            [
-                "STEP_FAILURE a.compute",
-                "STEP_SKIPPED b.compute",
-                "STEP_SKIPPED c.compute"
-            ]
-        );
-        assert_eq!(s.summary().skipped, ["b.compute", "c.compute"]);
+        expect_a_failed_b_and_c_skipped(s, &collector);
     }
 
     #[test]
@@ -1198,17 +1195,7 @@ mod tests {
         assert_eq!(s.next_ahead(), Some((1, 1, vec![0])));
         s.cancel(&[0, 1]);
         assert!(s.is_finished());
-        assert_eq!(
-            types(&collector),
-            [
-                "STEP_FAILURE a.compute",
-                "STEP_SKIPPED b.compute",
-                "STEP_SKIPPED c.compute"
-            ]
-        );
-        let summary = s.summary();
-        assert_eq!(summary.failed, ["a.compute"]);
-        assert_eq!(summary.skipped, ["b.compute", "c.compute"]);
+        expect_a_failed_b_and_c_skipped(s, &collector);
     }
 
     #[test]
