@@ -1199,17 +1199,37 @@ mod tests {
     }
 
     #[test]
+    fn only_the_sole_dependent_of_a_running_step_goes_ahead_of_it() {
+        // a → b, a → c (a fan-out: b and c wait), b → d, c → d (a fan-in: d goes ahead).
+        let plan = plan(&[
+            ("a", &[], NONE, &[]),
+            ("b", &["a"], NONE, &[]),
+            ("c", &["a"], NONE, &[]),
+            ("d", &["b", "c"], NONE, &[]),
+        ]);
+        let (mut s, _) = ahead(&plan);
+        assert_eq!(s.next(), Some((0, 1)));
+        assert_eq!(s.next_ahead(), None, "a has two dependents");
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.next(), Some((1, 1)));
+        assert_eq!(s.next(), Some((2, 1)));
+        assert_eq!(s.next_ahead(), Some((3, 1, vec![1, 2])));
+    }
+
+    #[test]
     fn ahead_steps_hold_their_resources_and_fan_outs_never_go_ahead() {
         let plan = plan(&[
             ("a", &[], NONE, &[("GPU", 1.0)]),
             ("b", &["a"], NONE, &[("GPU", 1.0)]),
-            ("c", &["a"], NONE, &[]),
+            ("c", &[], NONE, &[]),
+            ("d", &["c"], NONE, &[]),
         ]);
         let (events, _) = sink();
         let capacity = Resources::from([("GPU".to_string(), 1.0)]);
         let mut s = Scheduler::new(&plan, events, Some(capacity)).with_ahead();
         assert_eq!(s.next(), Some((0, 1)));
-        assert_eq!(s.next_ahead(), Some((2, 1, vec![0])), "b's GPU is in use");
+        assert_eq!(s.next(), Some((2, 1)));
+        assert_eq!(s.next_ahead(), Some((3, 1, vec![2])), "b's GPU is in use");
         assert_eq!(s.next_ahead(), None);
         s.finished(0, StepOutcome::Succeeded);
         assert_eq!(s.next(), Some((1, 1)));

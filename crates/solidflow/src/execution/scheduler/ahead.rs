@@ -11,6 +11,11 @@
 //! names them, for the executor to stop), and an ahead step counts as running only
 //! once every upstream succeeded here ([`Scheduler::take_promoted`]).
 //!
+//! Only a running upstream's sole dependent goes ahead of it (a link of a chain, a
+//! fan-in): Dask places a task where its dependencies' results are, so the many
+//! dependents of a fan-out, launched ahead of their source, would all queue on the one
+//! worker that ran it; launched when it is done, they spread over the cluster.
+//!
 //! Templates of a fan-out are never handed out ahead (their steps are known only once
 //! the upstream finished), and a template does not count as started before all its
 //! steps succeeded, so what waits for one (the collect) is not handed out ahead of it.
@@ -87,6 +92,11 @@ impl Scheduler<'_> {
             && ahead.unstarted[step] == 0
             && self.waiting_on[step] > 0
             && !self.step(step).is_template()
+            && self
+                .step(step)
+                .upstream
+                .iter()
+                .all(|&u| self.state[u] != State::Running || self.downstream_of(u).len() == 1)
     }
 
     /// The next step to hand out ahead: its index, attempt number, and the upstreams
