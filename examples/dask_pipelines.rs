@@ -19,6 +19,8 @@
 //! | `live_logs` | `chatty` logs, waits, logs again |
 //! | `fail_skip` | `source` → `boom` (fails) → `after_boom` (skipped); `source` → `fine` |
 //! | `slow` | `sleepy` sleeps `seconds` (config), logging every 100 ms |
+//! | `slow_chain` | `sleepy` → `after_sleepy` |
+//! | `flaky_chain` | `flaky_once` (fails its first attempt after 0.5 s, one retry) → `after_flaky` |
 //!
 //! All run with `default_executors() + dask_executor()`.
 
@@ -137,6 +139,16 @@ fn boom(_ctx: &SolidContext, _x: u64) -> Result<u64, SolidError> {
     Err(SolidError::new("boom: this step always fails"))
 }
 
+/// Fails its first attempt after half a second; its retry succeeds.
+#[solid(retry(max_retries = 1))]
+fn flaky_once(ctx: &SolidContext) -> Result<u64, SolidError> {
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    if ctx.attempt() == 1 {
+        return Err(SolidError::new("flaky_once: the first attempt fails"));
+    }
+    Ok(1)
+}
+
 fn mode(p: Pipeline) -> Pipeline {
     p.with_executors(default_executors().with(dask_executor()))
 }
@@ -227,6 +239,16 @@ pub fn repository() -> Repository {
         p.invoke(sleepy, ());
     })
     .expect("valid pipeline");
+    let slow_chain = Pipeline::build("slow_chain", |p| {
+        let s = p.invoke(sleepy, ());
+        p.invoke_as("after_sleepy", double, (s,));
+    })
+    .expect("valid pipeline");
+    let flaky_chain = Pipeline::build("flaky_chain", |p| {
+        let f = p.invoke(flaky_once, ());
+        p.invoke_as("after_flaky", double, (f,));
+    })
+    .expect("valid pipeline");
     Repository::new("dask_pipelines")
         .with_pipeline(mode(diamond))
         .with_pipeline(fan("fan_out_100", 100))
@@ -238,6 +260,8 @@ pub fn repository() -> Repository {
         .with_pipeline(mode(live))
         .with_pipeline(mode(fail))
         .with_pipeline(mode(slow))
+        .with_pipeline(mode(slow_chain))
+        .with_pipeline(mode(flaky_chain))
 }
 
 fn main() {

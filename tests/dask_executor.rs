@@ -263,6 +263,54 @@ fn external_cluster_scenarios() {
     };
     assert!(pos("join.compute", "STEP_START") > pos("double.compute", "STEP_SUCCESS"));
     assert!(pos("join.compute", "STEP_START") > pos("add_ten.compute", "STEP_SUCCESS"));
+    // Launched ahead: `join` went to Dask while both branches ran, with their tasks as
+    // its dependencies; its events still come after their successes. The branches
+    // (two dependents of `source`) were launched when `source` was done.
+    assert_eq!(
+        launches(&out, "join.compute"),
+        [(true, 1)],
+        "{}",
+        out.describe()
+    );
+    for step in ["double.compute", "add_ten.compute"] {
+        assert_eq!(launches(&out, step), [(false, 1)], "{}", out.describe());
+    }
+
+    // An upstream that fails and retries: the dependent launched ahead of the failed
+    // attempt is withdrawn (it never started), then launched again ahead of the retry.
+    let out = run("dask_pipelines", home, "flaky_chain", &config);
+    out.expect_code(0);
+    assert_eq!(
+        out.of_type(Some("flaky_once.compute"), "STEP_UP_FOR_RETRY")
+            .len(),
+        1,
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.of_type(Some("after_flaky.compute"), "STEP_START").len(),
+        1,
+        "{}",
+        out.describe()
+    );
+    let success = out.of_type(Some("after_flaky.compute"), "STEP_SUCCESS");
+    assert_eq!(success.len(), 1, "{}", out.describe());
+    assert_eq!(success[0]["data"]["attempt"], 1, "no attempt was consumed");
+    let started = out
+        .of_type(Some("after_flaky.compute"), "ENGINE_EVENT")
+        .into_iter()
+        .filter_map(|e| e["data"]["details"]["dask_key"].as_str())
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    assert!(
+        started.len() == 1 && started[0].ends_with("-a1-w1"),
+        "one start, of the launch after the withdrawn one: {started:?}\n{}",
+        out.describe()
+    );
+    assert!(
+        pos_in(&out, "after_flaky.compute", "STEP_START")
+            > pos_in(&out, "flaky_once.compute", "STEP_SUCCESS")
+    );
 
     // Fan-out of 100 (and the fan-in), spread over both workers.
     let started = Instant::now();
@@ -362,6 +410,12 @@ fn external_cluster_scenarios() {
         "{}",
         out.describe()
     );
+    // Launched ahead of `boom` and withdrawn on the worker: no process was started.
+    assert!(
+        launches(&out, "after_boom.compute").is_empty(),
+        "{}",
+        out.describe()
+    );
     assert_eq!(
         out.of_type(Some("fine.compute"), "STEP_SUCCESS").len(),
         1,
@@ -406,6 +460,30 @@ fn external_cluster_scenarios() {
         "no worker-lost event naming the lost worker {victim}: {}",
         out.describe()
     );
+}
+
+/// Where `step`'s processes started: per start, whether it was launched ahead and its
+/// attempt.
+fn launches(out: &Outcome, step: &str) -> Vec<(bool, u64)> {
+    out.of_type(Some(step), "ENGINE_EVENT")
+        .into_iter()
+        .map(|e| &e["data"]["details"])
+        .filter(|d| d["dask_key"].is_string())
+        .map(|d| {
+            (
+                d["launched_ahead"] == true,
+                d["attempt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// The position of `step`'s first `event_type` event.
+fn pos_in(out: &Outcome, step: &str, event_type: &str) -> usize {
+    out.events
+        .iter()
+        .position(|(_, e)| e["step_key"] == step && e["event_type"] == event_type)
+        .unwrap_or_else(|| panic!("no {event_type} of {step}: {}", out.describe()))
 }
 
 /// The seed's local example verbatim: `{storage: {filesystem: {}}, execution: {dask: {}}}`.
@@ -509,7 +587,8 @@ fn missing_python_and_in_memory_storage_name_the_fix() {
 }
 
 /// Ctrl-C (SIGINT to the parent): exit 130, PIPELINE_CANCELED, and every process the
-/// run started (bridge, local cluster, step process) is gone.
+/// run started (bridge, local cluster, step process) is gone. The step after the
+/// sleeping one waits in Dask, launched ahead: it is withdrawn and skipped.
 #[test]
 fn ctrl_c_cancels_and_leaves_nothing_running() {
     let home = home();
@@ -521,7 +600,7 @@ fn ctrl_c_cancels_and_leaves_nothing_running() {
     let mut running = start(
         "dask_pipelines",
         home.path(),
-        &["execute", "slow", "-c", path.to_str().unwrap()],
+        &["execute", "slow_chain", "-c", path.to_str().unwrap()],
     );
     running.wait_event("the step to start sleeping", |e| {
         e["message"]
@@ -549,6 +628,21 @@ fn ctrl_c_cancels_and_leaves_nothing_running() {
     assert_eq!(
         out.of_type(None, "PIPELINE_CANCELED").len(),
         1,
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.of_type(Some("after_sleepy.compute"), "STEP_SKIPPED")
+            .len(),
+        1,
+        "{}",
+        out.describe()
+    );
+    assert!(
+        launches(&out, "after_sleepy.compute").is_empty()
+            && out
+                .of_type(Some("after_sleepy.compute"), "STEP_START")
+                .is_empty(),
         "{}",
         out.describe()
     );

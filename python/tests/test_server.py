@@ -94,3 +94,18 @@ def test_task_code_is_shipped_by_value() -> None:
     loaded = load_elsewhere(server.by_value(worker.run_command))
     assert loaded.returncode == 0, loaded.stderr.decode()
     assert loaded.stdout.decode().strip() == "run_command"
+
+
+def test_a_submit_after_a_key_the_bridge_does_not_hold_is_withdrawn(out: Collect) -> None:
+    bridge = server.Bridge(out)  # type: ignore[arg-type]
+    bridge.client = object()  # never used: the upstream is unknown, so nothing is submitted
+    bridge.handle({"op": "submit", "id": 1, "key": "b-a1", "command": ["true"], "after": ["a-a1"]})
+    assert out.messages == [
+        {
+            "type": "failed",
+            "key": "b-a1",
+            "reason": "withdrawn",
+            "message": "b-a1 waited for a-a1, which this bridge no longer holds",
+        },
+        {"type": "submitted", "key": "b-a1", "id": 1},
+    ]

@@ -114,3 +114,20 @@ def test_a_canceled_key_refuses_to_start(fake: FakeWorker) -> None:
     assert worker.kill_keys(["k"], 1.0, dask_worker=fake) == []
     with pytest.raises(RuntimeError, match="canceled before it started"):
         worker.run_command(spec(["true"]))
+
+
+def test_a_task_after_an_upstream_that_did_not_succeed_does_not_run(fake: FakeWorker, tmp_path: Any) -> None:
+    marker = tmp_path / "ran"
+    command = ["sh", "-c", "touch %s" % marker]
+    ok = {"key": "up-a1", "exit_code": 0, "signal": None}
+    for upstream in (
+        {"key": "up-a1", "exit_code": 1, "signal": None},
+        {"key": "up-a1", "exit_code": None, "signal": 9},
+        {"key": "up-a1", "not_started": "no such file"},
+        {"key": "up-a1", "withdrawn": "its own upstream failed"},
+    ):
+        result = worker.run_command(spec(command), ok, upstream)
+        assert result == {"key": "k", "withdrawn": "up-a1 did not succeed, so k did not run"}
+        assert not marker.exists() and fake.events == []
+    result = worker.run_command(spec(command), ok, ok)
+    assert result["exit_code"] == 0 and marker.exists()

@@ -27,6 +27,8 @@ use super::event::{ErrorInfo, EventKind, Level};
 use super::sink::{EventSink, Origin};
 use crate::plan::{ExecutionPlan, ExecutionStep};
 
+mod ahead;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Waiting,
@@ -38,6 +40,14 @@ enum State {
     Skipped,
     /// A template whose steps were added and have not all finished.
     Expanded,
+    /// Handed out ahead of an upstream that is still running (see `ahead.rs`).
+    Ahead,
+}
+
+/// Whether `state` counts as started for a dependent's ahead hand-out: launched (and
+/// not itself ahead) or done.
+fn started(state: State) -> bool {
+    matches!(state, State::Running | State::Succeeded)
 }
 
 /// Reads the item keys of the dynamic output a template maps over.
@@ -152,6 +162,8 @@ pub(crate) struct Scheduler<'p> {
     /// step whose `STEP_RESTARTED` was emitted (1 when absent).
     announced: HashMap<usize, u32>,
     announce_when_placed: bool,
+    /// Ahead-of-time hand-out (`ahead.rs`); `None` when the executor does not use it.
+    ahead: Option<ahead::Ahead>,
 }
 
 /// Checks that every step's requirements fit in `capacity`, naming each step that can
@@ -245,6 +257,22 @@ impl<'p> Scheduler<'p> {
             origins: HashMap::new(),
             announced: HashMap::new(),
             announce_when_placed: false,
+            ahead: None,
+        }
+    }
+
+    /// The dependents of step `i`. A step added while the run goes has none: what
+    /// waits for a fan-out waits for its template.
+    fn downstream_of(&self, i: usize) -> &'p [usize] {
+        let plan: &'p ExecutionPlan = self.plan;
+        plan.steps.get(i).map_or(&[], |s| s.downstream.as_slice())
+    }
+
+    /// Moves `step` to `new`, keeping the ahead bookkeeping of its dependents.
+    fn set_state(&mut self, step: usize, new: State) {
+        let old = std::mem::replace(&mut self.state[step], new);
+        if self.ahead.is_some() && started(old) != started(new) {
+            self.upstream_started(step, started(new));
         }
     }
 
@@ -315,7 +343,7 @@ impl<'p> Scheduler<'p> {
                     format!("{} failed: {}", template.key, error.message),
                     EventKind::StepFailure { error, attempt: 1 },
                 );
-                self.state[t] = State::Failed;
+                self.set_state(t, State::Failed);
                 self.summary.failed.push(template.key.clone());
                 self.skip_downstream(t);
                 return;
@@ -337,6 +365,9 @@ impl<'p> Scheduler<'p> {
             self.template_of.push(t);
             self.state.push(State::Ready);
             self.waiting_on.push(0);
+            if let Some(ahead) = &mut self.ahead {
+                ahead.added_step();
+            }
             self.attempts.push(0);
             self.ready.push_back(i);
             pending += 1;
@@ -372,7 +403,7 @@ impl<'p> Scheduler<'p> {
         if pending == 0 {
             self.template_succeeded(t);
         } else {
-            self.state[t] = State::Expanded;
+            self.set_state(t, State::Expanded);
             self.fanouts.insert(
                 t,
                 FanOut {
@@ -403,7 +434,7 @@ impl<'p> Scheduler<'p> {
         if f.failed.is_empty() {
             self.template_succeeded(t);
         } else {
-            self.state[t] = State::Failed;
+            self.set_state(t, State::Failed);
             self.failed_items.insert(t, f.failed);
             self.skip_downstream(t);
         }
@@ -420,7 +451,7 @@ impl<'p> Scheduler<'p> {
                 attempt: 1,
             },
         );
-        self.state[t] = State::Succeeded;
+        self.set_state(t, State::Succeeded);
         self.unblock_downstream(t);
     }
 
@@ -437,7 +468,7 @@ impl<'p> Scheduler<'p> {
         for (name, need) in &step_of(self.plan, &self.added, step).required_resources {
             *self.in_use.entry(name.clone()).or_default() += need;
         }
-        self.state[step] = State::Running;
+        self.set_state(step, State::Running);
         self.running += 1;
         self.attempts[step] += 1;
         let attempt = self.attempts[step];
@@ -471,7 +502,7 @@ impl<'p> Scheduler<'p> {
         });
         due.sort();
         for &(_, step) in due.iter().rev() {
-            self.state[step] = State::Ready;
+            self.set_state(step, State::Ready);
             self.ready.push_front(step);
         }
     }
@@ -517,7 +548,7 @@ impl<'p> Scheduler<'p> {
 
     fn succeeded(&mut self, step: usize) {
         self.release(step);
-        self.state[step] = State::Succeeded;
+        self.set_state(step, State::Succeeded);
         self.unblock_downstream(step);
         self.fan_out_step_done(step, false);
     }
@@ -525,10 +556,12 @@ impl<'p> Scheduler<'p> {
     /// Dependents of `step` whose upstreams all succeeded become ready (a template:
     /// due for expansion).
     fn unblock_downstream(&mut self, step: usize) {
-        for &d in &step_of(self.plan, &self.added, step).downstream {
+        for &d in self.downstream_of(step) {
             self.waiting_on[d] -= 1;
-            if self.waiting_on[d] == 0 && self.state[d] == State::Waiting {
-                self.state[d] = State::Ready;
+            if self.waiting_on[d] == 0 && self.state[d] == State::Ahead {
+                self.promote(d);
+            } else if self.waiting_on[d] == 0 && self.state[d] == State::Waiting {
+                self.set_state(d, State::Ready);
                 if self.plan.steps[d].is_template() {
                     self.expand.push_back(d);
                 } else {
@@ -545,6 +578,7 @@ impl<'p> Scheduler<'p> {
         retry_requested: Option<Option<Duration>>,
     ) -> AfterFailure {
         self.release(step);
+        self.withdraw_dependents(step);
         let s = step_of(self.plan, &self.added, step);
         let attempt = self.attempts[step];
         let policy = &s.retry_policy;
@@ -575,7 +609,7 @@ impl<'p> Scheduler<'p> {
                     delay_secs: delay.as_secs_f64(),
                 },
             );
-            self.state[step] = State::Delayed;
+            self.set_state(step, State::Delayed);
             self.delayed.push((Instant::now() + delay, step));
             return AfterFailure::Retry;
         }
@@ -587,8 +621,9 @@ impl<'p> Scheduler<'p> {
             format!("{} failed{}: {}", s.key, on(origin), error.message),
             EventKind::StepFailure { error, attempt },
         );
-        self.state[step] = State::Failed;
-        self.summary.failed.push(s.key.clone());
+        let key = s.key.clone();
+        self.set_state(step, State::Failed);
+        self.summary.failed.push(key);
         self.skip_downstream(step);
         self.fan_out_step_done(step, true);
         AfterFailure::Failed
@@ -597,11 +632,11 @@ impl<'p> Scheduler<'p> {
     fn skip_downstream(&mut self, failed: usize) {
         let mut stack = vec![failed];
         while let Some(step) = stack.pop() {
-            for &d in &step_of(self.plan, &self.added, step).downstream {
+            for &d in self.downstream_of(step) {
                 if self.state[d] != State::Waiting {
                     continue;
                 }
-                self.state[d] = State::Skipped;
+                self.set_state(d, State::Skipped);
                 let ds = step_of(self.plan, &self.added, d);
                 let upstream: Vec<String> = ds
                     .upstream
@@ -629,8 +664,11 @@ impl<'p> Scheduler<'p> {
     }
 
     /// Marks the run canceled: running steps fail as interrupted; nothing else starts.
+    /// Steps handed out ahead go back to waiting (their launches are withdrawn by the
+    /// executor), so they are skipped with what waits.
     pub(crate) fn cancel(&mut self, running: &[usize]) {
         self.summary.canceled = true;
+        self.withdraw_all_ahead();
         for &step in running {
             if self.state[step] == State::Running {
                 let error = ErrorInfo {
@@ -771,6 +809,21 @@ mod tests {
         assert!(summary.failed.is_empty() && summary.skipped.is_empty() && !summary.canceled);
     }
 
+    /// The events and summary of `a` failing for good and `b`, `c` (after it) skipped.
+    fn expect_a_failed_b_and_c_skipped(s: Scheduler<'_>, collector: &EventCollector) {
+        assert_eq!(
+            types(collector),
+            [
+                "STEP_FAILURE a.compute",
+                "STEP_SKIPPED b.compute",
+                "STEP_SKIPPED c.compute"
+            ]
+        );
+        let summary = s.summary();
+        assert_eq!(summary.failed, ["a.compute"]);
+        assert_eq!(summary.skipped, ["b.compute", "c.compute"]);
+    }
+
     #[test]
     fn a_failure_skips_everything_downstream_and_nothing_else() {
         let plan = plan(&[
@@ -790,17 +843,7 @@ mod tests {
         s.finished(3, StepOutcome::Succeeded);
         assert_eq!(s.next(), None);
         assert!(s.is_finished());
-        assert_eq!(
-            types(&collector),
-            [
-                "STEP_FAILURE a.compute",
-                "STEP_SKIPPED b.compute",
-                "STEP_SKIPPED c.compute"
-            ]
-        );
-        let summary = s.summary();
-        assert_eq!(summary.failed, ["a.compute"]);
-        assert_eq!(summary.skipped, ["b.compute", "c.compute"]);
+        expect_a_failed_b_and_c_skipped(s, &collector);
     }
 
     #[test]
@@ -1030,5 +1073,180 @@ mod tests {
         let summary = s.summary();
         assert_eq!(summary.failed, ["map[?].compute"]);
         assert_eq!(summary.skipped, ["join.compute"]);
+    }
+
+    /// `a` → `b` → `c`, `a` with `retry`, handing out ahead.
+    fn chain(retry: RetryPolicy) -> ExecutionPlan {
+        plan(&[
+            ("a", &[], retry, &[]),
+            ("b", &["a"], NONE, &[]),
+            ("c", &["b"], NONE, &[]),
+        ])
+    }
+
+    fn ahead(plan: &ExecutionPlan) -> (Scheduler<'_>, EventCollector) {
+        let (events, collector) = sink();
+        let s = Scheduler::new(plan, events, None)
+            .restarts_announced_when_placed()
+            .with_ahead();
+        (s, collector)
+    }
+
+    #[test]
+    fn a_step_is_handed_out_ahead_of_its_running_upstream_one_level_deep() {
+        let plan = chain(NONE);
+        let (mut s, collector) = ahead(&plan);
+        assert_eq!(s.next(), Some((0, 1)));
+        assert_eq!(s.next(), None, "b waits for a");
+        assert_eq!(s.next_ahead(), Some((1, 1, vec![0])));
+        assert!(s.is_ahead(1));
+        assert_eq!(s.next_ahead(), None, "c would be two levels ahead");
+        assert_eq!(s.running(), 2, "an ahead step counts as running");
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.take_promoted(), [1], "b runs now");
+        assert!(!s.is_ahead(1));
+        assert_eq!(s.next(), None);
+        assert_eq!(s.next_ahead(), Some((2, 1, vec![1])));
+        s.finished(1, StepOutcome::Succeeded);
+        assert_eq!(s.take_promoted(), [2]);
+        s.finished(2, StepOutcome::Succeeded);
+        assert!(s.is_finished());
+        assert!(s.take_withdrawn().is_empty());
+        assert!(types(&collector).is_empty(), "{:?}", types(&collector));
+    }
+
+    #[test]
+    fn an_upstream_retry_withdraws_the_ahead_step_which_goes_again_after_the_retry() {
+        let plan = chain(RetryPolicy::new(1));
+        let (mut s, collector) = ahead(&plan);
+        assert_eq!(s.next(), Some((0, 1)));
+        assert_eq!(s.next_ahead(), Some((1, 1, vec![0])));
+        assert_eq!(
+            s.finished(0, StepOutcome::Failed(error("flake"))),
+            Some(AfterFailure::Retry)
+        );
+        assert_eq!(
+            s.take_withdrawn(),
+            [1],
+            "b cannot run on a's failed attempt"
+        );
+        assert_eq!(
+            s.next_ahead(),
+            None,
+            "a is not running: nothing to go ahead of"
+        );
+        while s.next_wakeup().is_some_and(|t| t > Instant::now()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(s.next(), Some((0, 2)));
+        assert_eq!(
+            s.next_ahead(),
+            Some((1, 1, vec![0])),
+            "b goes ahead of the retry, still its first attempt"
+        );
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.take_promoted(), [1]);
+        assert_eq!(types(&collector), ["STEP_UP_FOR_RETRY a.compute"]);
+    }
+
+    #[test]
+    fn a_final_upstream_failure_withdraws_and_skips_the_ahead_step() {
+        let plan = chain(NONE);
+        let (mut s, collector) = ahead(&plan);
+        s.next();
+        assert_eq!(s.next_ahead(), Some((1, 1, vec![0])));
+        assert_eq!(
+            s.finished(0, StepOutcome::Failed(error("boom"))),
+            Some(AfterFailure::Failed)
+        );
+        assert_eq!(s.take_withdrawn(), [1]);
+        assert!(s.is_finished());
+        expect_a_failed_b_and_c_skipped(s, &collector);
+    }
+
+    #[test]
+    fn a_launch_withdrawn_where_it_ran_waits_for_the_upstream_outcome_here() {
+        let plan = chain(NONE);
+        let (mut s, _) = ahead(&plan);
+        s.next();
+        assert_eq!(s.next_ahead(), Some((1, 1, vec![0])));
+        // The cluster saw a's attempt fail before this scheduler heard of it.
+        s.withdrawn(1);
+        assert!(s.take_withdrawn().is_empty(), "the launch ended already");
+        assert_eq!(s.running(), 1);
+        assert_eq!(s.next_ahead(), None, "not ahead of the same attempt again");
+        // Here a succeeded after all: b is ready, and keeps its attempt number.
+        s.finished(0, StepOutcome::Succeeded);
+        assert!(s.take_promoted().is_empty());
+        assert_eq!(s.next(), Some((1, 1)));
+        // A promoted step withdrawn where it ran goes back to the front of the queue.
+        assert_eq!(s.next_ahead(), Some((2, 1, vec![1])));
+        s.finished(1, StepOutcome::Succeeded);
+        assert_eq!(s.take_promoted(), [2]);
+        s.withdrawn(2);
+        assert_eq!(s.next(), Some((2, 1)));
+    }
+
+    #[test]
+    fn cancel_withdraws_ahead_steps_and_skips_them() {
+        let plan = chain(RetryPolicy::new(3));
+        let (mut s, collector) = ahead(&plan);
+        s.next();
+        assert_eq!(s.next_ahead(), Some((1, 1, vec![0])));
+        s.cancel(&[0, 1]);
+        assert!(s.is_finished());
+        expect_a_failed_b_and_c_skipped(s, &collector);
+    }
+
+    #[test]
+    fn only_the_sole_dependent_of_a_running_step_goes_ahead_of_it() {
+        // a → b, a → c (a fan-out: b and c wait), b → d, c → d (a fan-in: d goes ahead).
+        let plan = plan(&[
+            ("a", &[], NONE, &[]),
+            ("b", &["a"], NONE, &[]),
+            ("c", &["a"], NONE, &[]),
+            ("d", &["b", "c"], NONE, &[]),
+        ]);
+        let (mut s, _) = ahead(&plan);
+        assert_eq!(s.next(), Some((0, 1)));
+        assert_eq!(s.next_ahead(), None, "a has two dependents");
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.next(), Some((1, 1)));
+        assert_eq!(s.next(), Some((2, 1)));
+        assert_eq!(s.next_ahead(), Some((3, 1, vec![1, 2])));
+    }
+
+    #[test]
+    fn ahead_steps_hold_their_resources_and_fan_outs_never_go_ahead() {
+        let plan = plan(&[
+            ("a", &[], NONE, &[("GPU", 1.0)]),
+            ("b", &["a"], NONE, &[("GPU", 1.0)]),
+            ("c", &[], NONE, &[]),
+            ("d", &["c"], NONE, &[]),
+        ]);
+        let (events, _) = sink();
+        let capacity = Resources::from([("GPU".to_string(), 1.0)]);
+        let mut s = Scheduler::new(&plan, events, Some(capacity)).with_ahead();
+        assert_eq!(s.next(), Some((0, 1)));
+        assert_eq!(s.next(), Some((2, 1)));
+        assert_eq!(s.next_ahead(), Some((3, 1, vec![2])), "b's GPU is in use");
+        assert_eq!(s.next_ahead(), None);
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.next(), Some((1, 1)));
+
+        let plan = fan_out_plan();
+        let (events, _) = sink();
+        let mut s = Scheduler::new(&plan, events, None)
+            .with_resolver(keys(&["x"]))
+            .with_ahead();
+        assert_eq!(s.next(), Some((0, 1)));
+        assert_eq!(
+            s.next_ahead(),
+            None,
+            "a template's steps are known only later"
+        );
+        s.finished(0, StepOutcome::Succeeded);
+        assert_eq!(s.next(), Some((3, 1)));
+        assert_eq!(s.next_ahead(), None, "the collect waits for the template");
     }
 }

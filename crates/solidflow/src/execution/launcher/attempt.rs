@@ -77,6 +77,8 @@ impl Attempt {
                 None => StepOutcome::Failed(self.crash(exit)),
             }),
             Report::Failed(error) => Some(StepOutcome::Failed(error)),
+            // The run loop takes a withdrawn launch back to the scheduler before this.
+            Report::Withdrawn => None,
         }
     }
 

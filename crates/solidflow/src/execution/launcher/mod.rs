@@ -52,6 +52,14 @@ pub struct Launch {
     pub invocation: StepInvocation,
     /// Where to report what the step process does.
     pub reporter: Reporter,
+    /// Launched ahead (only by a launcher whose [`StepLauncher::launches_ahead`]): the
+    /// running attempts, launched by this launcher, that this one must wait for. It
+    /// starts once they all ended, and only if they all succeeded; otherwise the
+    /// launcher reports [`Report::Withdrawn`] without starting it.
+    pub after: Vec<AttemptId>,
+    /// How many earlier launches of this same attempt were withdrawn (a launcher whose
+    /// names must be unique per launch counts them in).
+    pub withdrawn: u32,
 }
 
 /// Where a step process runs, for its events and crash reports.
@@ -107,6 +115,16 @@ pub enum Report {
     /// The attempt ended without a process result (could not start, worker lost,
     /// canceled); the error says why.
     Failed(ErrorInfo),
+    /// A launch ahead ([`Launch::after`]) did not start because an attempt it waited
+    /// for did not succeed: the step goes back to the scheduler as not launched.
+    Withdrawn,
+}
+
+impl Report {
+    /// Whether this is the last report of its attempt.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Exited(_) | Self::Failed(_) | Self::Withdrawn)
+    }
 }
 
 /// What reaches the run loop.
@@ -170,6 +188,15 @@ pub trait StepLauncher {
 
     /// Called after each batch of reports was handled and before the loop waits.
     fn idle(&mut self) {}
+
+    /// Whether this launcher can launch a step ahead of the attempts it waits for
+    /// ([`Launch::after`]): its cluster starts it when they ended, where their
+    /// results are, and withdraws it when one did not succeed. Saves the round trip
+    /// through the parent per dependency (a chain on Dask). Local launchers have no
+    /// ordering of their own and keep the default, `false`.
+    fn launches_ahead(&self) -> bool {
+        false
+    }
 }
 
 /// Refuses storage that step processes of `executor` cannot reach: `Process` storage

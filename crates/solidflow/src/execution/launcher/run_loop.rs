@@ -1,12 +1,19 @@
 //! The one run loop of every out-of-process executor: hands the scheduler's ready
 //! attempts to a [`StepLauncher`], turns its reports into events and outcomes, waits
 //! for retries to become due, and on cancel terminates what runs.
+//!
+//! With a launcher that [`launches_ahead`](StepLauncher::launches_ahead), steps are
+//! also handed out ahead of their running upstreams (see the scheduler's `ahead.rs`).
+//! What such an attempt reports is held until the scheduler promotes it (every
+//! upstream succeeded here), so the run's events keep their order (an upstream's
+//! `STEP_SUCCESS` before its dependent's `STEP_START`); a launch the scheduler
+//! withdrew is stopped and whatever it still reports is dropped.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use serde_json::json;
 
 use super::attempt::Attempt;
@@ -39,6 +46,26 @@ pub struct RunOptions {
 struct Running<H> {
     attempt: Attempt,
     handle: H,
+    /// Launched ahead and not promoted yet: its reports so far, in order.
+    held: Option<Vec<Report>>,
+}
+
+/// The loop's state: the scheduler and the attempts in flight.
+struct Loop<'e, 'p, H> {
+    env: &'e StepEnvironment,
+    scheduler: Scheduler<'p>,
+    running: HashMap<AttemptId, Running<H>>,
+    /// The attempt in flight of each step.
+    by_step: HashMap<usize, AttemptId>,
+    /// Launches the scheduler withdrew, until they report their end.
+    withdrawing: HashMap<AttemptId, H>,
+    /// Per step: the attempt number whose launches were withdrawn, and how many.
+    withdrawals: HashMap<usize, (u32, u32)>,
+    tx: Sender<Notice>,
+    next_id: u64,
+    grace: Duration,
+    /// While canceling: the steps whose attempts ended without success.
+    interrupted: Option<Vec<usize>>,
 }
 
 /// Runs every step of `env`'s plan through `launcher` (see the module docs). Step
@@ -55,65 +82,35 @@ pub fn run_steps<L: StepLauncher>(
     let mut scheduler = Scheduler::new(&plan, env.events.clone(), options.resources.clone())
         .with_resolver(env.key_resolver())
         .restarts_announced_when_placed();
+    if launcher.launches_ahead() {
+        scheduler = scheduler.with_ahead();
+    }
     let (tx, rx) = unbounded::<Notice>();
-    let mut running: HashMap<AttemptId, Running<L::Handle>> = HashMap::new();
-    let mut next_id = 0u64;
+    let mut lp = Loop {
+        env,
+        scheduler,
+        running: HashMap::new(),
+        by_step: HashMap::new(),
+        withdrawing: HashMap::new(),
+        withdrawals: HashMap::new(),
+        tx,
+        next_id: 0,
+        grace: options.grace,
+        interrupted: None,
+    };
     loop {
         if cancel.is_canceled() {
-            terminate(
-                env,
-                &mut scheduler,
-                launcher,
-                &mut running,
-                &rx,
-                options.grace,
-            );
+            lp.cancel(launcher, &rx);
             break;
         }
-        let mut launches = Vec::new();
-        let mut attempts = Vec::new();
-        while options
-            .max_running
-            .is_none_or(|max| running.len() + launches.len() < max.max(1))
-        {
-            let Some((step, number)) = scheduler.next() else {
-                break;
-            };
-            next_id += 1;
-            let id = AttemptId(next_id);
-            let planned = scheduler.step(step);
-            launches.push(Launch {
-                id,
-                step: scheduler.plan_index(step),
-                invocation: StepInvocation::for_attempt(env, home, planned, number),
-                reporter: Reporter::new(id, tx.clone()),
-            });
-            attempts.push((id, Attempt::new(step, &planned.key, number)));
-        }
-        let mut failed_to_launch = false;
-        if !launches.is_empty() {
-            let results = launcher.launch_all(launches);
-            for ((id, attempt), result) in attempts.into_iter().zip(results) {
-                match result {
-                    Ok(handle) => {
-                        running.insert(id, Running { attempt, handle });
-                    }
-                    Err(LaunchError::Step(error)) => {
-                        failed_to_launch = true;
-                        scheduler.placed(attempt.step, None);
-                        scheduler.finished(attempt.step, StepOutcome::Failed(error));
-                    }
-                    Err(LaunchError::Engine(message)) => return Err(message),
-                }
-            }
-        }
-        if scheduler.is_finished() {
+        let failed_to_launch = lp.launch(launcher, home, options.max_running)?;
+        if lp.scheduler.is_finished() && lp.withdrawing.is_empty() {
             break;
         }
         if failed_to_launch {
             continue; // a slot is free again, or a retry is due
         }
-        let timeout = scheduler.next_wakeup().map_or(POLL, |t| {
+        let timeout = lp.scheduler.next_wakeup().map_or(POLL, |t| {
             t.saturating_duration_since(Instant::now()).min(POLL)
         });
         let first = match rx.recv_timeout(timeout) {
@@ -126,80 +123,244 @@ pub fn run_steps<L: StepLauncher>(
             .chain(std::iter::from_fn(|| rx.try_recv().ok()))
         {
             match notice {
-                Notice::Attempt(id, report) => {
-                    let Some(r) = running.get_mut(&id) else {
-                        continue;
-                    };
-                    let started = matches!(report, Report::Started(_));
-                    let outcome = r.attempt.report(env, report);
-                    if started {
-                        scheduler.placed(r.attempt.step, r.attempt.origin());
-                    }
-                    if let Some(outcome) = outcome {
-                        let step = r.attempt.step;
-                        running.remove(&id);
-                        scheduler.finished(step, outcome);
-                    }
-                }
+                Notice::Attempt(id, report) => lp.on_report(launcher, id, report),
                 Notice::EngineFailed(message) => return Err(message),
             }
         }
         launcher.idle();
     }
     launcher.idle();
-    Ok(scheduler.summary())
+    Ok(lp.scheduler.summary())
 }
 
-/// Cancel: ask every running attempt to stop, wait for them (grace, then the
-/// launcher kills them), and mark the unfinished steps interrupted. An attempt that
-/// succeeded in time keeps its success.
-fn terminate<L: StepLauncher>(
-    env: &StepEnvironment,
-    scheduler: &mut Scheduler<'_>,
-    launcher: &mut L,
-    running: &mut HashMap<AttemptId, Running<L::Handle>>,
-    rx: &Receiver<Notice>,
-    grace: Duration,
-) {
-    if !running.is_empty() {
-        let mut steps: Vec<&str> = running.values().map(|r| r.attempt.key()).collect();
-        steps.sort_unstable();
-        env.events.emit(
-            None,
-            Level::Warning,
-            format!(
-                "canceling: stopping {} running step(s), killing them after {:.1}s",
-                steps.len(),
-                grace.as_secs_f64()
-            ),
-            EventKind::EngineEvent {
-                details: json!({"steps": steps, "grace_secs": grace.as_secs_f64()}),
-            },
-        );
-        let handles: Vec<&L::Handle> = running.values().map(|r| &r.handle).collect();
-        launcher.terminate(&handles, grace);
-    }
-    let deadline = Instant::now() + grace + CANCEL_MARGIN;
-    let mut interrupted = Vec::new();
-    while !running.is_empty() {
-        let Ok(Notice::Attempt(id, report)) = rx.recv_deadline(deadline) else {
-            break;
-        };
-        let Some(r) = running.get_mut(&id) else {
-            continue;
-        };
-        if let Some(outcome) = r.attempt.report(env, report) {
-            let step = r.attempt.step;
-            running.remove(&id);
-            match outcome {
-                StepOutcome::Succeeded => {
-                    scheduler.finished(step, outcome);
+impl<H> Loop<'_, '_, H> {
+    /// Hands out what the scheduler has (ready steps first, then steps ahead when the
+    /// launcher takes them) and launches it. Returns whether a launch failed.
+    fn launch<L: StepLauncher<Handle = H>>(
+        &mut self,
+        launcher: &mut L,
+        home: &Path,
+        max_running: Option<usize>,
+    ) -> Result<bool, String> {
+        let ahead = launcher.launches_ahead();
+        let mut launches = Vec::new();
+        let mut attempts = Vec::new();
+        while max_running.is_none_or(|max| self.running.len() + launches.len() < max.max(1)) {
+            let (step, number, after) = match self.scheduler.next() {
+                Some((step, number)) => (step, number, None),
+                None => match ahead.then(|| self.scheduler.next_ahead()).flatten() {
+                    Some((step, number, after)) => (step, number, Some(after)),
+                    None => break,
+                },
+            };
+            self.next_id += 1;
+            let id = AttemptId(self.next_id);
+            self.by_step.insert(step, id);
+            let after_ids = after.as_deref().unwrap_or_default();
+            let after_ids = after_ids
+                .iter()
+                .map(|u| self.by_step[u])
+                .collect::<Vec<_>>();
+            let withdrawn = self
+                .withdrawals
+                .get(&step)
+                .filter(|(n, _)| *n == number)
+                .map_or(0, |(_, count)| *count);
+            let planned = self.scheduler.step(step);
+            launches.push(Launch {
+                id,
+                step: self.scheduler.plan_index(step),
+                invocation: StepInvocation::for_attempt(self.env, home, planned, number),
+                reporter: Reporter::new(id, self.tx.clone()),
+                after: after_ids,
+                withdrawn,
+            });
+            let held = after.map(|_| Vec::new());
+            attempts.push((id, Attempt::new(step, &planned.key, number), held));
+        }
+        if launches.is_empty() {
+            return Ok(false);
+        }
+        let results = launcher.launch_all(launches);
+        let mut failures = Vec::new();
+        for ((id, attempt, held), result) in attempts.into_iter().zip(results) {
+            match result {
+                Ok(handle) => {
+                    self.running.insert(
+                        id,
+                        Running {
+                            attempt,
+                            handle,
+                            held,
+                        },
+                    );
                 }
-                _ => interrupted.push(step),
+                Err(LaunchError::Step(error)) => failures.push((attempt.step, error)),
+                Err(LaunchError::Engine(message)) => return Err(message),
+            }
+        }
+        let failed_to_launch = !failures.is_empty();
+        for (step, error) in failures {
+            self.by_step.remove(&step);
+            self.scheduler.placed(step, None);
+            self.scheduler.finished(step, StepOutcome::Failed(error));
+        }
+        self.settle(launcher);
+        Ok(failed_to_launch)
+    }
+
+    /// One report about attempt `id`.
+    fn on_report<L: StepLauncher<Handle = H>>(
+        &mut self,
+        launcher: &mut L,
+        id: AttemptId,
+        report: Report,
+    ) {
+        if self.withdrawing.contains_key(&id) {
+            if report.is_final() {
+                self.withdrawing.remove(&id);
+            }
+            return;
+        }
+        let Some(r) = self.running.get_mut(&id) else {
+            return;
+        };
+        let step = r.attempt.step;
+        let ahead_ended = r.held.is_some() && report.is_final() && self.interrupted.is_some();
+        if matches!(report, Report::Withdrawn) || ahead_ended {
+            // Not launched after all (or, while canceling, an ahead launch that ended).
+            let number = r.attempt.number;
+            self.running.remove(&id);
+            self.by_step.remove(&step);
+            self.count_withdrawal(step, number);
+            self.scheduler.withdrawn(step);
+        } else if let Some(held) = &mut r.held {
+            held.push(report);
+            return;
+        } else {
+            self.handle(id, report);
+        }
+        self.settle(launcher);
+    }
+
+    /// Turns a report of a running (not ahead) attempt into events and its outcome.
+    fn handle(&mut self, id: AttemptId, report: Report) {
+        let Some(r) = self.running.get_mut(&id) else {
+            return;
+        };
+        let started = matches!(report, Report::Started(_));
+        let outcome = r.attempt.report(self.env, report);
+        if started {
+            self.scheduler.placed(r.attempt.step, r.attempt.origin());
+        }
+        let Some(outcome) = outcome else {
+            return;
+        };
+        let step = r.attempt.step;
+        self.running.remove(&id);
+        self.by_step.remove(&step);
+        match &mut self.interrupted {
+            Some(interrupted) if outcome != StepOutcome::Succeeded => interrupted.push(step),
+            _ => {
+                self.scheduler.finished(step, outcome);
             }
         }
     }
-    // Anything still running could not be stopped; report it anyway.
-    interrupted.extend(running.drain().map(|(_, r)| r.attempt.step));
-    scheduler.cancel(&interrupted);
+
+    fn count_withdrawal(&mut self, step: usize, number: u32) {
+        let entry = self.withdrawals.entry(step).or_insert((number, 0));
+        if entry.0 != number {
+            *entry = (number, 0);
+        }
+        entry.1 += 1;
+    }
+
+    /// Applies what the scheduler decided about ahead launches: those it withdrew are
+    /// stopped, those it promoted get their held reports handled.
+    fn settle<L: StepLauncher<Handle = H>>(&mut self, launcher: &mut L) {
+        loop {
+            let withdrawn = self.scheduler.take_withdrawn();
+            let promoted = self.scheduler.take_promoted();
+            if withdrawn.is_empty() && promoted.is_empty() {
+                return;
+            }
+            let mut stop = Vec::new();
+            for step in withdrawn {
+                let Some(id) = self.by_step.remove(&step) else {
+                    continue;
+                };
+                if let Some(r) = self.running.remove(&id) {
+                    self.count_withdrawal(step, r.attempt.number);
+                    self.withdrawing.insert(id, r.handle);
+                    stop.push(id);
+                }
+            }
+            if !stop.is_empty() {
+                let handles: Vec<&H> = stop.iter().map(|id| &self.withdrawing[id]).collect();
+                launcher.terminate(&handles, self.grace);
+            }
+            for step in promoted {
+                let Some(&id) = self.by_step.get(&step) else {
+                    continue;
+                };
+                let held = self
+                    .running
+                    .get_mut(&id)
+                    .and_then(|r| r.held.take())
+                    .unwrap_or_default();
+                for report in held {
+                    self.handle(id, report);
+                }
+            }
+        }
+    }
+
+    /// Cancel: ask every running attempt to stop, wait for them (grace, then the
+    /// launcher kills them), and mark the unfinished steps interrupted. An attempt that
+    /// succeeded in time keeps its success; launches ahead are withdrawn.
+    fn cancel<L: StepLauncher<Handle = H>>(&mut self, launcher: &mut L, rx: &Receiver<Notice>) {
+        let grace = self.grace;
+        let mut steps: Vec<&str> = self
+            .running
+            .values()
+            .filter(|r| r.held.is_none())
+            .map(|r| r.attempt.key())
+            .collect();
+        if !steps.is_empty() {
+            steps.sort_unstable();
+            self.env.events.emit(
+                None,
+                Level::Warning,
+                format!(
+                    "canceling: stopping {} running step(s), killing them after {:.1}s",
+                    steps.len(),
+                    grace.as_secs_f64()
+                ),
+                EventKind::EngineEvent {
+                    details: json!({"steps": steps, "grace_secs": grace.as_secs_f64()}),
+                },
+            );
+        }
+        let handles: Vec<&H> = self
+            .running
+            .values()
+            .map(|r| &r.handle)
+            .chain(self.withdrawing.values())
+            .collect();
+        if !handles.is_empty() {
+            launcher.terminate(&handles, grace);
+        }
+        self.interrupted = Some(Vec::new());
+        let deadline = Instant::now() + grace + CANCEL_MARGIN;
+        while !self.running.is_empty() || !self.withdrawing.is_empty() {
+            let Ok(Notice::Attempt(id, report)) = rx.recv_deadline(deadline) else {
+                break;
+            };
+            self.on_report(launcher, id, report);
+        }
+        // Anything still running could not be stopped; report it anyway.
+        let mut interrupted = self.interrupted.take().unwrap_or_default();
+        interrupted.extend(self.running.drain().map(|(_, r)| r.attempt.step));
+        self.scheduler.cancel(&interrupted);
+    }
 }

@@ -16,7 +16,7 @@ use super::bridge::{
 };
 use crate::execution::event::{ErrorInfo, Level};
 use crate::execution::launcher::{
-    Launch, LaunchError, Place, ProcessExit, Report, Reporter, StepLauncher,
+    AttemptId, Launch, LaunchError, Place, ProcessExit, Report, Reporter, StepLauncher,
 };
 use crate::execution::step::StepEnvironment;
 use crate::executor::PARENT_PID_ENV;
@@ -31,9 +31,12 @@ const NOT_RUNNABLE: &str = "the binary could not be run there: set `executable:`
 
 /// What the message pump knows about one submitted key.
 struct InFlight {
+    id: AttemptId,
     reporter: Reporter,
     step_key: String,
     attempt: u32,
+    /// Launched ahead of the attempts it waited for.
+    ahead: bool,
     /// Hashes of the stdout lines forwarded, to recover missing ones from the log file.
     seen: HashSet<u64>,
 }
@@ -42,7 +45,10 @@ struct InFlight {
 #[derive(Default)]
 struct Shared {
     inflight: HashMap<String, InFlight>,
-    to_release: Vec<String>,
+    to_release: Vec<(AttemptId, String)>,
+    /// The Dask key of each attempt submitted and not released yet, for launches
+    /// ahead that wait for it.
+    keys: HashMap<AttemptId, String>,
     /// Set when the bridge went away.
     dead: Option<String>,
 }
@@ -98,16 +104,20 @@ impl<'a> DaskLauncher<'a> {
         }
     }
 
-    fn request(&self, launch: &Launch) -> SubmitRequest {
+    fn request(&self, launch: &Launch, after: Vec<String>) -> SubmitRequest {
         let step = &self.env.plan.steps[launch.step];
         let t = &self.template;
         let step_key = &launch.invocation.step_key;
-        let key = StepKey::dask_key(
+        let mut key = StepKey::dask_key(
             &step.solid_definition,
             step_key,
             &self.env.run_id,
             launch.invocation.attempt,
         );
+        if launch.withdrawn > 0 {
+            // Dask keys are unique: a launch again after a withdrawn one gets its own.
+            key.push_str(&format!("-w{}", launch.withdrawn));
+        }
         let mut request = SubmitRequest::new(
             key,
             vec![t.command0.clone(), "step".into()],
@@ -123,6 +133,7 @@ impl<'a> DaskLauncher<'a> {
         // (vfork instead of fork: ~10 ms less per step).
         request.parent_pid_env = Some(PARENT_PID_ENV.to_string());
         request.warm = t.warm.clone();
+        request.after = after;
         request.log_files = BTreeMap::from([
             (
                 "stdout".to_string(),
@@ -155,45 +166,75 @@ impl StepLauncher for DaskLauncher<'_> {
                 .map(|_| Err(LaunchError::Engine(dead.clone())))
                 .collect();
         }
-        let requests: Vec<SubmitRequest> = launches.iter().map(|l| self.request(l)).collect();
+        let mut requests = Vec::with_capacity(launches.len());
+        // Launches ahead whose upstream attempt is released already (it ended, the
+        // run loop has not seen it yet): withdrawn without asking Dask.
+        let mut gone = Vec::new();
         {
             // Registered before submitting: a reply can be a task message already.
             let mut shared = lock(&self.shared);
-            for (launch, request) in launches.iter().zip(&requests) {
+            for launch in &launches {
+                let after: Option<Vec<String>> = launch
+                    .after
+                    .iter()
+                    .map(|id| shared.keys.get(id).cloned())
+                    .collect();
+                let Some(after) = after else {
+                    let request = self.request(launch, Vec::new());
+                    gone.push((launch.id, request.key));
+                    continue;
+                };
+                let request = self.request(launch, after);
+                shared.keys.insert(launch.id, request.key.clone());
                 shared.inflight.insert(
                     request.key.clone(),
                     InFlight {
+                        id: launch.id,
                         reporter: launch.reporter.clone(),
                         step_key: launch.invocation.step_key.clone(),
                         attempt: launch.invocation.attempt,
+                        ahead: !launch.after.is_empty(),
                         seen: HashSet::new(),
                     },
                 );
+                requests.push(request);
             }
         }
         let results = self.runtime.block_on(self.bridge.submit_many(&requests));
+        let mut results = requests.into_iter().zip(results);
         let mut shared = lock(&self.shared);
-        requests
-            .into_iter()
-            .zip(results)
-            .map(|(request, result)| match result {
-                Ok(()) => Ok(request.key),
-                Err(e) => {
-                    shared.inflight.remove(&request.key);
-                    Err(match e {
-                        BridgeError::BridgeDied { .. } => {
-                            LaunchError::Engine(format!("dask executor: the Dask bridge died: {e}"))
-                        }
-                        e => LaunchError::Step(ErrorInfo {
-                            message: format!("could not submit {} to Dask: {e}", request.key),
-                            causes: vec![],
-                            kind: "error".into(),
-                            location: None,
-                        }),
-                    })
+        launches
+            .iter()
+            .map(|launch| {
+                if let Some(pos) = gone.iter().position(|(id, _)| *id == launch.id) {
+                    launch.reporter.send(Report::Withdrawn);
+                    return Ok(gone.swap_remove(pos).1);
+                }
+                let (request, result) = results.next().expect("one result per request");
+                match result {
+                    Ok(()) => Ok(request.key),
+                    Err(e) => {
+                        shared.inflight.remove(&request.key);
+                        shared.keys.remove(&launch.id);
+                        Err(match e {
+                            BridgeError::BridgeDied { .. } => LaunchError::Engine(format!(
+                                "dask executor: the Dask bridge died: {e}"
+                            )),
+                            e => LaunchError::Step(ErrorInfo {
+                                message: format!("could not submit {} to Dask: {e}", request.key),
+                                causes: vec![],
+                                kind: "error".into(),
+                                location: None,
+                            }),
+                        })
+                    }
                 }
             })
             .collect()
+    }
+
+    fn launches_ahead(&self) -> bool {
+        true
     }
 
     fn terminate(&mut self, handles: &[&String], grace: Duration) {
@@ -209,7 +250,11 @@ impl StepLauncher for DaskLauncher<'_> {
             if shared.to_release.len() < RELEASE_BATCH {
                 return;
             }
-            std::mem::take(&mut shared.to_release)
+            let released = std::mem::take(&mut shared.to_release);
+            for (id, _) in &released {
+                shared.keys.remove(id);
+            }
+            released.into_iter().map(|(_, key)| key).collect::<Vec<_>>()
         };
         let _ = self.runtime.block_on(self.bridge.release(&keys));
     }
@@ -261,6 +306,9 @@ async fn pump(
                 let pid = pid.unwrap_or(0);
                 let mut details = serde_json::Map::new();
                 details.insert("dask_key".into(), json!(key));
+                if f.ahead {
+                    details.insert("launched_ahead".into(), json!(true));
+                }
                 f.reporter.send(Report::Started(Place {
                     pid,
                     worker: Some(worker.clone()),
@@ -301,6 +349,13 @@ async fn pump(
                 ),
                 details: json!({"dask_key": key, "scheduler_reconnected": true, "scheduler": scheduler, "lost_for_secs": lost_for}),
             }),
+            BridgeMessage::Failed(failed) if failed.reason == FailureReason::Withdrawn => {
+                // A launch ahead whose upstream attempt did not succeed: it did not run.
+                f.reporter.send(Report::Withdrawn);
+                let id = f.id;
+                shared.inflight.remove(&key);
+                shared.to_release.push((id, key));
+            }
             BridgeMessage::Failed(failed) if failed.reason == FailureReason::SchedulerLost => {
                 // The cluster is gone for every step: the run stops with the bridge's words.
                 let message = format!("dask executor: {} (while running {})", failed.message, f.step_key);
@@ -332,8 +387,9 @@ async fn pump(
                     stderr_tail: done.stderr_tail.lines().map(str::to_string).collect(),
                     not_runnable_hint: Some(NOT_RUNNABLE.to_string()),
                 }));
+                let id = f.id;
                 shared.inflight.remove(&key);
-                shared.to_release.push(key);
+                shared.to_release.push((id, key));
             }
             BridgeMessage::Failed(failed) => {
                 let (kind, message) = match failed.reason {
@@ -364,8 +420,9 @@ async fn pump(
                     kind: kind.into(),
                     location: None,
                 }));
+                let id = f.id;
                 shared.inflight.remove(&key);
-                shared.to_release.push(key);
+                shared.to_release.push((id, key));
             }
             _ => {}
         }

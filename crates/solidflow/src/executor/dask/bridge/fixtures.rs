@@ -84,12 +84,21 @@ fn requests_are_what_the_fixtures_say() {
         ),
     ]);
     submit.parent_pid_env = Some("SOLIDFLOW_PARENT_PID".into());
+    let mut ahead = SubmitRequest::new(
+        "evaluate.compute-0ebb33c2-a1",
+        vec!["/usr/local/bin/pipeline".into(), "step".into()],
+        "solidflow-0ebb33c2",
+    );
+    ahead.stdin = r#"{"protocol":1}"#.into();
+    ahead.priority = 2;
+    ahead.after = vec![key.clone()];
     let keys = [key];
     let binary = Path::new("/usr/local/bin/pipeline");
     let ours = [
         Request::Connect(&connect_local),
         Request::Connect(&connect_tls),
         Request::Submit(&submit),
+        Request::Submit(&ahead),
         Request::Cancel {
             keys: &keys,
             grace: 2.0,

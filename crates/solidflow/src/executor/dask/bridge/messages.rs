@@ -86,6 +86,9 @@ pub(crate) enum FailureReason {
     NotStarted,
     /// The connection to the scheduler was lost.
     SchedulerLost,
+    /// A task submitted with `after` did not run: a task it waited for did not
+    /// succeed (or was released already). The step was not launched.
+    Withdrawn,
     /// Anything else: a bad request, a task exception.
     Error,
     /// A reason this client does not know.

@@ -145,6 +145,11 @@ pub(crate) struct SubmitRequest {
     /// step-server`, fed `stdin` as the invocation) instead of starting `command`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warm: Option<WarmTask>,
+    /// Keys of tasks submitted before (and not released) that this one waits for: Dask
+    /// starts it when they ended, and it runs only if each ran its command to exit
+    /// status 0; otherwise it ends as `failed` with reason `withdrawn`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
 }
 
 /// How a worker recycles its warm step servers (`submit`'s `warm`).
@@ -175,6 +180,7 @@ impl SubmitRequest {
             log_files: BTreeMap::new(),
             parent_pid_env: None,
             warm: None,
+            after: Vec::new(),
         }
     }
 }

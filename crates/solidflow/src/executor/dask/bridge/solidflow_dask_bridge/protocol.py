@@ -12,7 +12,7 @@ from typing import Literal, TypedDict, get_args
 PROTOCOL_VERSION = 1
 
 # Why a task ended without its command finishing.
-FailureReason = Literal["worker_lost", "canceled", "not_started", "scheduler_lost", "error"]
+FailureReason = Literal["worker_lost", "canceled", "not_started", "scheduler_lost", "withdrawn", "error"]
 FAILURE_REASONS: tuple[str, ...] = get_args(FailureReason)
 
 # What kind of request failed, in an "error" reply.
@@ -72,6 +72,7 @@ class SubmitRequest(TypedDict, total=False):
     log_files: dict[str, str]
     parent_pid_env: str | None
     warm: dict[str, int] | None  # {"max_steps": N, "max_rss_mb": M}: run on a warm step server
+    after: list[str]  # keys of submitted tasks to wait for; runs only if each exited 0, else "withdrawn"
 
 
 class CancelRequest(TypedDict, total=False):

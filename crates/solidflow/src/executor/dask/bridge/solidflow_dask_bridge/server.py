@@ -127,6 +127,7 @@ class Bridge:
         self.reported: set[str] = set()  # keys whose final message was emitted
         self.task_impl: str | None = None  # worker attribute holding the task code
         self.requests: dict[str, dict[str, Any]] = {}  # key -> its submit, to re-run it
+        self.after: dict[str, list[Any]] = {}  # key -> the futures it was submitted after
         self.watch: connection.ConnectionWatch | None = None
         self.allowed_failures: int | None = None
         self.released_since_truncate = 0
@@ -282,6 +283,15 @@ class Bridge:
                     "bad_request",
                     "key %s was already submitted; keys must be unique (include run id and attempt)" % key,
                 )
+        after_keys = [str(k) for k in (req.get("after") or [])]
+        with self.lock:
+            after = [self.futures.get(k) for k in after_keys]
+        missing = [k for k, f in zip(after_keys, after, strict=True) if f is None]
+        if missing:
+            # Released (it ended) or never submitted: whether it succeeded is unknown here.
+            message = "%s waited for %s, which this bridge no longer holds" % (key, missing[0])
+            self._final(failed(key, "withdrawn", message))
+            return {"type": "submitted", "key": key}
         topic = req.get("log_topic") or ("solidflow-" + key)
         if topic not in self.topics:
             client.subscribe_topic(topic, self.on_event)
@@ -303,6 +313,7 @@ class Bridge:
         fut = client.submit(
             self.task_fn if self.task_impl else self.run_command_fn,
             spec,
+            *after,
             key=key,
             pure=False,
             resources=resources or None,
@@ -311,6 +322,8 @@ class Bridge:
         with self.lock:
             self.futures[key] = fut
             self.requests[key] = req
+            if after:
+                self.after[key] = after
         fut.add_done_callback(self.on_future_done)
         return {"type": "submitted", "key": key}
 
@@ -344,6 +357,7 @@ class Bridge:
             for k in keys:
                 self.futures.pop(k, None)
                 self.requests.pop(k, None)
+                self.after.pop(k, None)
                 for token in self.tokens.pop(k, ()):
                     self.event_counts.pop(token, None)
             self.released_since_truncate += len(keys)
@@ -512,6 +526,9 @@ class Bridge:
                     # Its "end" event came first (the usual case): nothing to fetch.
                     return
             result = fut.result()
+            if "withdrawn" in result:
+                self._final(failed(key, "withdrawn", result["withdrawn"]))
+                return
             if "not_started" in result:
                 self._final(failed(key, "not_started", result["not_started"]))
                 return
@@ -529,6 +546,12 @@ class Bridge:
 
         with self.lock:
             canceled_by_us = key in self.canceled
+            after = self.after.get(key) or ()
+        lost = [f.key for f in after if f.status != "finished"]
+        if lost and not canceled_by_us:
+            # Dask ends a task whose dependency erred or was canceled without running it.
+            self._final(failed(key, "withdrawn", "%s did not succeed, so %s did not run" % (lost[0], key)))
+            return
         if status == "cancelled" or canceled_by_us:
             if canceled_by_us:
                 self._final(failed(key, "canceled", "canceled on request"))

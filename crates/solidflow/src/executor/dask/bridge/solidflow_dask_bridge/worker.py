@@ -204,8 +204,29 @@ def _open_tees(log_files: dict[str, str]) -> dict[str, Any]:
     return tee
 
 
-def run_command(spec: dict[str, Any]) -> dict[str, Any]:
+def not_succeeded(after: tuple[Any, ...]) -> str | None:
+    """The key of the first upstream result in `after` (the results of the tasks a task
+    submitted with `after` waited for) whose command did not run to exit status 0, or
+    None when they all did."""
+    for result in after:
+        ok = (
+            isinstance(result, dict)
+            and "not_started" not in result
+            and "withdrawn" not in result
+            and result.get("exit_code") == 0
+            and result.get("signal") is None
+        )
+        if not ok:
+            return str(result.get("key")) if isinstance(result, dict) else repr(result)
+    return None
+
+
+def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
     """The Dask task: run one step's command on this worker.
+
+    `after` holds the results of the tasks it was submitted after (Dask passes them
+    when they ended): if one did not succeed, the command does not run and the result
+    is {"withdrawn": message}.
 
     Everything the server needs travels in the task's event topic, in order: the
     "start" (pid), the output lines, and the "end" record (exit code, stderr tail, ...).
@@ -219,6 +240,9 @@ def run_command(spec: dict[str, Any]) -> dict[str, Any]:
     from distributed import get_worker
 
     key = spec["key"]
+    failed_upstream = not_succeeded(after)
+    if failed_upstream is not None:
+        return {"key": key, "withdrawn": "%s did not succeed, so %s did not run" % (failed_upstream, key)}
     worker = get_worker()
     state = worker_state(worker)
     token = uuid.uuid4().hex
@@ -391,7 +415,7 @@ def _follow_popen(
     return returncode, readers
 
 
-def task(spec: dict[str, Any]) -> Any:
+def task(spec: dict[str, Any], *after: Any) -> Any:
     """The function each Dask task calls: a trampoline into `run_command` as installed
     on the worker by the plugin from `make_task_plugin`.
 
@@ -406,7 +430,7 @@ def task(spec: dict[str, Any]) -> Any:
         raise RuntimeError(
             "solidflow's task code %r is not installed on worker %s" % (spec.get("impl"), worker.address)
         )
-    return run(spec)
+    return run(spec, *after)
 
 
 def make_task_plugin(name: str, fn: Any) -> Any:
