@@ -5,6 +5,8 @@
 //! ```sh
 //! cargo bench --bench multiprocess_overhead                 # 1,000 steps per shape
 //! SF_BENCH_STEPS=200 cargo bench --bench multiprocess_overhead
+//! SF_BENCH_ONLY=in_server,raw cargo bench --bench multiprocess_overhead   # rows whose label contains one of these
+//! SF_BENCH_SHAPES=chain cargo bench --bench multiprocess_overhead         # chain, fan-out
 //! ```
 //!
 //! Shapes: a chain (each step adds one to its input) and a fan-out (one source, N
@@ -50,6 +52,15 @@ fn steps() -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000)
+}
+
+/// Whether a row or shape is wanted: `var` unset, or one of its comma-separated words
+/// is part of `label`.
+fn wanted(var: &str, label: &str) -> bool {
+    std::env::var(var).map_or(true, |only| {
+        only.split(',')
+            .any(|w| !w.is_empty() && label.contains(w.trim()))
+    })
 }
 
 fn repository() -> Repository {
@@ -162,18 +173,26 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for (shape, name) in [("chain", "chain"), ("fan-out", "fan_out")] {
+        if !wanted("SF_BENCH_SHAPES", shape) {
+            continue;
+        }
         let parallel = if shape == "chain" { 1 } else { cores.min(2) };
-        let t = Instant::now();
-        raw_subprocesses(n, parallel);
-        let raw = t.elapsed();
-        println!(
-            "| {shape} | raw subprocess (`/bin/true`, {parallel} at a time) | {n} | {} | {} | — | — | — | — |",
-            fmt(raw),
-            us(raw.as_secs_f64() * 1e6 / n as f64)
-        );
+        if wanted("SF_BENCH_ONLY", "raw subprocess") {
+            let t = Instant::now();
+            raw_subprocesses(n, parallel);
+            let raw = t.elapsed();
+            println!(
+                "| {shape} | raw subprocess (`/bin/true`, {parallel} at a time) | {n} | {} | {} | — | — | — | — |",
+                fmt(raw),
+                us(raw.as_secs_f64() * 1e6 / n as f64)
+            );
+        }
         let repo = repository();
         let pipeline = repo.pipeline(name).expect("pipeline");
         for (label, config) in &configs {
+            if !wanted("SF_BENCH_ONLY", label) {
+                continue;
+            }
             let home = tempfile::tempdir().expect("temp dir");
             let options = RunOptions {
                 home: Some(home.path().to_path_buf()),
