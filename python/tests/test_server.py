@@ -109,3 +109,97 @@ def test_a_submit_after_a_key_the_bridge_does_not_hold_is_withdrawn(out: Collect
         },
         {"type": "submitted", "key": "b-a1", "id": 1},
     ]
+
+
+class RecordingClient:
+    """Records how tasks reach Dask: one entry per `submit` or `map` call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], Any]] = []
+
+    def subscribe_topic(self, topic: str, handler: Any) -> None:
+        pass
+
+    def submit(self, fn: Any, spec: dict[str, Any], *after: Any, key: str, **options: Any) -> Any:
+        self.calls.append(("submit", [key], options))
+        return RecordedFuture(key)
+
+    def map(self, fn: Any, specs: list[dict[str, Any]], key: list[str], **options: Any) -> list[Any]:
+        assert [s["key"] for s in specs] == key
+        self.calls.append(("map", key, options))
+        return [RecordedFuture(k) for k in key]
+
+
+class RecordedFuture:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def add_done_callback(self, fn: Any) -> None:
+        pass
+
+
+def test_submits_read_together_reach_dask_in_groups_and_each_gets_one_reply(out: Collect) -> None:
+    bridge = server.Bridge(out)  # type: ignore[arg-type]
+    client = RecordingClient()
+    bridge.client = client
+
+    def submit(i: int, key: str, **extra: Any) -> bytes:
+        return json.dumps({"op": "submit", "id": i, "key": key, "command": ["true"], **extra}).encode()
+
+    batch = [
+        submit(1, "a"),
+        submit(2, "b"),
+        submit(3, "c", resources={"GPU": 1}),
+        submit(4, "a"),  # a duplicate key: an error, the others go on
+        submit(5, "d", after=["a"]),  # waits for a: alone
+        submit(6, "e", priority=2),
+        submit(7, "f", priority=2),
+        json.dumps({"op": "release", "id": 8, "keys": []}).encode(),
+        submit(9, "g", priority=2),
+        submit(10, "h"),
+        submit(11, "i"),
+        submit(12, "j", after=["i"]),  # ahead of i, which is in the group being formed
+    ]
+    assert server.serve_batches(bridge, out, iter([batch])) == 0  # type: ignore[arg-type]
+    assert [(how, keys) for how, keys, _ in client.calls] == [
+        ("map", ["a", "b"]),
+        ("submit", ["c"]),
+        ("submit", ["d"]),
+        ("map", ["e", "f"]),
+        ("submit", ["g"]),
+        ("map", ["h", "i"]),
+        ("submit", ["j"]),
+    ]
+    assert client.calls[1][2]["resources"] == {"GPU": 1}
+    assert client.calls[3][2]["priority"] == 2
+    replies = {m["id"]: (m["type"], m.get("kind")) for m in out.messages}
+    assert len(out.messages) == 12, out.messages
+    assert replies == {
+        1: ("submitted", None),
+        2: ("submitted", None),
+        3: ("submitted", None),
+        4: ("error", "bad_request"),
+        5: ("submitted", None),
+        6: ("submitted", None),
+        7: ("submitted", None),
+        8: ("released", None),
+        9: ("submitted", None),
+        10: ("submitted", None),
+        11: ("submitted", None),
+        12: ("submitted", None),
+    }
+    assert sorted(bridge.futures) == ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
+    assert [f.key for f in bridge.after["j"]] == ["i"]
+
+
+def test_read_batches_yields_the_complete_lines_of_each_read() -> None:
+    import os
+
+    r, w = os.pipe()
+    os.write(w, b'{"a": 1}\n{"b": 2}\n{"c"')
+    os.write(w, b": 3}\n")
+    os.close(w)
+    batches = list(server.read_batches(r))
+    os.close(r)
+    assert [line for batch in batches for line in batch] == [b'{"a": 1}', b'{"b": 2}', b'{"c": 3}']
+    assert len(batches[0]) >= 2

