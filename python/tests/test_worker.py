@@ -131,3 +131,16 @@ def test_a_task_after_an_upstream_that_did_not_succeed_does_not_run(fake: FakeWo
         assert not marker.exists() and fake.events == []
     result = worker.run_command(spec(command), ok, ok)
     assert result["exit_code"] == 0 and marker.exists()
+
+
+def test_a_stream_gets_its_copy_only_when_it_writes(fake: FakeWorker, tmp_path: Any) -> None:
+    out, err = tmp_path / "logs" / "k.stdout.jsonl", tmp_path / "logs" / "k.stderr.log"
+    files = {"stdout": str(out), "stderr": str(err)}
+    quiet = worker.run_command(spec(["sh", "-c", "echo one; echo two"], log_files=files))
+    assert out.read_text() == "one\ntwo\n"
+    assert not err.exists(), "a step that writes nothing to stderr creates no stderr copy"
+    assert quiet["log_files"] == {"stdout": str(out)}
+    loud = worker.run_command(spec(["sh", "-c", "echo three; echo bad >&2"], log_files=files))
+    assert out.read_text() == "one\ntwo\nthree\n", "a retry appends to the copy"
+    assert err.read_text() == "bad\n"
+    assert loud["log_files"] == files

@@ -40,8 +40,8 @@ from typing import Any
 # After the server said `exited`, how long the step's output pipes may take to drain.
 DRAIN_SECONDS = 2.0
 
-# What a server is started with: binary, environment, working directory. Steps only
-# go to a server of the same flavor.
+# What a server is started with: binary, the variables it gets on top of the worker's
+# environment, working directory. Steps only go to a server of the same flavor.
 Flavor = tuple[str, "tuple[tuple[str, str], ...] | None", "str | None"]
 
 
@@ -60,7 +60,7 @@ class StepServer:
                 [binary, "step-server"],
                 stdin=theirs,
                 stdout=subprocess.DEVNULL,
-                env=dict(env) if env is not None else None,
+                env=dict(os.environ, **dict(env)) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
             )
@@ -373,8 +373,9 @@ def start_step(
     options: dict[str, Any],
 ) -> WarmProcess:
     """Starts one step on a warm server of `command[0]` on this worker (`command` is
-    `[binary, "step"]`; the server is `binary step-server`). Raises OSError (like
-    Popen) when no server can be started or reached."""
+    `[binary, "step"]`; the server is `binary step-server`, with `env` on top of the
+    worker's environment). Raises OSError (like Popen) when no server can be started
+    or reached."""
     pool = pool_of(worker)
     flavor: Flavor = (command[0], tuple(sorted(env.items())) if env is not None else None, cwd or None)
     last: Exception | None = None

@@ -188,20 +188,42 @@ def _resolve_command(command: list[str], worker: Any) -> list[str]:
     return command
 
 
-def _open_tees(log_files: dict[str, str]) -> dict[str, Any]:
+class Tees:
     """Best-effort complete copies of the output on the worker's disk, appended to, so
     a retry adds to the record. The live stream is capped by the scheduler; these
-    copies are not."""
-    tee = {}
-    for stream, path in (log_files or {}).items():
-        if stream not in ("stdout", "stderr") or not path:
-            continue
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            tee[stream] = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        except OSError:
-            pass
-    return tee
+    copies are not.
+
+    A stream's file is opened when its first line comes (most steps write nothing to
+    stderr, and creating a file is the costliest part of a copy), written through a
+    buffer, and flushed when the step ends. Lines come from one thread (the task's
+    reader) or from the two reader threads of a process, one per stream."""
+
+    def __init__(self, log_files: dict[str, str]) -> None:
+        self.paths = {s: p for s, p in (log_files or {}).items() if s in ("stdout", "stderr") and p}
+        self.files: dict[str, Any] = {}
+        self.locks = {"stdout": threading.Lock(), "stderr": threading.Lock()}
+
+    def line(self, stream: str, text: str) -> None:
+        path = self.paths.get(stream)
+        if path is None:
+            return
+        with self.locks[stream], contextlib.suppress(OSError, ValueError):
+            f = self.files.get(stream)
+            if f is None:
+                try:
+                    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                    f = self.files[stream] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+                except OSError:
+                    self.paths.pop(stream, None)  # not writable: no copy of this stream
+                    return
+            f.write(text + "\n")
+
+    def close(self) -> dict[str, str]:
+        """Flushes and closes the copies; returns the files written, by stream."""
+        for stream, f in self.files.items():
+            with self.locks[stream], contextlib.suppress(OSError):
+                f.close()
+        return {stream: f.name for stream, f in self.files.items()}
 
 
 def not_succeeded(after: tuple[Any, ...]) -> str | None:
@@ -248,13 +270,13 @@ def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
     token = uuid.uuid4().hex
     command = _resolve_command(spec["command"], worker)
 
-    env = None
+    # What the command gets on top of the worker's environment.
+    extra_env: dict[str, str] | None = None
     parent_pid_env = spec.get("parent_pid_env")
     if spec.get("env") or parent_pid_env:
-        env = dict(os.environ)
-        env.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
+        extra_env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
         if parent_pid_env:
-            env[str(parent_pid_env)] = str(os.getpid())
+            extra_env[str(parent_pid_env)] = str(os.getpid())
 
     # If the worker process dies (kill -9, OOM), take the step down with it instead
     # of leaving an orphan that keeps writing while Dask retries it elsewhere. A
@@ -278,31 +300,19 @@ def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
             if os.getppid() != parent_pid:
                 os._exit(137)
 
-    tee = _open_tees(spec.get("log_files") or {})
-    tee_locks = {"stdout": threading.Lock(), "stderr": threading.Lock()}
-
-    def tee_line(stream: str, text: str) -> None:
-        f = tee.get(stream)
-        if f is not None:
-            with tee_locks[stream], contextlib.suppress(OSError, ValueError):
-                f.write(text + "\n")
-
-    def close_tees() -> None:
-        for f in tee.values():
-            with contextlib.suppress(OSError):
-                f.close()
+    tees = Tees(spec.get("log_files") or {})
 
     started = time.time()
     warm = spec.get("warm")
     with state["lock"]:
         if key in state["cancelled"]:
-            close_tees()
+            tees.close()
             raise RuntimeError("step %s was canceled before it started" % key)
     try:
         if warm is not None:
             # The invocation goes to a warm step server, which forks the step. Not
             # under the state lock: a cancel meanwhile is caught right below.
-            proc: Any = start_step(worker, command, env, spec.get("cwd"), spec.get("stdin") or "", warm)
+            proc: Any = start_step(worker, command, extra_env, spec.get("cwd"), spec.get("stdin") or "", warm)
         else:
             proc = subprocess.Popen(
                 command,
@@ -310,12 +320,12 @@ def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=spec.get("cwd") or None,
-                env=env,
+                env=dict(os.environ, **extra_env) if extra_env is not None else None,
                 start_new_session=True,
                 preexec_fn=preexec if libc is not None else None,
             )
     except OSError as e:
-        close_tees()
+        tees.close()
         return {
             "key": key,
             "token": token,
@@ -333,7 +343,7 @@ def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
     def on_line(stream: str, text: str) -> None:
         if stream == "stderr":
             tail.append(text)
-        tee_line(stream, text)
+        tees.line(stream, text)
         batch.line(stream, text)
 
     if warm is not None:
@@ -354,7 +364,7 @@ def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
     deadline = time.monotonic() + DRAIN_SECONDS
     for t in readers:
         t.join(max(0.0, deadline - time.monotonic()))
-    close_tees()
+    log_files = tees.close()
     result = {
         "key": key,
         "token": token,
@@ -363,7 +373,7 @@ def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
         "worker": worker.address,
         "stderr_tail": "\n".join(tail)[-STDERR_TAIL_CHARS:],
         "duration": time.time() - started,
-        "log_files": {stream: f.name for stream, f in tee.items()},
+        "log_files": log_files,
     }
     result["events"] = batch.end(result)
     return result
