@@ -7,6 +7,7 @@
 //! SF_BENCH_STEPS=200 cargo bench --bench multiprocess_overhead
 //! SF_BENCH_ONLY=in_server,raw cargo bench --bench multiprocess_overhead   # rows whose label contains one of these
 //! SF_BENCH_SHAPES=chain cargo bench --bench multiprocess_overhead         # chain, fan-out
+//! SF_BENCH_DIR=/dev/shm cargo bench --bench multiprocess_overhead          # where run homes go
 //! ```
 //!
 //! Shapes: a chain (each step adds one to its input) and a fan-out (one source, N
@@ -29,9 +30,26 @@
 //! reply (the fork), and "startup" no longer contains exec or the repository build;
 //! `isolation: in_server` is the same without the fork (the server runs the step).
 //!
-//! The raw baselines, in the same run: N subprocesses of `/bin/true` one after another
-//! (chain) and N with two at a time (fan-out), spawned and waited for with
-//! `std::process::Command`: what a process per step costs with nothing else.
+//! The raw baselines, in the same run, spawned and waited for with
+//! `std::process::Command`, one after another (chain) or two at a time (fan-out):
+//! - N subprocesses of `/bin/true`: what a process per step costs with nothing else;
+//! - N execs of this very binary with the hidden argument `exit` (it exits before
+//!   anything of solidflow runs): what starting the pipeline binary costs, the floor of
+//!   `isolation: process` (exec, dynamic loading and relocation of a large PIE binary,
+//!   the C and Rust runtimes' start, exit).
+//!
+//! The run homes (storage, logs, run history) are temporary directories under
+//! `SF_BENCH_DIR` (default: the system temp dir, `TMPDIR` or `/tmp`).
+//!
+//! **Where the homes are matters.** Filesystem storage creates a directory and a file
+//! per step (and the process launchers a log file when a step writes to stderr). On an
+//! ext4 without a journal (the benchmark VM of docs/benchmarks.md) creating an inode
+//! while many inodes were deleted recently costs 170–800 µs (the kernel's
+//! `find_inode_bit` → `recently_deleted` scans the inode table; this bench deletes a
+//! run's home, thousands of inodes, before the next run), 25–60 µs otherwise, so a
+//! filesystem step pays up to 0.6–1.6 ms there whatever the executor; on tmpfs
+//! (`SF_BENCH_DIR=/dev/shm`) an inode costs about 8 µs. Compare executors on the same
+//! directory, and give both numbers.
 
 #[path = "shapes/mod.rs"]
 mod shapes;
@@ -136,7 +154,21 @@ fn child_setup(pipeline: &str, config: &Value) -> (f64, f64) {
     (t.elapsed().as_secs_f64() * 1e6, built)
 }
 
+/// Where the run homes go: `SF_BENCH_DIR`, or the system temp dir.
+fn bench_dir() -> std::path::PathBuf {
+    std::env::var_os("SF_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into)
+}
+
+/// The hidden argument that makes this binary exit at once (the raw exec baseline).
+const EXIT_AT_ONCE: &str = "exit";
+
 fn main() {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == EXIT_AT_ONCE)
+    {
+        std::process::exit(0);
+    }
     if matches!(
         std::env::args().nth(1).as_deref(),
         Some("step" | "step-server")
@@ -167,7 +199,11 @@ fn main() {
             json!({"storage": {"filesystem": {}}, "execution": {"multiprocess": {"config": {"isolation": "in_server"}}}}),
         ),
     ];
-    println!("{n} steps per shape, {cores} cores, default max_concurrent (one per core)\n");
+    let dir = bench_dir();
+    println!(
+        "{n} steps per shape, {cores} cores, default max_concurrent (one per core), homes under {}\n",
+        dir.display()
+    );
     println!(
         "| shape | executor, storage | steps | wall | per step | spawn | startup (setup) | in step | exit + bookkeeping |"
     );
@@ -177,12 +213,30 @@ fn main() {
             continue;
         }
         let parallel = if shape == "chain" { 1 } else { cores.min(2) };
-        if wanted("SF_BENCH_ONLY", "raw subprocess") {
+        let this = std::env::current_exe().expect("the bench binary's path");
+        let raws = [
+            (
+                "raw subprocess",
+                std::path::Path::new("/bin/true"),
+                "`/bin/true`",
+                None,
+            ),
+            (
+                "raw exec",
+                this.as_path(),
+                "this binary, exits at once",
+                Some(EXIT_AT_ONCE),
+            ),
+        ];
+        for (label, program, what, arg) in raws {
+            if !wanted("SF_BENCH_ONLY", label) {
+                continue;
+            }
             let t = Instant::now();
-            raw_subprocesses(n, parallel);
+            raw_subprocesses(program, arg, n, parallel);
             let raw = t.elapsed();
             println!(
-                "| {shape} | raw subprocess (`/bin/true`, {parallel} at a time) | {n} | {} | {} | — | — | — | — |",
+                "| {shape} | {label} ({what}, {parallel} at a time) | {n} | {} | {} | — | — | — | — |",
                 fmt(raw),
                 us(raw.as_secs_f64() * 1e6 / n as f64)
             );
@@ -193,7 +247,7 @@ fn main() {
             if !wanted("SF_BENCH_ONLY", label) {
                 continue;
             }
-            let home = tempfile::tempdir().expect("temp dir");
+            let home = tempfile::tempdir_in(&dir).expect("temp dir under SF_BENCH_DIR");
             let options = RunOptions {
                 home: Some(home.path().to_path_buf()),
                 ..Default::default()
@@ -238,16 +292,17 @@ fn main() {
     }
 }
 
-/// Runs `/bin/true` `n` times, `parallel` at a time, waiting for each.
-fn raw_subprocesses(n: usize, parallel: usize) {
+/// Runs `program` (with `arg`, if any) `n` times, `parallel` at a time, waiting for each.
+fn raw_subprocesses(program: &std::path::Path, arg: Option<&str>, n: usize, parallel: usize) {
     std::thread::scope(|scope| {
         for worker in 0..parallel {
             scope.spawn(move || {
                 for _ in (worker..n).step_by(parallel) {
-                    let status = std::process::Command::new("/bin/true")
+                    let status = std::process::Command::new(program)
+                        .args(arg)
                         .status()
-                        .expect("run /bin/true");
-                    assert!(status.success());
+                        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+                    assert!(status.success(), "{} failed", program.display());
                 }
             });
         }

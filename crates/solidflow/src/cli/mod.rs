@@ -218,6 +218,13 @@ macro_rules! outln {
 
 /// Runs the CLI with `args` (including the program name) and returns the exit code.
 pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -> i32 {
+    let args: Vec<OsString> = args.into_iter().collect();
+    // Step mode, once per step process: it takes no options, so it skips building
+    // and parsing the whole command line (`step --help` and the like still go to clap).
+    if args.len() == 2 && args[1] == "step" {
+        init_logging();
+        return step_mode(repository);
+    }
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
@@ -229,10 +236,7 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
             };
         }
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SOLIDFLOW_LOG"))
-        .with_writer(std::io::stderr)
-        .try_init();
+    init_logging();
     match cli.command {
         Command::List => {
             for p in repository.pipelines() {
@@ -377,6 +381,14 @@ pub fn run<I: IntoIterator<Item = OsString>>(repository: &Repository, args: I) -
         Command::Step => step_mode(repository),
         Command::StepServer => step_server(repository),
     }
+}
+
+/// `tracing` output to stderr, filtered by `SOLIDFLOW_LOG`.
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SOLIDFLOW_LOG"))
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn with_pipeline(

@@ -12,10 +12,15 @@
 //! - when [`FLUSH_AFTER`] passed since the first one kept (a background thread, so a
 //!   long read of inputs or write of outputs still shows its `STEP_START` at once), or
 //!   when [`FLUSH_BYTES`] are kept.
+//!
+//! The background thread is one per process, started with the first stream that keeps
+//! a message and kept for the next ones: a warm step server that runs steps itself
+//! (`isolation: in_server`) would otherwise start and join a thread per step. It blocks
+//! every signal, so signals still reach the thread that runs the step, and
+//! [`background_threads`] tells the server it is not a thread a step left behind.
 
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use super::event::Event;
@@ -31,14 +36,10 @@ const FLUSH_BYTES: usize = 32 * 1024;
 /// The message stream of one step process. See the module docs.
 pub(crate) struct MessageStream {
     shared: Arc<Shared>,
-    /// The background flush, once started; joined by [`MessageStream::finish`].
-    flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the background flush when the stream is finished.
-    finished: Condvar,
 }
 
 struct State {
@@ -48,7 +49,7 @@ struct State {
     since: Option<Instant>,
     /// User code runs: write every message at once.
     live: bool,
-    /// The background flush has been started.
+    /// The background flush looks after this stream.
     flushing: bool,
     /// The `result` is out: nothing more comes.
     closed: bool,
@@ -68,9 +69,7 @@ impl MessageStream {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
-                finished: Condvar::new(),
             }),
-            flusher: Mutex::new(None),
         }
     }
 
@@ -95,58 +94,151 @@ impl MessageStream {
         if !state.flushing {
             state.flushing = true;
             drop(state);
-            self.start_flusher();
+            Flusher::watch(&self.shared);
         }
     }
 
     /// Sends the final `result` line together with everything kept; nothing comes
-    /// after. Returns once the background flush has ended, so the process is back to
-    /// the threads it had (a warm step server that runs steps itself checks that).
+    /// after. The stream's writer is dropped here (its descriptor closed), and the
+    /// background flush lets go of the stream.
     pub(crate) fn finish(&self, msg: &StepMessage) {
-        {
+        let out = {
             let mut state = self.state();
             if serde_json::to_writer(&mut state.kept, msg).is_ok() {
                 state.kept.push(b'\n');
             }
             state.write();
             state.closed = true;
-        }
-        self.shared.finished.notify_all();
-        let flusher = self
-            .flusher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(thread) = flusher {
-            let _ = thread.join();
+            std::mem::replace(&mut state.out, Box::new(std::io::sink()))
+        };
+        drop(out);
+        Flusher::release(&self.shared);
+    }
+}
+
+/// How many background threads of this module this process has (0 or 1): threads a
+/// step did not leave behind.
+pub(crate) fn background_threads() -> usize {
+    usize::from(flusher().is_some_and(|f| f.pid == std::process::id()))
+}
+
+/// The process's background flush: one thread writing what the open streams (one,
+/// in a step process) kept for longer than [`FLUSH_AFTER`].
+struct Flusher {
+    /// The process that started the thread (a forked child has no such thread).
+    pid: u32,
+    /// The streams it looks after (a stream dropped without finishing is let go), and
+    /// a count of changes to them.
+    streams: Mutex<(Vec<Weak<Shared>>, u64)>,
+    /// Wakes the thread when `streams` changes.
+    changed: Condvar,
+}
+
+static FLUSHER: Mutex<Option<Arc<Flusher>>> = Mutex::new(None);
+
+fn flusher() -> Option<Arc<Flusher>> {
+    FLUSHER.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+impl Flusher {
+    /// Has the background flush look after `shared`, starting its thread if this
+    /// process has none. A thread that cannot start leaves the batches to the other
+    /// triggers.
+    fn watch(shared: &Arc<Shared>) {
+        let flusher = {
+            let mut slot = FLUSHER.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_ref() {
+                Some(f) if f.pid == std::process::id() => f.clone(),
+                _ => {
+                    let f = Arc::new(Flusher {
+                        pid: std::process::id(),
+                        streams: Mutex::new((Vec::new(), 0)),
+                        changed: Condvar::new(),
+                    });
+                    let thread = f.clone();
+                    let started = std::thread::Builder::new()
+                        .name("solidflow-messages".into())
+                        .spawn(move || thread.run());
+                    if started.is_err() {
+                        return;
+                    }
+                    *slot = Some(f.clone());
+                    f
+                }
+            }
+        };
+        let mut streams = flusher.lock();
+        streams.0.push(Arc::downgrade(shared));
+        streams.1 += 1;
+        drop(streams);
+        flusher.changed.notify_all();
+    }
+
+    /// Lets go of `shared` (finished).
+    fn release(shared: &Arc<Shared>) {
+        let Some(flusher) = flusher() else { return };
+        let mut streams = flusher.lock();
+        let before = streams.0.len();
+        let shared = Arc::downgrade(shared);
+        streams
+            .0
+            .retain(|s| !s.ptr_eq(&shared) && s.strong_count() > 0);
+        if streams.0.len() != before {
+            streams.1 += 1;
+            drop(streams);
+            flusher.changed.notify_all();
         }
     }
 
-    /// Writes what was kept for longer than [`FLUSH_AFTER`], until the stream is
-    /// finished. A thread that cannot start leaves the batches to the other triggers.
-    fn start_flusher(&self) {
-        let shared = self.shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("solidflow-messages".into())
-            .spawn(move || {
-                let mut state = shared.state();
-                while !state.closed {
-                    let wait = match state.since {
-                        Some(t) if t.elapsed() >= FLUSH_AFTER => {
-                            state.write();
-                            FLUSH_AFTER
-                        }
-                        Some(t) => FLUSH_AFTER.saturating_sub(t.elapsed()),
-                        None => FLUSH_AFTER,
-                    };
-                    state = shared
-                        .finished
-                        .wait_timeout(state, wait)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+    fn lock(&self) -> MutexGuard<'_, (Vec<Weak<Shared>>, u64)> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The thread: writes each stream's kept messages once they are due; sleeps until
+    /// the next is due, or until a stream comes or goes.
+    fn run(&self) {
+        block_signals();
+        loop {
+            let (streams, seen) = {
+                let mut guard = self.lock();
+                while guard.0.is_empty() {
+                    guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
                 }
-            });
-        *self.flusher.lock().unwrap_or_else(|p| p.into_inner()) = thread.ok();
+                guard.0.retain(|s| s.strong_count() > 0);
+                let streams: Vec<Arc<Shared>> = guard.0.iter().filter_map(Weak::upgrade).collect();
+                (streams, guard.1)
+            };
+            let mut wait = FLUSH_AFTER;
+            for stream in &streams {
+                let mut state = stream.state();
+                let due = match state.since {
+                    _ if state.closed => FLUSH_AFTER,
+                    Some(t) if t.elapsed() >= FLUSH_AFTER => {
+                        state.write();
+                        FLUSH_AFTER
+                    }
+                    Some(t) => FLUSH_AFTER.saturating_sub(t.elapsed()),
+                    None => FLUSH_AFTER,
+                };
+                wait = wait.min(due);
+            }
+            drop(streams);
+            let guard = self.lock();
+            if guard.1 == seen {
+                let _ = self.changed.wait_timeout(guard, wait);
+            }
+        }
+    }
+}
+
+/// Blocks every signal in the calling thread, so they go to the process's other threads.
+fn block_signals() {
+    // SAFETY: sigfillset initializes the set; pthread_sigmask changes only this
+    // thread's mask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
     }
 }
 

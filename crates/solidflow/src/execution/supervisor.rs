@@ -66,7 +66,14 @@ pub(crate) mod linux {
 
     /// Whether this process has one thread (so forking it may keep running Rust code).
     pub(crate) fn single_threaded() -> bool {
-        std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() == 1)
+        threads() == Some(1)
+    }
+
+    /// How many threads this process has (`None`: `/proc` is not readable).
+    pub(crate) fn threads() -> Option<usize> {
+        std::fs::read_dir("/proc/self/task")
+            .ok()
+            .map(Iterator::count)
     }
 
     fn parent_gone(parent: Option<pid_t>) -> bool {

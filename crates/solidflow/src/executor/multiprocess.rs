@@ -358,28 +358,38 @@ fn forward_stderr(
 }
 
 /// A step's stderr log file, `<home>/logs/<run_id>/<step_key>.log`: each attempt's
-/// lines are appended under a header naming the attempt and its pid.
+/// lines are appended under a header naming the attempt and its pid. The file is
+/// opened (created) with the attempt's first stderr line: a step that writes nothing to
+/// stderr costs no file (creating one costs an inode, and on some filesystems that is
+/// most of a warm step's time).
 pub(super) struct StepLog {
-    file: Option<File>,
-    header: Option<String>,
+    path: PathBuf,
+    /// `None` until the first line; then the file, or `None` if it cannot be opened.
+    file: Option<Option<File>>,
+    header: String,
 }
 
 impl StepLog {
-    /// Opens (appends to) the log; a log that cannot be opened is skipped.
+    /// The log of attempt `attempt` (process `pid`) of `key`, opened with its first line.
     pub(super) fn open(path: &Path, key: &str, attempt: u32, pid: i32) -> Self {
         Self {
-            file: File::options().create(true).append(true).open(path).ok(),
-            header: Some(format!("--- {key} attempt {attempt} (pid {pid}) ---")),
+            path: path.to_path_buf(),
+            file: None,
+            header: format!("--- {key} attempt {attempt} (pid {pid}) ---"),
         }
     }
 
-    /// Keeps one stderr line (its line end is dropped) and reports it.
+    /// Keeps one stderr line (its line end is dropped) and reports it. A log that
+    /// cannot be opened is skipped.
     pub(super) fn line(&mut self, reporter: &Reporter, line: &str) {
         let line = line.trim_end_matches(['\n', '\r']);
-        if let Some(f) = self.file.as_mut() {
-            if let Some(header) = self.header.take() {
-                let _ = writeln!(f, "{header}");
-            }
+        let (path, header) = (&self.path, &self.header);
+        let file = self.file.get_or_insert_with(|| {
+            let mut file = File::options().create(true).append(true).open(path).ok()?;
+            writeln!(file, "{header}").ok()?;
+            Some(file)
+        });
+        if let Some(f) = file.as_mut() {
             let _ = writeln!(f, "{line}");
         }
         reporter.send(Report::Stderr(line.to_string()));

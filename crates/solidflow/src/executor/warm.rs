@@ -318,6 +318,8 @@ struct Server {
     socket: UnixStream,
     replies: Lines,
     steps: u64,
+    /// Its `/proc/<pid>/statm`, kept open for the memory check after every step.
+    statm: Option<std::fs::File>,
 }
 
 impl Server {
@@ -342,6 +344,7 @@ impl Server {
             socket: ours,
             replies: Lines::default(),
             steps: 0,
+            statm: None,
         })
     }
 
@@ -386,7 +389,7 @@ impl Server {
         })
     }
 
-    fn due_for_recycling(&self, recycle: Recycle) -> Option<String> {
+    fn due_for_recycling(&mut self, recycle: Recycle) -> Option<String> {
         if recycle.max_steps > 0 && self.steps >= recycle.max_steps {
             return Some(format!(
                 "served {} steps (max_steps_per_server)",
@@ -394,7 +397,11 @@ impl Server {
             ));
         }
         if recycle.max_rss_mb > 0 {
-            let rss = rss_mb(self.pid());
+            let pid = self.pid();
+            if self.statm.is_none() {
+                self.statm = std::fs::File::open(format!("/proc/{pid}/statm")).ok();
+            }
+            let rss = self.statm.as_ref().and_then(rss_mb);
             if rss.is_some_and(|mb| mb > recycle.max_rss_mb) {
                 return Some(format!(
                     "uses {} MB of memory (max_server_rss_mb: {})",
@@ -777,9 +784,13 @@ fn crash(message: String) -> ErrorInfo {
     }
 }
 
-/// Resident memory of process `pid` in MB, from `/proc/<pid>/statm`.
-fn rss_mb(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+/// Resident memory in MB of the process whose `/proc/<pid>/statm` is `statm` (read
+/// again from its start on every call).
+fn rss_mb(statm: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 256];
+    let n = statm.read_at(&mut buf, 0).ok()?;
+    let statm = std::str::from_utf8(&buf[..n]).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf(3) has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
@@ -801,6 +812,9 @@ mod tests {
 
     #[test]
     fn this_process_has_a_resident_size() {
-        assert!(rss_mb(std::process::id()).is_some_and(|mb| mb > 0));
+        let statm = std::fs::File::open(format!("/proc/{}/statm", std::process::id())).unwrap();
+        assert!(rss_mb(&statm).is_some_and(|mb| mb > 0));
+        // Read again from the start, as after every step.
+        assert!(rss_mb(&statm).is_some_and(|mb| mb > 0));
     }
 }

@@ -160,7 +160,8 @@ impl Attempt {
             self.key,
             on(&place)
         );
-        if let Some(log) = &place.stderr_log {
+        // The log is created with the step's first stderr line.
+        if let Some(log) = place.stderr_log.as_ref().filter(|l| l.exists()) {
             message.push_str(&format!("; its stderr is in {}", log.display()));
         }
         let causes = if self.tail.is_empty() {

@@ -56,7 +56,7 @@ pub(super) fn run(
             libc::signal(sig, libc::SIG_DFL);
         }
         libc::sigprocmask(libc::SIG_BLOCK, set, std::ptr::null_mut());
-        if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
+        if let Some(null) = dev_null() {
             libc::dup2(null.as_raw_fd(), 1);
         }
         if saved_err >= 0 {
@@ -70,4 +70,11 @@ pub(super) fn run(
         linux::kill_descendants(0, &mut status);
     }
     code
+}
+
+/// `/dev/null`, opened once (close-on-exec): what fd 1 points at between steps.
+fn dev_null() -> Option<&'static std::fs::File> {
+    static NULL: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    NULL.get_or_init(|| std::fs::File::options().write(true).open("/dev/null").ok())
+        .as_ref()
 }

@@ -11,6 +11,7 @@ use libc::{c_int, pid_t};
 
 use super::{ServerMessage, ServerRequest, here, recv_with_fds};
 use crate::definition::repository::Repository;
+use crate::execution::message_stream::background_threads;
 use crate::execution::protocol::{StepInvocation, protocol_stdout, run_invocation};
 use crate::execution::supervisor::{PARENT_GONE_EXIT, linux};
 
@@ -65,8 +66,9 @@ pub fn serve(repository: &Repository, parent: Option<pid_t>) -> i32 {
                 }
                 let code = here::run(repository, *invocation, [out, err], &set, &old);
                 // A step that left threads behind would leave them running under the
-                // next steps: the server retires instead.
-                stop = !linux::single_threaded();
+                // next steps: the server retires instead. (The message stream's
+                // background flush is the server's own, kept between steps.)
+                stop = linux::threads() != Some(1 + background_threads());
                 ServerMessage::Exited {
                     pid: pid as u32,
                     code: Some(code),
