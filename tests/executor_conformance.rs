@@ -316,6 +316,25 @@ mod multiprocess_only {
         assert!(log.contains("noisy says hello on stderr"), "{log}");
     }
 
+    /// The log file is created with the step's first stderr line: a step that writes
+    /// nothing to stderr leaves none (an inode per step is not free).
+    #[test]
+    fn a_quiet_step_leaves_no_log_file() {
+        let h = harness(
+            "multiprocess",
+            "execution: {multiprocess: {}}\nstorage: {filesystem: {}}\n",
+        );
+        let out = h.run("success", "");
+        out.expect_code(0);
+        let launch = out
+            .step("numbers.compute", "ENGINE_EVENT")
+            .into_iter()
+            .find(|e| e["data"]["details"]["log_file"].is_string())
+            .expect("an ENGINE_EVENT naming the step's log file");
+        let path = launch["data"]["details"]["log_file"].as_str().unwrap();
+        assert!(!std::path::Path::new(path).exists(), "{path}");
+    }
+
     #[test]
     fn default_concurrency_is_one_per_core() {
         let h = harness(
@@ -667,6 +686,34 @@ mod multiprocess_warm_only {
 /// `isolation: in_server`: the slot's step server runs each step itself.
 mod multiprocess_in_server_only {
     use super::*;
+
+    /// One server runs every step of a run on one slot: what a step leaves in it (the
+    /// message stream's background flush, kept between steps) is not taken for threads
+    /// the step left running, so the server does not retire after each step.
+    #[test]
+    fn one_server_runs_step_after_step() {
+        let h = Harness::new(&target(
+            "multiprocess",
+            "execution: {multiprocess: {config: {max_concurrent: 1, isolation: in_server}}}\nstorage: {filesystem: {}}\n",
+        ));
+        let out = h.run("success", "");
+        out.expect_code(0);
+        let servers: Vec<&Value> = out
+            .of_type("ENGINE_EVENT")
+            .filter(|e| {
+                e["data"]["details"]["isolation"] == "in_server"
+                    && e["data"]["details"]["server"].is_u64()
+            })
+            .map(|e| &e["data"]["details"]["server"])
+            .collect();
+        assert_eq!(servers.len(), 4, "{servers:?}");
+        assert!(servers.iter().all(|s| *s == servers[0]), "{servers:?}");
+        assert!(
+            out.of_type("ENGINE_EVENT")
+                .all(|e| e["data"]["details"]["recycled"].is_null()),
+            "no server was replaced"
+        );
+    }
 
     /// A step that aborts takes its server down: a crash with the server's pid (the
     /// step's process) and the signal, as with `process`; the remaining steps run on a

@@ -353,4 +353,68 @@ mod tests {
         stream.finish(&result());
         assert_eq!(writes.0.lock().unwrap().len(), 2);
     }
+
+    /// A writer that says when it is dropped.
+    struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Write for Dropped {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn wait_for_writes(writes: &Writes, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while writes.0.lock().unwrap().len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn one_background_thread_serves_streams_at_once_and_one_after_another() {
+        let (a, b) = (Writes::default(), Writes::default());
+        let (first, second) = (
+            MessageStream::new(Box::new(a.clone())),
+            MessageStream::new(Box::new(b.clone())),
+        );
+        first.send(&event("a"));
+        second.send(&event("b"));
+        wait_for_writes(&a, 1);
+        wait_for_writes(&b, 1);
+        assert_eq!(
+            (a.0.lock().unwrap().len(), b.0.lock().unwrap().len()),
+            (1, 1)
+        );
+        assert_eq!(background_threads(), 1);
+        first.finish(&result());
+        second.finish(&result());
+        // Kept for the next stream, as in a step server that runs steps itself.
+        assert_eq!(background_threads(), 1);
+        let c = Writes::default();
+        let third = MessageStream::new(Box::new(c.clone()));
+        third.send(&event("c"));
+        wait_for_writes(&c, 1);
+        assert_eq!(c.0.lock().unwrap().len(), 1);
+        third.finish(&result());
+        assert_eq!(background_threads(), 1);
+    }
+
+    #[test]
+    fn finishing_drops_the_writer_at_once() {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stream = MessageStream::new(Box::new(Dropped(dropped.clone())));
+        stream.send(&event("kept"));
+        stream.finish(&result());
+        // The step's stdout closes when it finishes, not when the flush lets go.
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+    }
 }
