@@ -293,6 +293,19 @@ fn run_all_passes_on_in_process() {
 mod multiprocess_only {
     use super::*;
 
+    /// The path of `step`'s log file, as its launch `ENGINE_EVENT` names it.
+    fn announced_log_file(out: &Outcome, step: &str) -> String {
+        let launch = out
+            .step(step, "ENGINE_EVENT")
+            .into_iter()
+            .find(|e| e["data"]["details"]["log_file"].is_string())
+            .expect("an ENGINE_EVENT naming the step's log file");
+        launch["data"]["details"]["log_file"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     /// The step's stderr file is named in an event as soon as its process starts.
     #[test]
     fn step_log_file_is_announced() {
@@ -302,17 +315,12 @@ mod multiprocess_only {
         );
         let out = h.run("noisy", "");
         out.expect_code(0);
-        let launch = out
-            .step("noisy.compute", "ENGINE_EVENT")
-            .into_iter()
-            .find(|e| e["data"]["details"]["log_file"].is_string())
-            .expect("an ENGINE_EVENT naming the step's log file");
-        let path = launch["data"]["details"]["log_file"].as_str().unwrap();
+        let path = announced_log_file(&out, "noisy.compute");
         assert!(
             path.ends_with("noisy.compute.log") && path.contains("/logs/"),
             "{path}"
         );
-        let log = std::fs::read_to_string(path).unwrap();
+        let log = std::fs::read_to_string(&path).unwrap();
         assert!(log.contains("noisy says hello on stderr"), "{log}");
     }
 
@@ -326,13 +334,8 @@ mod multiprocess_only {
         );
         let out = h.run("success", "");
         out.expect_code(0);
-        let launch = out
-            .step("numbers.compute", "ENGINE_EVENT")
-            .into_iter()
-            .find(|e| e["data"]["details"]["log_file"].is_string())
-            .expect("an ENGINE_EVENT naming the step's log file");
-        let path = launch["data"]["details"]["log_file"].as_str().unwrap();
-        assert!(!std::path::Path::new(path).exists(), "{path}");
+        let path = announced_log_file(&out, "numbers.compute");
+        assert!(!std::path::Path::new(&path).exists(), "{path}");
     }
 
     #[test]

@@ -307,16 +307,9 @@ class Bridge:
             try:
                 prepared = self._prepare_submit(req)
             except Exception as e:
-                if isinstance(e, BridgeError):
-                    reply = error(e.kind, e.message, causes_of(e))
-                else:
-                    log("submit %r failed:\n%s" % (req.get("key"), traceback.format_exc()))
-                    reply = error("internal", "%s: %s" % (type(e).__name__, e), causes_of(e))
-                if "id" in req:
-                    reply["id"] = req["id"]  # type: ignore[typeddict-unknown-key]
                 self._submit_or_reply(group)
                 group = []
-                self.emit(reply)
+                self.emit(error_reply(e, req, "submit %r" % req.get("key")))
                 continue
             if prepared is not None:
                 if group and not (prepared.batchable and group[-1].batchable and prepared.options == group[-1].options):
@@ -340,12 +333,8 @@ class Bridge:
         except Exception as e:
             log("submitting %d task(s) failed:\n%s" % (len(group), traceback.format_exc()))
             for prepared in group:
-                if prepared.reply is None:
-                    continue
-                reply = error("internal", "%s: %s" % (type(e).__name__, e), causes_of(e))
-                if "id" in prepared.req:
-                    reply["id"] = prepared.req["id"]  # type: ignore[typeddict-unknown-key]
-                self.emit(reply)
+                if prepared.reply is not None:
+                    self.emit(error_reply(e, prepared.req))
 
     def _prepare_submit(self, req: dict[str, Any]) -> Prepared | None:
         """Checks a submit and builds its task spec; None when it was answered already
@@ -678,6 +667,21 @@ class Bridge:
         self._final(failed(key, reason, "%s: %s" % (name, exc), causes_of(exc)))
 
 
+def error_reply(e: Exception, req: Any, what: str | None = None) -> Any:
+    """The error reply to request `req` that failed with `e`: its kind for a
+    `BridgeError`, else `internal` (logged with its traceback as `what` failing, when
+    given), with the request's id."""
+    if isinstance(e, BridgeError):
+        reply = error(e.kind, e.message, causes_of(e))
+    else:
+        if what is not None:
+            log("%s failed:\n%s" % (what, traceback.format_exc()))
+        reply = error("internal", "%s: %s" % (type(e).__name__, e), causes_of(e))
+    if isinstance(req, dict) and "id" in req:
+        reply["id"] = req["id"]  # type: ignore[typeddict-unknown-key]
+    return reply
+
+
 def serve(bridge: Bridge, out: Output, lines: Any) -> int:
     """Serves requests, one JSON object per line, until shutdown or end of input;
     returns the exit code."""
@@ -729,14 +733,7 @@ def serve_batches(bridge: Bridge, out: Output, batches: Iterable[list[Any]]) -> 
                 except json.JSONDecodeError as e:
                     out.emit(error("bad_request", "invalid JSON: %s" % e))
                 except Exception as e:
-                    if isinstance(e, BridgeError):
-                        reply = error(e.kind, e.message, causes_of(e))
-                    else:
-                        log("request %r failed:\n%s" % (raw[:200], traceback.format_exc()))
-                        reply = error("internal", "%s: %s" % (type(e).__name__, e), causes_of(e))
-                    if isinstance(req, dict) and "id" in req:
-                        reply["id"] = req["id"]  # type: ignore[typeddict-unknown-key]
-                    out.emit(reply)
+                    out.emit(error_reply(e, req, "request %r" % (raw[:200],)))
             if submits:
                 bridge.submit_many(submits)
     except SystemExit as e:
