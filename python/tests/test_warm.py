@@ -5,6 +5,7 @@ groups. The Rust server itself is tested by the Rust suites."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -160,3 +161,118 @@ def test_follow_reads_both_pipes_and_the_end_on_one_thread(binary: str) -> None:
     code, out, _, again = run(worker, binary, "echo next")
     assert (code, out) == (0, "next\n") and again.server is proc.server
     warm.pool_of(worker).close()
+
+
+def follow_on_loop(worker: Any, binary: str, sh: str, **options: int) -> tuple[int, list[tuple[str, str]], Any]:
+    """Runs one step with `start_step_async` + `follow_async` on a fresh event loop, as
+    a Dask worker's loop runs a coroutine task; returns its code, its lines and it."""
+    lines: list[tuple[str, str]] = []
+    threads: set[int] = set()
+
+    async def step() -> tuple[int, Any]:
+        proc = await warm.start_step_async(worker, [binary, "step"], None, None, json.dumps({"sh": sh}), options)
+
+        def line(stream: str, text: str) -> None:
+            threads.add(threading.get_ident())
+            lines.append((stream, text))
+
+        return await proc.follow_async(line, lambda: 0.005), proc
+
+    code, proc = asyncio.run(step())
+    assert threads <= {threading.get_ident()}, "every line is handled on the loop's thread"
+    return code, lines, proc
+
+
+def test_follow_async_reads_both_pipes_and_the_end_on_the_event_loop(binary: str) -> None:
+    worker = FakeWorker()
+    code, lines, proc = follow_on_loop(worker, binary, "echo one; echo two >&2; printf tail; exit 4")
+    assert code == 4 and proc.poll() == 4
+    assert sorted(lines) == [("stderr", "two"), ("stdout", "one"), ("stdout", "tail")]
+    code, lines, again = follow_on_loop(worker, binary, "echo next")
+    assert (code, lines) == (0, [("stdout", "next")]) and again.server is proc.server, "the idle server is reused"
+    warm.pool_of(worker).close()
+
+
+def test_on_the_loop_a_signal_a_dead_server_and_a_recycled_server_are_reported(binary: str, tmp_path: Any) -> None:
+    worker = FakeWorker()
+    code, _, killed = follow_on_loop(worker, binary, "kill -SEGV $$")
+    assert code == -signal.SIGSEGV
+    # The server dies while its step runs: the step is killed with it.
+    code, _, lost = follow_on_loop(worker, binary, "kill -9 $PPID; sleep 60")
+    assert code == -signal.SIGKILL and lost.server is killed.server
+    code, _, fresh = follow_on_loop(worker, binary, "true", max_steps=1)
+    assert code == 0 and fresh.server is not lost.server, "a dead server is replaced"
+    deadline = time.monotonic() + 10
+    while fresh.server.proc.poll() is None:
+        assert time.monotonic() < deadline, "a recycled server is stopped (on a thread)"
+        time.sleep(0.01)
+    warm.pool_of(worker).close()
+
+
+def test_on_the_loop_a_refused_step_is_an_os_error(binary: str) -> None:
+    worker = FakeWorker()
+    with pytest.raises(OSError, match="refused"):
+        asyncio.run(warm.start_step_async(worker, [binary, "step"], None, None, json.dumps({"refuse": True}), {}))
+    warm.pool_of(worker).close()
+
+
+def test_run_command_async_runs_a_warm_step_and_sends_its_events_from_the_loop(
+    binary: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    import distributed
+    from solidflow_dask_bridge import worker as task_code
+
+    class EventWorker(FakeWorker):
+        def __init__(self) -> None:
+            self.events: list[tuple[int, dict[str, Any]]] = []
+
+        def log_event(self, topic: str, payload: dict[str, Any]) -> None:
+            self.events.append((threading.get_ident(), json.loads(json.dumps(payload))))
+
+    w = EventWorker()
+    monkeypatch.setattr(distributed, "get_worker", lambda: w)
+    log = tmp_path / "k.stderr.log"
+    spec = {
+        "key": "k",
+        "command": [binary, "step"],
+        "stdin": json.dumps({"sh": "echo out; echo err >&2; exit 2"}),
+        "log_topic": "t",
+        "warm": {},
+        "log_files": {"stderr": str(log)},
+    }
+    result = asyncio.run(task_code.run_command_async(spec))
+    assert (result["exit_code"], result["signal"], result["stderr_tail"]) == (2, None, "err")
+    assert {t for t, _ in w.events} == {threading.get_ident()}, "events go out from the loop's thread"
+    payloads = [p for _, p in w.events]
+    assert payloads[0]["start"]["pid"] > 0 and payloads[-1]["end"]["exit_code"] == 2
+    assert sorted(tuple(x[:2]) for p in payloads for x in p.get("lines", ())) == [("stderr", "err"), ("stdout", "out")]
+    assert log.read_text() == "err\n" and result["log_files"] == {"stderr": str(log)}
+    # An upstream that failed withdraws the step before anything starts.
+    withdrawn = asyncio.run(task_code.run_command_async(dict(spec, key="k2"), result))
+    assert withdrawn == {"key": "k2", "withdrawn": "k did not succeed, so k2 did not run"}
+    warm.pool_of(w).close()
+
+
+def test_on_the_loop_a_line_goes_out_while_its_step_still_runs(
+    binary: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The step prints, then waits until the test saw that line as an event: it only
+    ends well if events leave while it runs (a descriptor the loop reports readable
+    twice must not block the loop)."""
+    import distributed
+    from solidflow_dask_bridge import worker as task_code
+
+    go = tmp_path / "go"
+
+    class LiveWorker(FakeWorker):
+        def log_event(self, topic: str, payload: dict[str, Any]) -> None:
+            if any(text == "waiting" for _, text, _ in payload.get("lines", ())):
+                go.touch()
+
+    w = LiveWorker()
+    monkeypatch.setattr(distributed, "get_worker", lambda: w)
+    sh = "echo waiting; i=0; while [ ! -e %s ]; do i=$((i+1)); [ $i -gt 1000 ] && exit 9; sleep 0.01; done" % go
+    spec = {"key": "k", "command": [binary, "step"], "stdin": json.dumps({"sh": sh}), "log_topic": "t", "warm": {}}
+    result = asyncio.run(task_code.run_command_async(spec))
+    assert result["exit_code"] == 0, "the line was not sent while the step ran"
+    warm.pool_of(w).close()

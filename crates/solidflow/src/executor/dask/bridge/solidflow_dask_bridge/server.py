@@ -31,6 +31,8 @@ LINE_GRACE_SECONDS = 5.0
 CLIENT_SEND_INTERVAL = 0.002
 # The modules whose code runs on the scheduler and the workers: they travel by value.
 REMOTE_MODULES = (worker, warm, shipping, topics)
+# The suffix of the worker attribute holding the coroutine task code.
+ASYNC = "_async"
 
 
 class Output:
@@ -114,7 +116,9 @@ class Prepared:
     """A checked submit request: its task spec, the futures it waits for, and the
     options that must match for tasks to be submitted together."""
 
-    def __init__(self, req: dict[str, Any], spec: dict[str, Any], after: list[Any], options: tuple[Any, int]) -> None:
+    def __init__(
+        self, req: dict[str, Any], spec: dict[str, Any], after: list[Any], options: tuple[Any, int, bool]
+    ) -> None:
         self.req, self.spec, self.after, self.options = req, spec, after, options
         # Tasks with `after` go alone: a map passes every task the same arguments.
         self.batchable = not after
@@ -144,7 +148,9 @@ class Bridge:
         self.allowed_failures: int | None = None
         self.released_since_truncate = 0
         self.task_fn = by_value(worker.task)
+        self.task_async_fn = by_value(worker.task_async)
         self.run_command_fn = by_value(worker.run_command)
+        self.run_command_async_fn = by_value(worker.run_command_async)
 
     # ---- plumbing ----
 
@@ -260,7 +266,8 @@ class Bridge:
         name = "_solidflow_run_command_" + digest
         try:
             self.client.register_plugin(
-                worker.make_task_plugin(name, worker.run_command), name="solidflow-tasks-" + digest
+                worker.make_task_plugin({name: worker.run_command, name + ASYNC: worker.run_command_async}),
+                name="solidflow-tasks-" + digest,
             )
         except Exception as e:
             log("installing the task code on the workers failed, sending it with every task: %r" % (e,))
@@ -375,10 +382,12 @@ class Bridge:
             "warm": req.get("warm"),
             "log_topic": topic,
         }
+        # A step on a warm server runs on the worker's event loop (worker.run_command_async).
+        on_loop = spec["warm"] is not None
         if self.task_impl:
-            spec["impl"] = self.task_impl
+            spec["impl"] = self.task_impl + (ASYNC if on_loop else "")
         resources = {str(k): v for k, v in (req.get("resources") or {}).items()}
-        options = (tuple(sorted(resources.items())), int(req.get("priority") or 0))
+        options = (tuple(sorted(resources.items())), int(req.get("priority") or 0), on_loop)
         return Prepared(req, spec, after, options)
 
     def _submit_group(self, group: list[Prepared]) -> None:
@@ -386,8 +395,11 @@ class Bridge:
         if not group:
             return
         client = self.require_client()
-        fn = self.task_fn if self.task_impl else self.run_command_fn
-        resources, priority = dict(group[0].options[0]) or None, group[0].options[1]
+        resources, priority, on_loop = dict(group[0].options[0]) or None, group[0].options[1], group[0].options[2]
+        if on_loop:
+            fn = self.task_async_fn if self.task_impl else self.run_command_async_fn
+        else:
+            fn = self.task_fn if self.task_impl else self.run_command_fn
         if len(group) == 1:
             one = group[0]
             futures = [

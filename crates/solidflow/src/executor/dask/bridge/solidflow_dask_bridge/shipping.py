@@ -237,6 +237,14 @@ def worker_bin_path(sha: str) -> str:
     return os.path.join(bin_dir(), sha)
 
 
+def verified_build(worker: Any, sha: str) -> str | None:
+    """The path of build `sha` if this worker process checked it already, else None
+    (`ensure_build` then fetches or checks it)."""
+    if sha in worker.__dict__.get("_solidflow_verified_builds", ()):
+        return worker_bin_path(sha)
+    return None
+
+
 def ensure_build(worker: Any, sha: str) -> str:
     """The path of build `sha` on this worker, fetched from the scheduler the first
     time a task needs it (and checked against its hash once per worker process)."""

@@ -24,6 +24,7 @@ stderr (SCM_RIGHTS); the replies are `{"started": {"pid": P, ...}}`, then
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -81,18 +82,27 @@ class StepServer:
             self.lost = True
             raise ServerLost("cannot reach step server %d: %s" % (self.proc.pid, e)) from e
 
+    def read_some(self, block: bool = True) -> None:
+        """Reads what the socket holds into `buf` (`block`: waits until something
+        comes; else returns at once when nothing is there); at the end of the stream
+        the server is `lost`."""
+        try:
+            chunk = self.sock.recv(65536, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.lost = True
+        self.buf += chunk
+
     def reply(self) -> dict[str, Any]:
         """The next reply line."""
         while b"\n" not in self.buf:
-            try:
-                chunk = self.sock.recv(65536)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.lost = True
+            self.read_some()
+            if self.lost and b"\n" not in self.buf:
                 code = self.proc.poll()
                 raise ServerLost("step server %d ended (%s)" % (self.proc.pid, describe(code)))
-            self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
         try:
             return json.loads(line)
@@ -143,7 +153,8 @@ class Pool:
             except BaseException as e:  # noqa: BLE001 - handed to the task that asked
                 reply.put(e)
 
-    def take(self, flavor: Flavor) -> StepServer:
+    def take_idle(self, flavor: Flavor) -> StepServer | None:
+        """An idle server of `flavor`, if one is alive; never blocks."""
         with self.lock:
             idle = self.idle.get(flavor) or []
             while idle:
@@ -151,6 +162,14 @@ class Pool:
                 if server.proc.poll() is None:
                     return server
                 server.close()
+        return None
+
+    def take(self, flavor: Flavor) -> StepServer:
+        """An idle server of `flavor`, or a new one (blocks while it starts)."""
+        server = self.take_idle(flavor)
+        if server is not None:
+            return server
+        with self.lock:
             if self.starter is None:
                 self.starter = threading.Thread(target=self._starter, name="solidflow-step-servers", daemon=True)
                 self.starter.start()
@@ -161,12 +180,17 @@ class Pool:
             raise got
         return got
 
-    def give_back(self, server: StepServer, max_steps: int, max_rss_mb: int) -> None:
+    def give_back(self, server: StepServer, max_steps: int, max_rss_mb: int, wait: bool = True) -> None:
+        """Keeps `server` for the next step, or stops it when it is lost or due to be
+        recycled; `wait=False` (on an event loop) waits for its exit on a thread."""
         due = server.lost or server.proc.poll() is not None
         due = due or (max_steps > 0 and server.steps >= max_steps)
         due = due or (max_rss_mb > 0 and server.rss_mb() > max_rss_mb)
         if due:
-            server.close()
+            if wait:
+                server.close()
+            else:
+                threading.Thread(target=server.close, name="solidflow-step-server-close", daemon=True).start()
             return
         with self.lock:
             self.idle.setdefault(server.flavor, []).append(server)
@@ -196,10 +220,18 @@ class WarmProcess:
 
     stdin = None
 
-    def __init__(self, pool: Pool, server: StepServer, invocation: str, options: dict[str, Any]) -> None:
-        self.pool, self.server, self.options = pool, server, options
+    def __init__(
+        self, pool: Pool, server: StepServer, invocation: str, options: dict[str, Any], on_loop: bool = False
+    ) -> None:
+        """Sends the step's request to `server`; `started` (or `started_async`) then
+        waits for the server's answer. `on_loop`: used from an asyncio event loop, so
+        nothing may block for long (a server that is stopped is waited for on a thread)."""
+        self.pool, self.server, self.options, self.on_loop = pool, server, options, on_loop
         self.returncode: int | None = None
         self.forked = False
+        self.in_server = False
+        self.pid = server.proc.pid
+        self._lock = threading.Lock()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
@@ -207,28 +239,39 @@ class WarmProcess:
         except ServerLost:
             for fd in (out_r, out_w, err_r, err_w):
                 os.close(fd)
-            pool.give_back(server, 0, 0)
+            self._give_back()
             raise
         os.close(out_w)
         os.close(err_w)
         self.stdout = os.fdopen(out_r, "rb")
         self.stderr = os.fdopen(err_r, "rb")
+
+    def started(self) -> None:
+        """Reads the server's answer to the request: the step's pid, or ServerLost."""
+        server = self.server
         try:
             msg = server.reply()
         except ServerLost:
             self._close_pipes()
-            pool.give_back(server, 0, 0)
+            self._give_back()
             raise
         if "started" not in msg:
             self._close_pipes()
-            pool.give_back(server, 0, 0)
+            self._give_back()
             message = (msg.get("not_started") or {}).get("message") or repr(msg)
             raise ServerLost(message)
         self.pid = int(msg["started"]["pid"])
         self.forked = bool(msg["started"].get("forked"))
         # The step runs in the server process itself: its pid and group are the server's.
         self.in_server = bool(msg["started"].get("in_server"))
-        self._lock = threading.Lock()
+
+    def _give_back(self) -> None:
+        self.pool.give_back(
+            self.server,
+            int(self.options.get("max_steps") or 0),
+            int(self.options.get("max_rss_mb") or 0),
+            wait=not self.on_loop,
+        )
 
     def _close_pipes(self) -> None:
         for f in (self.stdout, self.stderr):
@@ -241,13 +284,23 @@ class WarmProcess:
     def wait(self) -> int:
         """Waits for the server's `exited` (the step and what it left are gone)."""
         with self._lock:
-            if self.returncode is not None:
-                return self.returncode
+            if self.returncode is None:
+                try:
+                    self._ended(self.server.reply())
+                except ServerLost:
+                    self._ended(None)
+            return self.returncode  # type: ignore[return-value]
+
+    def _take_replies(self) -> None:
+        """Handles the replies `buf` holds, and a lost server."""
+        server = self.server
+        while self.returncode is None and b"\n" in server.buf:
             try:
-                self._ended(self.server.reply())
+                self._ended(server.reply())
             except ServerLost:
                 self._ended(None)
-            return self.returncode  # type: ignore[return-value]
+        if self.returncode is None and server.lost:
+            self._ended(None)
 
     def follow(self, line: Callable[[str, str], None], due: Callable[[], float | None]) -> int:
         """Runs the step to its end on the calling thread: reads both output pipes and
@@ -259,77 +312,78 @@ class WarmProcess:
         with self._lock:
             if self.returncode is not None:
                 return self.returncode
-            streams = {self.stdout.fileno(): "stdout", self.stderr.fileno(): "stderr"}
-            partial = dict.fromkeys(streams, b"")
-            sock = self.server.sock.fileno()
+            follower = _Follower(self, line)
             poller = select.poll()
-            for fd in (*streams, sock):
-                poller.register(fd, select.POLLIN)
-            drain_until: float | None = None
-            while streams:
-                if self.returncode is None and b"\n" in self.server.buf:
-                    self._reply_or_lost(poller, sock)
-                    continue
-                wait = due()
-                if self.returncode is not None:
-                    if drain_until is None:
-                        drain_until = time.monotonic() + DRAIN_SECONDS
-                    left = drain_until - time.monotonic()
-                    if left <= 0:
-                        break
-                    wait = left if wait is None else min(wait, left)
+            polled: set[int] = set()
+            while True:
+                wait = follower.timeout(due)
+                if follower.done:
+                    break
+                watched = follower.watched()
+                for fd in polled - watched:
+                    poller.unregister(fd)
+                for fd in watched - polled:
+                    poller.register(fd, select.POLLIN)
+                polled = watched
                 timeout = None if wait is None else max(0, int(wait * 1000) + 1)
                 for fd, _ in poller.poll(timeout):
-                    if fd == sock:
-                        if self.returncode is None:
-                            self._read_socket(poller, sock)
-                        continue
-                    stream = streams.get(fd)
-                    if stream is None:
-                        continue
+                    follower.ready(fd)
+            return follower.finish()
+
+    async def follow_async(self, line: Callable[[str, str], None], due: Callable[[], float | None]) -> int:
+        """`follow` on the running asyncio loop (a Dask worker's event loop) instead of
+        a thread of its own: the same reads and calls, driven by `add_reader`."""
+        loop = asyncio.get_running_loop()
+        follower = _Follower(self, line)
+        ready: dict[int, None] = {}
+        waiter: asyncio.Future[None] | None = None
+
+        def on_ready(fd: int) -> None:
+            ready[fd] = None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        watched_now: set[int] = set()
+        try:
+            while True:
+                wait = follower.timeout(due)
+                if follower.done:
+                    break
+                watched = follower.watched()
+                for fd in watched_now - watched:
+                    loop.remove_reader(fd)
+                    ready.pop(fd, None)
+                for fd in watched - watched_now:
+                    loop.add_reader(fd, on_ready, fd)
+                watched_now = watched
+                if not ready:
+                    waiter = loop.create_future()
+                    timer = loop.call_later(wait, _wake, waiter) if wait is not None else None
                     try:
-                        data = os.read(fd, 65536)
-                    except InterruptedError:
-                        continue
-                    except OSError:
-                        data = b""
-                    if not data:
-                        poller.unregister(fd)
-                        del streams[fd]
-                        if partial[fd]:
-                            line(stream, partial[fd].decode("utf-8", "replace"))
-                        continue
-                    *lines, partial[fd] = (partial[fd] + data).split(b"\n")
-                    for raw in lines:
-                        line(stream, raw.decode("utf-8", "replace"))
-            if self.returncode is None:  # pipes closed first (cannot happen before exit)
-                try:
-                    self._ended(self.server.reply())
-                except ServerLost:
-                    self._ended(None)
-            self._close_pipes()
-            return self.returncode  # type: ignore[return-value]
+                        await waiter
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
+                        waiter = None
+                fds = list(ready)
+                ready.clear()
+                for fd in fds:
+                    if fd in follower.watched():
+                        follower.ready(fd)
+        finally:
+            for fd in watched_now:
+                loop.remove_reader(fd)
+        return follower.finish()
 
-    def _read_socket(self, poller: Any, sock: int) -> None:
-        try:
-            chunk = self.server.sock.recv(65536)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self.server.lost = True
-            poller.unregister(sock)
-            self._ended(None)
-            return
-        self.server.buf += chunk
-        if b"\n" in self.server.buf:
-            self._reply_or_lost(poller, sock)
-
-    def _reply_or_lost(self, poller: Any, sock: int) -> None:
-        poller.unregister(sock)
-        try:
-            self._ended(self.server.reply())
-        except ServerLost:
-            self._ended(None)
+    async def started_async(self) -> None:
+        """Waits on the running asyncio loop for the server's reply to the request
+        (see `started`)."""
+        loop = asyncio.get_running_loop()
+        server = self.server
+        while b"\n" not in server.buf and not server.lost:
+            await _readable(loop, server.sock.fileno())
+            server.read_some(block=False)
+        self.started()
 
     def _ended(self, msg: dict[str, Any] | None) -> None:
         """Records how the step ended (`msg`: the server's `exited`; None: the server
@@ -357,11 +411,97 @@ class WarmProcess:
             else:
                 self.returncode = int(exited.get("code") or 0)
         server.steps += 1
-        self.pool.give_back(
-            server,
-            int(self.options.get("max_steps") or 0),
-            int(self.options.get("max_rss_mb") or 0),
-        )
+        self._give_back()
+
+
+class _Follower:
+    """What `follow` and `follow_async` share: which descriptors to wait on, how long,
+    and what to do with each one that is readable. The step is over (`done`) once the
+    server said how it ended and both pipes are drained, or DRAIN_SECONDS after it
+    ended."""
+
+    def __init__(self, proc: WarmProcess, line: Callable[[str, str], None]) -> None:
+        self.proc, self.line = proc, line
+        self.streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+        # Reads never block: an event loop may report a descriptor readable again
+        # after its data was read (the report came before the read).
+        for fd in self.streams:
+            os.set_blocking(fd, False)
+        self.partial = dict.fromkeys(self.streams, b"")
+        self.sock = proc.server.sock.fileno()
+        self.drain_until: float | None = None
+        self.done = False
+
+    def watched(self) -> set[int]:
+        fds = set(self.streams)
+        if self.proc.returncode is None:
+            fds.add(self.sock)
+        return fds
+
+    def timeout(self, due: Callable[[], float | None]) -> float | None:
+        """Calls `due()`; returns how long to wait for a descriptor (None: no limit).
+        Sets `done` when there is nothing more to wait for."""
+        proc = self.proc
+        proc._take_replies()
+        wait = due()
+        if proc.returncode is not None:
+            if not self.streams:
+                self.done = True
+                return None
+            if self.drain_until is None:
+                self.drain_until = time.monotonic() + DRAIN_SECONDS
+            left = self.drain_until - time.monotonic()
+            if left <= 0:
+                self.done = True
+                return None
+            wait = left if wait is None else min(wait, left)
+        return wait
+
+    def ready(self, fd: int) -> None:
+        if fd == self.sock:
+            if self.proc.returncode is None:
+                self.proc.server.read_some(block=False)
+            return
+        stream = self.streams.get(fd)
+        if stream is None:
+            return
+        try:
+            data = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            del self.streams[fd]
+            if self.partial[fd]:
+                self.line(stream, self.partial[fd].decode("utf-8", "replace"))
+            return
+        *lines, self.partial[fd] = (self.partial[fd] + data).split(b"\n")
+        for raw in lines:
+            self.line(stream, raw.decode("utf-8", "replace"))
+
+    def finish(self) -> int:
+        self.proc._close_pipes()
+        return self.proc.returncode  # type: ignore[return-value]
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Waits until `fd` is readable, on the running loop."""
+    waiter: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(fd)
+
+
+def flavor_of(command: list[str], env: dict[str, str] | None, cwd: str | None) -> Flavor:
+    return (command[0], tuple(sorted(env.items())) if env is not None else None, cwd or None)
 
 
 def start_step(
@@ -377,12 +517,38 @@ def start_step(
     worker's environment). Raises OSError (like Popen) when no server can be started
     or reached."""
     pool = pool_of(worker)
-    flavor: Flavor = (command[0], tuple(sorted(env.items())) if env is not None else None, cwd or None)
+    flavor = flavor_of(command, env, cwd)
     last: Exception | None = None
     for _ in range(2):  # an idle server may have died since: one more, fresh
         server = pool.take(flavor)
         try:
-            return WarmProcess(pool, server, invocation, options)
+            proc = WarmProcess(pool, server, invocation, options)
+            proc.started()
+            return proc
+        except ServerLost as e:
+            last = e
+    raise OSError("no warm step server could start the step: %s" % last)
+
+
+async def start_step_async(
+    worker: Any,
+    command: list[str],
+    env: dict[str, str] | None,
+    cwd: str | None,
+    invocation: str,
+    options: dict[str, Any],
+) -> WarmProcess:
+    """`start_step` on the worker's event loop: takes an idle server without blocking
+    (a new one starts on a thread) and awaits the server's answer."""
+    pool = pool_of(worker)
+    flavor = flavor_of(command, env, cwd)
+    last: Exception | None = None
+    for _ in range(2):
+        server = pool.take_idle(flavor) or await asyncio.to_thread(pool.take, flavor)
+        try:
+            proc = WarmProcess(pool, server, invocation, options, on_loop=True)
+            await proc.started_async()
+            return proc
         except ServerLost as e:
             last = e
     raise OSError("no warm step server could start the step: %s" % last)

@@ -18,8 +18,8 @@ import threading
 import time
 from typing import Any
 
-from .shipping import ensure_build
-from .warm import start_step
+from .shipping import ensure_build, verified_build
+from .warm import start_step, start_step_async
 
 # A stdout/stderr line longer than this is sent as several events (the last one
 # without "more": true) and reassembled by the server, so that every Dask event stays
@@ -243,6 +243,91 @@ def not_succeeded(after: tuple[Any, ...]) -> str | None:
     return None
 
 
+class _Run:
+    """One task's run of its step, up to the process: what `run_command` and
+    `run_command_async` share."""
+
+    def __init__(self, spec: dict[str, Any], worker: Any, command: list[str]) -> None:
+        import uuid
+
+        self.spec, self.worker, self.command = spec, worker, command
+        self.key = spec["key"]
+        self.state = worker_state(worker)
+        self.token = uuid.uuid4().hex
+        self.warm = spec.get("warm")
+        # What the command gets on top of the worker's environment.
+        self.extra_env: dict[str, str] | None = None
+        parent_pid_env = spec.get("parent_pid_env")
+        if spec.get("env") or parent_pid_env:
+            self.extra_env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+            if parent_pid_env:
+                self.extra_env[str(parent_pid_env)] = str(os.getpid())
+        self.tees = Tees(spec.get("log_files") or {})
+        self.started = time.time()
+        self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.batch: _Batch | None = None
+        with self.state["lock"]:
+            if self.key in self.state["cancelled"]:
+                self.tees.close()
+                raise RuntimeError("step %s was canceled before it started" % self.key)
+
+    def not_started(self, e: OSError) -> dict[str, Any]:
+        self.tees.close()
+        return {
+            "key": self.key,
+            "token": self.token,
+            "not_started": "could not start %r on worker %s: %s" % (self.command, self.worker.address, e),
+        }
+
+    def running(self, proc: Any) -> None:
+        """Registers the started process (for cancel) and sends its "start"."""
+        with self.state["lock"]:
+            self.state["procs"][self.key] = proc
+            if self.key in self.state["cancelled"]:
+                # Canceled while it was starting: it has not done anything worth a grace.
+                kill_group(proc, signal.SIGKILL)
+        # Without a flusher thread, the warm follow loop calls `due()`.
+        self.batch = _Batch(self.worker, self.spec["log_topic"], self.key, self.token, flusher=self.warm is None)
+        self.batch.started(proc.pid)
+
+    def on_line(self, stream: str, text: str) -> None:
+        if stream == "stderr":
+            self.tail.append(text)
+        self.tees.line(stream, text)
+        self.batch.line(stream, text)  # type: ignore[union-attr]
+
+    def warm_over(self, proc: Any) -> None:
+        # The server killed what the step left; a step that ran in the server shares
+        # its group, which must live on.
+        if not proc.in_server:
+            kill_group(proc, signal.SIGKILL)
+        with self.state["lock"]:
+            self.state["procs"].pop(self.key, None)
+
+    def result(self, returncode: int) -> dict[str, Any]:
+        log_files = self.tees.close()
+        result = {
+            "key": self.key,
+            "token": self.token,
+            "exit_code": returncode if returncode >= 0 else None,
+            "signal": -returncode if returncode < 0 else None,
+            "worker": self.worker.address,
+            "stderr_tail": "\n".join(self.tail)[-STDERR_TAIL_CHARS:],
+            "duration": time.time() - self.started,
+            "log_files": log_files,
+        }
+        result["events"] = self.batch.end(result)  # type: ignore[union-attr]
+        return result
+
+
+def withdrawn(spec: dict[str, Any], after: tuple[Any, ...]) -> dict[str, Any] | None:
+    failed_upstream = not_succeeded(after)
+    if failed_upstream is None:
+        return None
+    key = spec["key"]
+    return {"key": key, "withdrawn": "%s did not succeed, so %s did not run" % (failed_upstream, key)}
+
+
 def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
     """The Dask task: run one step's command on this worker.
 
@@ -257,26 +342,15 @@ def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
     that cannot start returns {"not_started": message} and sends no events.
     """
     import subprocess
-    import uuid
 
     from distributed import get_worker
 
-    key = spec["key"]
-    failed_upstream = not_succeeded(after)
-    if failed_upstream is not None:
-        return {"key": key, "withdrawn": "%s did not succeed, so %s did not run" % (failed_upstream, key)}
+    early = withdrawn(spec, after)
+    if early is not None:
+        return early
     worker = get_worker()
-    state = worker_state(worker)
-    token = uuid.uuid4().hex
-    command = _resolve_command(spec["command"], worker)
-
-    # What the command gets on top of the worker's environment.
-    extra_env: dict[str, str] | None = None
-    parent_pid_env = spec.get("parent_pid_env")
-    if spec.get("env") or parent_pid_env:
-        extra_env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
-        if parent_pid_env:
-            extra_env[str(parent_pid_env)] = str(os.getpid())
+    run = _Run(spec, worker, _resolve_command(spec["command"], worker))
+    command, extra_env = run.command, run.extra_env
 
     # If the worker process dies (kill -9, OOM), take the step down with it instead
     # of leaving an orphan that keeps writing while Dask retries it elsewhere. A
@@ -285,7 +359,7 @@ def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
     # preexec_fn: that lets Python use vfork, which costs ~0.1 ms in a big worker
     # process instead of ~10 ms for a fork.
     libc = None
-    if sys.platform.startswith("linux") and not parent_pid_env:
+    if sys.platform.startswith("linux") and not spec.get("parent_pid_env"):
         try:
             import ctypes
 
@@ -300,19 +374,11 @@ def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
             if os.getppid() != parent_pid:
                 os._exit(137)
 
-    tees = Tees(spec.get("log_files") or {})
-
-    started = time.time()
-    warm = spec.get("warm")
-    with state["lock"]:
-        if key in state["cancelled"]:
-            tees.close()
-            raise RuntimeError("step %s was canceled before it started" % key)
     try:
-        if warm is not None:
+        if run.warm is not None:
             # The invocation goes to a warm step server, which forks the step. Not
-            # under the state lock: a cancel meanwhile is caught right below.
-            proc: Any = start_step(worker, command, extra_env, spec.get("cwd"), spec.get("stdin") or "", warm)
+            # under the state lock: a cancel meanwhile is caught by `running`.
+            proc: Any = start_step(worker, command, extra_env, spec.get("cwd"), spec.get("stdin") or "", run.warm)
         else:
             proc = subprocess.Popen(
                 command,
@@ -325,58 +391,55 @@ def run_command(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
                 preexec_fn=preexec if libc is not None else None,
             )
     except OSError as e:
-        tees.close()
-        return {
-            "key": key,
-            "token": token,
-            "not_started": "could not start %r on worker %s: %s" % (command, worker.address, e),
-        }
-    with state["lock"]:
-        state["procs"][key] = proc
-        if key in state["cancelled"]:
-            # Canceled while it was starting: it has not done anything worth a grace.
-            kill_group(proc, signal.SIGKILL)
-    batch = _Batch(worker, spec["log_topic"], key, token, flusher=warm is None)
-    batch.started(proc.pid)
-    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-
-    def on_line(stream: str, text: str) -> None:
-        if stream == "stderr":
-            tail.append(text)
-        tees.line(stream, text)
-        batch.line(stream, text)
-
-    if warm is not None:
+        return run.not_started(e)
+    run.running(proc)
+    if run.warm is not None:
         # One thread (this one) for the step's pipes, the server's replies and the
         # batches: no threads to start per step.
         try:
-            returncode = proc.follow(on_line, batch.due)
+            returncode = proc.follow(run.on_line, run.batch.due)  # type: ignore[union-attr]
         finally:
-            # The server killed what the step left; a step that ran in the server
-            # shares its group, which must live on.
-            if not proc.in_server:
-                kill_group(proc, signal.SIGKILL)
-            with state["lock"]:
-                state["procs"].pop(key, None)
-        readers: list[threading.Thread] = []
+            run.warm_over(proc)
     else:
-        returncode, readers = _follow_popen(proc, spec, on_line, state, key)
-    deadline = time.monotonic() + DRAIN_SECONDS
-    for t in readers:
-        t.join(max(0.0, deadline - time.monotonic()))
-    log_files = tees.close()
-    result = {
-        "key": key,
-        "token": token,
-        "exit_code": returncode if returncode >= 0 else None,
-        "signal": -returncode if returncode < 0 else None,
-        "worker": worker.address,
-        "stderr_tail": "\n".join(tail)[-STDERR_TAIL_CHARS:],
-        "duration": time.time() - started,
-        "log_files": log_files,
-    }
-    result["events"] = batch.end(result)
-    return result
+        returncode, readers = _follow_popen(proc, spec, run.on_line, run.state, run.key)
+        deadline = time.monotonic() + DRAIN_SECONDS
+        for t in readers:
+            t.join(max(0.0, deadline - time.monotonic()))
+    return run.result(returncode)
+
+
+async def run_command_async(spec: dict[str, Any], *after: Any) -> dict[str, Any]:
+    """`run_command` for a step on a warm step server, run on the worker's event loop
+    (distributed awaits a coroutine task there instead of handing it to its thread
+    pool): the step's pipes and the server's socket are watched by the loop, and its
+    events are sent from the loop. That saves the thread hand-off and a cross-thread
+    wake-up per event, about half of the worker's CPU per step. Anything that could
+    block (starting a server, fetching a build) runs on a thread."""
+    import asyncio
+
+    from distributed import get_worker
+
+    early = withdrawn(spec, after)
+    if early is not None:
+        return early
+    worker = get_worker()
+    command = list(spec["command"])
+    if command and command[0].startswith("{uploaded:") and command[0].endswith("}"):
+        sha = command[0][len("{uploaded:") : -1]
+        command[0] = verified_build(worker, sha) or await asyncio.to_thread(ensure_build, worker, sha)
+    run = _Run(spec, worker, command)
+    try:
+        proc = await start_step_async(
+            worker, command, run.extra_env, spec.get("cwd"), spec.get("stdin") or "", run.warm or {}
+        )
+    except OSError as e:
+        return run.not_started(e)
+    run.running(proc)
+    try:
+        returncode = await proc.follow_async(run.on_line, run.batch.due)  # type: ignore[union-attr]
+    finally:
+        run.warm_over(proc)
+    return run.result(returncode)
 
 
 def _follow_popen(
@@ -443,24 +506,38 @@ def task(spec: dict[str, Any], *after: Any) -> Any:
     return run(spec, *after)
 
 
-def make_task_plugin(name: str, fn: Any) -> Any:
-    """A worker plugin that installs `fn` on every current and future worker."""
+async def task_async(spec: dict[str, Any], *after: Any) -> Any:
+    """`task` for a coroutine (`run_command_async`): Dask awaits it on the worker's
+    event loop."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    run = worker.__dict__.get(spec["impl"]) if spec.get("impl") else None
+    if run is None:
+        raise RuntimeError(
+            "solidflow's task code %r is not installed on worker %s" % (spec.get("impl"), worker.address)
+        )
+    return await run(spec, *after)
+
+
+def make_task_plugin(fns: dict[str, Any]) -> Any:
+    """A worker plugin that installs `fns` (attribute name -> task code) on every
+    current and future worker."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class SolidflowTasks(WorkerPlugin):
         idempotent = True
 
-        def __init__(self, name: str, fn: Any) -> None:
-            self.name = name
-            self.fn = fn
+        def __init__(self, fns: dict[str, Any]) -> None:
+            self.fns = fns
 
         def setup(self, worker: Any) -> None:
-            worker.__dict__[self.name] = self.fn
+            worker.__dict__.update(self.fns)
 
         def teardown(self, worker: Any) -> None:
             kill_running(worker)
 
-    return SolidflowTasks(name, fn)
+    return SolidflowTasks(fns)
 
 
 def kill_running(worker: Any, grace: float = 2.0) -> None:
