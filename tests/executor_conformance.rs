@@ -278,6 +278,21 @@ conformance_suite!(
     isolated_cases,
     grace_cancel_cases
 );
+// Dask with step servers that run each step themselves (`isolation: in_server`), on
+// the pipes they keep between steps (`run_on_kept_pipes`).
+conformance_suite!(
+    dask_in_server,
+    target(
+        "dask",
+        "execution: {dask: {config: {n_workers: 2, threads_per_worker: 1, isolation: in_server}}}\nstorage: {filesystem: {}}\n"
+    )
+    .with_resources(per_worker_resources())
+    .with_groups([Group::Isolated, Group::GraceCancel]),
+    core_cases,
+    resource_cases,
+    isolated_cases,
+    grace_cancel_cases
+);
 
 /// The kit's one-call entry point, as a third-party executor would use it: every core
 /// case on `in_process`, one after the other.

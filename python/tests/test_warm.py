@@ -31,8 +31,16 @@ while True:
         buf += data
         fds += got
     line, buf = buf.split(b"\n", 1)
-    request = json.loads(line)["run"]
-    out, err = fds
+    message = json.loads(line)
+    if "run" in message:
+        request = message["run"]
+        out, err = fds
+    else:
+        # run_on_kept_pipes: new pipes replace the kept ones; the kept ones stay open.
+        request = message["run_on_kept_pipes"]
+        if fds:
+            kept = fds
+        out, err = os.dup(kept[0]), os.dup(kept[1])
     fds = []
     if request.get("refuse"):
         os.close(out); os.close(err)
@@ -276,3 +284,20 @@ def test_on_the_loop_a_line_goes_out_while_its_step_still_runs(
     result = asyncio.run(task_code.run_command_async(spec))
     assert result["exit_code"] == 0, "the line was not sent while the step ran"
     warm.pool_of(w).close()
+
+
+def test_on_the_loop_steps_share_the_servers_kept_pipes_and_keep_their_own_output(binary: str) -> None:
+    """The first step on the loop hands the server a pair of pipes it keeps; later
+    steps send none. Each step's output is read to its end (more than a pipe holds,
+    and a last line without a newline) before the next one starts, so none leaks
+    into the next step."""
+    worker = FakeWorker()
+    code, lines, first = follow_on_loop(worker, binary, "head -c 200000 /dev/zero | tr '\\0' x; printf tail")
+    assert code == 0 and lines == [("stdout", "x" * 200000 + "tail")]
+    kept = first.server.kept
+    assert kept is not None and first.stdout is None, "no pipes of its own"
+    code, lines, second = follow_on_loop(worker, binary, "echo next >&2")
+    assert (code, lines) == (0, [("stderr", "next")])
+    assert second.server is first.server and second.server.kept == kept, "the same kept pipes"
+    warm.pool_of(worker).close()
+    assert first.server.kept is None, "a closed server's kept pipes are closed"

@@ -21,7 +21,9 @@
 //! time, JSON lines):
 //!
 //! - parent → server: `{"run": <StepInvocation>}` plus two descriptors (`SCM_RIGHTS`,
-//!   with the line's first bytes): the write ends of the step's stdout and stderr;
+//!   with the line's first bytes): the write ends of the step's stdout and stderr; or
+//!   `{"run_on_kept_pipes": <StepInvocation>}` with two descriptors the server keeps for
+//!   later steps, or with none to use the kept ones again ([`ServerRequest`]);
 //! - server → parent: `{"started": {"pid": P, "forked": true}}`, then
 //!   `{"exited": {"pid": P, "code": C, "signal": S, "core_dumped": false}}` once the
 //!   child and everything it left are gone; or `{"not_started": {"message": "..."}}`.
@@ -54,8 +56,17 @@ pub const IN_SERVER_ENV: &str = "SOLIDFLOW_STEP_SERVER_IN_SERVER";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ServerRequest {
-    /// Run this step; the step's stdout and stderr come as two descriptors.
+    /// Run this step; the step's stdout and stderr come as two descriptors, which the
+    /// server closes after the step (so their end of stream tells the parent the
+    /// step's output is complete).
     Run(Box<StepInvocation>),
+    /// Run this step on the server's kept stdout and stderr pipes: two descriptors
+    /// that come with the request replace them; without descriptors the last ones
+    /// are used again. The server never closes kept pipes (until they are replaced or
+    /// it ends), so the parent reads a step's output up to its `exited` reply, which
+    /// comes after everything the step and its processes wrote. This saves a parent
+    /// two pipes and the descriptor passing per step.
+    RunOnKeptPipes(Box<StepInvocation>),
 }
 
 /// What a step server reports about the request it is serving.

@@ -39,6 +39,8 @@ pub fn serve(repository: &Repository, parent: Option<pid_t>) -> i32 {
         fds: Vec::new(),
     };
     let threads = Threads::open();
+    // The pipes of `run_on_kept_pipes` requests, kept between steps.
+    let mut kept: Option<[OwnedFd; 2]> = None;
     let mut stop = false;
     while !stop {
         let (line, fds) = match requests.next() {
@@ -52,7 +54,15 @@ pub fn serve(repository: &Repository, parent: Option<pid_t>) -> i32 {
         if stop_requested(&set) {
             return 0;
         }
-        let message = match start(repository, &line, fds, socket.as_raw_fd(), &old, &threads) {
+        let message = match start(
+            repository,
+            &line,
+            fds,
+            socket.as_raw_fd(),
+            &old,
+            &threads,
+            &mut kept,
+        ) {
             Err(message) => ServerMessage::NotStarted { message },
             Ok(Start::Here(invocation, out, err)) => {
                 // SAFETY: getpid(2) has no preconditions.
@@ -221,12 +231,37 @@ fn start(
     socket: RawFd,
     old_mask: &libc::sigset_t,
     threads: &Threads,
+    kept: &mut Option<[OwnedFd; 2]>,
 ) -> Result<Start, String> {
     let request: ServerRequest = serde_json::from_slice(line)
         .map_err(|e| format!("the step server got a request it cannot read: {e}"))?;
-    let ServerRequest::Run(invocation) = request;
-    let Ok([out, err]) = <[OwnedFd; 2]>::try_from(fds) else {
-        return Err("a step request must come with two descriptors (stdout, stderr)".into());
+    let (invocation, [out, err]) = match request {
+        ServerRequest::Run(invocation) => {
+            let Ok(pipes) = <[OwnedFd; 2]>::try_from(fds) else {
+                return Err(
+                    "a step request must come with two descriptors (stdout, stderr)".into(),
+                );
+            };
+            (invocation, pipes)
+        }
+        ServerRequest::RunOnKeptPipes(invocation) => {
+            if !fds.is_empty() {
+                let Ok(pipes) = <[OwnedFd; 2]>::try_from(fds) else {
+                    return Err(
+                        "a step request on kept pipes comes with two descriptors or none".into(),
+                    );
+                };
+                *kept = Some(pipes);
+            }
+            let Some([out, err]) = kept.as_ref() else {
+                return Err("a step request on kept pipes came before any pipes to keep".into());
+            };
+            let clone = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map_err(|e| format!("the step server cannot duplicate a kept pipe: {e}"))
+            };
+            (invocation, [clone(out)?, clone(err)?])
+        }
     };
     // Build a lazily registered pipeline here, once, so every later step forks it built.
     let _ = repository.pipeline(&invocation.pipeline);

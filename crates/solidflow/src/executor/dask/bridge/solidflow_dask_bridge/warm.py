@@ -72,12 +72,44 @@ class StepServer:
         self.buf = b""
         self.steps = 0
         self.lost = False
+        # The read ends of the pipes the server keeps for `run_on_kept_pipes` requests
+        # (non-blocking; stdout, stderr), once a request handed them over.
+        self.kept: tuple[int, int] | None = None
 
     def request(self, invocation: str, stdout_w: int, stderr_w: int) -> None:
+        """A `run` request with the step's own pipes (closed by the server after it)."""
         line = b'{"run":' + invocation.encode("utf-8") + b"}\n"
         try:
             socket.send_fds(self.sock, [line[:1]], [stdout_w, stderr_w])
             self.sock.sendall(line[1:])
+        except OSError as e:
+            self.lost = True
+            raise ServerLost("cannot reach step server %d: %s" % (self.proc.pid, e)) from e
+
+    def request_on_kept_pipes(self, invocation: str) -> tuple[int, int]:
+        """A `run_on_kept_pipes` request: the first one hands the server a pair of
+        pipes it keeps, later ones send no descriptors. Returns the pipes' read ends."""
+        line = b'{"run_on_kept_pipes":' + invocation.encode("utf-8") + b"}\n"
+        try:
+            if self.kept is not None:
+                self.sock.sendall(line)
+                return self.kept
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            try:
+                socket.send_fds(self.sock, [line[:1]], [out_w, err_w])
+            except OSError:
+                os.close(out_r)
+                os.close(err_r)
+                raise
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            os.set_blocking(out_r, False)
+            os.set_blocking(err_r, False)
+            self.kept = (out_r, err_r)
+            self.sock.sendall(line[1:])
+            return self.kept
         except OSError as e:
             self.lost = True
             raise ServerLost("cannot reach step server %d: %s" % (self.proc.pid, e)) from e
@@ -121,6 +153,10 @@ class StepServer:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+        kept, self.kept = self.kept, None
+        for fd in kept or ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
         try:
             self.proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
@@ -232,6 +268,21 @@ class WarmProcess:
         self.in_server = False
         self.pid = server.proc.pid
         self._lock = threading.Lock()
+        # Called when the step's end is known, before the server goes back to the pool
+        # (set by a follower that reads kept pipes: what the step wrote is read first).
+        self.on_end: Callable[[], None] | None = None
+        self.stdout: Any = None
+        self.stderr: Any = None
+        # On a loop the step writes to the server's kept pipes (see `ServerRequest` in
+        # the Rust crate): no pipes to make and pass per step.
+        self.kept: tuple[int, int] | None = None
+        if on_loop:
+            try:
+                self.kept = server.request_on_kept_pipes(invocation)
+            except ServerLost:
+                self._give_back()
+                raise
+            return
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
@@ -275,8 +326,9 @@ class WarmProcess:
 
     def _close_pipes(self) -> None:
         for f in (self.stdout, self.stderr):
-            with contextlib.suppress(OSError):
-                f.close()
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
 
     def poll(self) -> int | None:
         return self.returncode
@@ -344,6 +396,17 @@ class WarmProcess:
                 waiter.set_result(None)
 
         watched_now: set[int] = set()
+        if self.kept is not None:
+
+            def on_end() -> None:
+                # Before the server goes back: the kept pipes are read to the end and
+                # no longer watched (a lost server's pipes are closed on a thread).
+                follower.drain()
+                for fd in watched_now:
+                    loop.remove_reader(fd)
+                watched_now.clear()
+
+            self.on_end = on_end
         try:
             while True:
                 wait = follower.timeout(due)
@@ -397,6 +460,10 @@ class WarmProcess:
             except subprocess.TimeoutExpired:
                 server.proc.kill()
                 self.returncode = server.proc.wait()
+            # What is left in the server's group is the step's (the server was its own
+            # group): it dies with the step, as the server would have killed it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(server.proc.pid, signal.SIGKILL)
         elif msg is None:
             # The step's process died with its server (PR_SET_PDEATHSIG).
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -411,6 +478,8 @@ class WarmProcess:
             else:
                 self.returncode = int(exited.get("code") or 0)
         server.steps += 1
+        if self.on_end is not None:
+            self.on_end()
         self._give_back()
 
 
@@ -422,7 +491,13 @@ class _Follower:
 
     def __init__(self, proc: WarmProcess, line: Callable[[str, str], None]) -> None:
         self.proc, self.line = proc, line
-        self.streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+        if proc.kept is not None:
+            # The server's kept pipes: they stay open, so the step's output ends with
+            # its `exited` reply; it is read to the end before the server is given back.
+            self.streams = {proc.kept[0]: "stdout", proc.kept[1]: "stderr"}
+            proc.on_end = self.drain
+        else:
+            self.streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
         # Reads never block: an event loop may report a descriptor readable again
         # after its data was read (the report came before the read).
         for fd in self.streams:
@@ -445,7 +520,7 @@ class _Follower:
         proc._take_replies()
         wait = due()
         if proc.returncode is not None:
-            if not self.streams:
+            if not self.streams or proc.kept is not None:
                 self.done = True
                 return None
             if self.drain_until is None:
@@ -462,23 +537,39 @@ class _Follower:
             if self.proc.returncode is None:
                 self.proc.server.read_some(block=False)
             return
+        self._read(fd)
+
+    def _read(self, fd: int) -> bool:
+        """One read of a step's pipe; False when there was nothing (more) to read."""
         stream = self.streams.get(fd)
         if stream is None:
-            return
+            return False
         try:
             data = os.read(fd, 65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             del self.streams[fd]
             if self.partial[fd]:
                 self.line(stream, self.partial[fd].decode("utf-8", "replace"))
-            return
+            return False
         *lines, self.partial[fd] = (self.partial[fd] + data).split(b"\n")
         for raw in lines:
             self.line(stream, raw.decode("utf-8", "replace"))
+        return True
+
+    def drain(self) -> None:
+        """Reads the kept pipes until they are empty, and ends the step's last lines."""
+        for fd in list(self.streams):
+            while fd in self.streams and self._read(fd):
+                pass
+        for fd, stream in self.streams.items():
+            if self.partial[fd]:
+                self.line(stream, self.partial[fd].decode("utf-8", "replace"))
+                self.partial[fd] = b""
+        self.streams = {}
 
     def finish(self) -> int:
         self.proc._close_pipes()
