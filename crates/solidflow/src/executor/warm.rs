@@ -3,19 +3,24 @@
 //! starting a process.
 //!
 //! There is one server per slot (`max_concurrent`), started when its slot first gets a
-//! step, each driven by one thread of this process. For an attempt the thread makes two
-//! pipes (the step's stdout and stderr), sends the invocation with their write ends to
-//! its server, and reads the server's replies and both pipes with one `poll` loop,
-//! reporting `Started`, the lines, and `Exited` exactly as the process launcher does
-//! (stderr also to `<home>/logs/<run>/<step>.log`). So the step's process, its pid,
-//! crash reports, cancellation (SIGTERM to its group, SIGKILL after the grace, the
-//! registry for a second Ctrl-C) are those of `isolation: process`; only the start is
-//! warm. A server is replaced after `max_steps_per_server` steps or when its resident
-//! memory passes `max_server_rss_mb`, and restarted if it dies (the step it ran is then
-//! reported as killed with it).
+//! step, each driven by one thread of this process. A server's steps write their stdout
+//! and stderr to one pair of pipes that it keeps (`run_on_kept_pipes`): the parent makes
+//! them when it starts the server, hands their write ends over with the first request
+//! and keeps the read ends (non-blocking); later requests carry no descriptors. For an
+//! attempt, `launch` sends the invocation, and the slot's thread reads the server's
+//! replies and both pipes with one `poll` loop, reporting `Started`, the lines, and
+//! `Exited` exactly as the process launcher does (stderr also to
+//! `<home>/logs/<run>/<step>.log`). The server replies `exited` only once everything the
+//! step and its processes wrote is in the pipes, so the step's output ends when the
+//! pipes are read empty after that reply (with its last line, even without a line end).
+//! So the step's process, its pid, crash reports, cancellation (SIGTERM to its group,
+//! SIGKILL after the grace, the registry for a second Ctrl-C) are those of `isolation:
+//! process`; only the start is warm. A server is replaced after `max_steps_per_server`
+//! steps or when its resident memory passes `max_server_rss_mb`, and restarted if it
+//! dies (the step it ran is then reported as killed with it; its pipes go with it).
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -71,9 +76,8 @@ struct Job {
     handle: Arc<StepHandle>,
     /// When the request was sent.
     sent: Instant,
-    /// The read ends of the step's stdout and stderr, or why the request could not be
-    /// sent (the server is then replaced).
-    pipes: Result<[OwnedFd; 2], String>,
+    /// Why the request could not be sent (the server is then replaced).
+    request: Result<(), String>,
     /// A server started for this attempt: the slot's previous one is gone.
     new_server: Option<Server>,
 }
@@ -175,11 +179,13 @@ impl StepLauncher for WarmLauncher {
             slot.writer = None;
         }
         let mut new_server = None;
+        let mut handover = None;
         if slot.writer.is_none() {
             match Server::start(&program, in_server) {
-                Ok(server) => {
+                Ok((server, pipes)) => {
                     slot.writer = server.socket.try_clone().ok();
                     new_server = Some(server);
+                    handover = Some(pipes);
                 }
                 Err(e) => {
                     let _ = self.idle_tx.send(index);
@@ -190,19 +196,19 @@ impl StepLauncher for WarmLauncher {
                 }
             }
         }
-        let pipes = slot
+        let request = slot
             .writer
             .as_ref()
             .ok_or_else(|| "the step server's socket cannot be duplicated".to_string())
-            .and_then(|writer| send_request(writer, &launch.invocation));
-        if pipes.is_err() {
+            .and_then(|writer| send_request(writer, &launch.invocation, handover));
+        if request.is_err() {
             slot.writer = None;
         }
         let job = Job {
             launch,
             handle: handle.clone(),
             sent: Instant::now(),
-            pipes,
+            request,
             new_server,
         };
         let sent = slot
@@ -256,19 +262,19 @@ impl Drop for WarmLauncher {
     }
 }
 
-/// Sends `{"run": invocation}` with two new pipes' write ends; returns the read ends.
+/// Sends `{"run_on_kept_pipes": invocation}`. `handover`, the write ends of a new
+/// server's kept stdout and stderr, rides on its first request, and is closed here once
+/// sent: from then on only the server (and the steps it runs) holds them.
 fn send_request(
     writer: &UnixStream,
     invocation: &crate::execution::protocol::StepInvocation,
-) -> Result<[OwnedFd; 2], String> {
-    let (out_r, out_w) = std::io::pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
-    let (err_r, err_w) = std::io::pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
-    let mut line = serde_json::to_vec(&ServerRequest::Run(Box::new(invocation.clone())))
+    handover: Option<[OwnedFd; 2]>,
+) -> Result<(), String> {
+    let mut line = serde_json::to_vec(&ServerRequest::RunOnKeptPipes(Box::new(invocation.clone())))
         .map_err(|e| e.to_string())?;
     line.push(b'\n');
-    send_with_fds(writer, &line, &[out_w.as_raw_fd(), err_w.as_raw_fd()])
-        .map_err(|e| format!("cannot reach the step server: {e}"))?;
-    Ok([OwnedFd::from(out_r), OwnedFd::from(err_r)])
+    let fds: Vec<RawFd> = handover.iter().flatten().map(AsRawFd::as_raw_fd).collect();
+    send_with_fds(writer, &line, &fds).map_err(|e| format!("cannot reach the step server: {e}"))
 }
 
 /// A slot's thread: follows its jobs one after another on its server, and stops the
@@ -312,18 +318,25 @@ fn serve_slot(
     }
 }
 
-/// One warm step server process and the parent's end of its socket.
+/// One warm step server process, the parent's end of its socket, and the read ends of
+/// the pipes it keeps for its steps' stdout and stderr.
 struct Server {
     child: Child,
     socket: UnixStream,
     replies: Lines,
+    /// The read ends (non-blocking) of the server's kept stdout and stderr pipes; their
+    /// write ends went to the server with its first request.
+    kept: [OwnedFd; 2],
     steps: u64,
     /// Its `/proc/<pid>/statm`, kept open for the memory check after every step.
     statm: Option<std::fs::File>,
 }
 
 impl Server {
-    fn start(program: &Path, in_server: bool) -> std::io::Result<Self> {
+    /// Starts `<program> step-server`; returns it and the write ends of the pipes it is
+    /// to keep, for its first request.
+    fn start(program: &Path, in_server: bool) -> std::io::Result<(Self, [OwnedFd; 2])> {
+        let (kept, handover) = kept_pipes()?;
         let (ours, theirs) = UnixStream::pair()?;
         let mut command = Command::new(program);
         command
@@ -339,13 +352,19 @@ impl Server {
             command.env_remove(IN_SERVER_ENV);
         }
         let child = command.spawn()?;
-        Ok(Self {
+        Ok((Self::new(child, ours, kept), handover))
+    }
+
+    /// The server `child`, on `socket`, whose steps write to the pipes read by `kept`.
+    fn new(child: Child, socket: UnixStream, kept: [OwnedFd; 2]) -> Self {
+        Self {
             child,
-            socket: ours,
+            socket,
             replies: Lines::default(),
+            kept,
             steps: 0,
             statm: None,
-        })
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -420,7 +439,7 @@ impl Server {
             launch,
             handle,
             sent,
-            pipes,
+            request,
             ..
         } = job;
         let Launch {
@@ -428,7 +447,7 @@ impl Server {
             reporter,
             ..
         } = launch;
-        if handle.lock().canceled && pipes.is_err() {
+        if handle.lock().canceled && request.is_err() {
             free(true);
             reporter.send(Report::Failed(ErrorInfo {
                 message: format!("{} was canceled before it started", invocation.step_key),
@@ -457,7 +476,9 @@ impl Server {
             in_server: false,
             retire: false,
         };
-        let lost = match pipes.and_then(|p| self.follow(p, &mut step)) {
+        // The first request brought the pipes to keep.
+        let first = self.steps == 0;
+        let lost = match request.and_then(|()| self.follow(&mut step)) {
             Ok(lost) => lost,
             Err(e) => {
                 step.not_started = Some(format!(
@@ -472,6 +493,10 @@ impl Server {
             None
         } else if step.retire {
             Some("retires: the step left threads running in it".to_string())
+        } else if first && step.not_started.is_some() {
+            // It may not have kept the pipes (a request it could not read): the next
+            // step goes to a new server, which gets new ones.
+            Some("did not start its first step".to_string())
         } else {
             self.due_for_recycling(context.recycle)
         };
@@ -527,21 +552,28 @@ impl Server {
         keep
     }
 
-    /// Reads the server's replies and the step's output until the step is over.
-    /// Returns whether the server was lost on the way.
-    fn follow(&mut self, pipes: [OwnedFd; 2], step: &mut StepRun<'_>) -> Result<bool, String> {
-        let [out_r, err_r] = pipes;
-        let mut streams = [Stream::new(out_r), Stream::new(err_r)];
-        let mut socket_open = true;
+    /// Reads the server's replies and the step's output on the kept pipes until the
+    /// step is over: after the server's `exited` (or `not_started`), until the pipes are
+    /// empty (everything the step wrote is in them before that reply); after the server
+    /// was lost, until their end (their write ends die with the server and the step) or
+    /// `DRAIN_TIMEOUT`. Returns whether the server was lost on the way.
+    fn follow(&mut self, step: &mut StepRun<'_>) -> Result<bool, String> {
+        // This step's partial lines: they end with the step.
+        let mut streams = [Stream::default(), Stream::default()];
         let mut lost = false;
         let mut deadline: Option<Instant> = None;
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
-            let done = step.exit.is_some() || step.not_started.is_some() || lost;
-            if done && streams.iter().all(|s| s.fd.is_none()) {
+            if !lost && (step.exit.is_some() || step.not_started.is_some()) {
+                for (i, s) in streams.iter_mut().enumerate() {
+                    while s.read(&self.kept[i], &mut chunk, step, i == 1) {}
+                }
                 break;
             }
-            if done && deadline.is_none() {
+            if lost && streams.iter().all(|s| s.ended) {
+                break;
+            }
+            if lost && deadline.is_none() {
                 deadline = Some(Instant::now() + DRAIN_TIMEOUT);
             }
             let timeout = match deadline {
@@ -555,11 +587,11 @@ impl Server {
                 None => -1,
             };
             let mut polled = Vec::with_capacity(3);
-            if socket_open && !done {
+            if !lost {
                 polled.push(pollfd(self.socket.as_raw_fd()));
             }
-            for s in &streams {
-                if let Some(fd) = &s.fd {
+            for (s, fd) in streams.iter().zip(&self.kept) {
+                if !s.ended {
                     polled.push(pollfd(fd.as_raw_fd()));
                 }
             }
@@ -575,12 +607,9 @@ impl Server {
             }
             let ready = |fd: i32| polled.iter().any(|p| p.fd == fd && p.revents != 0);
             // The server's replies first: `started` comes before the step's lines.
-            if socket_open && !done && ready(self.socket.as_raw_fd()) {
+            if !lost && ready(self.socket.as_raw_fd()) {
                 match (&self.socket).read(&mut chunk) {
-                    Ok(0) | Err(_) => {
-                        socket_open = false;
-                        lost = true;
-                    }
+                    Ok(0) | Err(_) => lost = true,
                     Ok(n) => {
                         for reply in self.replies.feed(&chunk[..n]) {
                             step.reply(&reply);
@@ -589,28 +618,13 @@ impl Server {
                 }
             }
             for (i, s) in streams.iter_mut().enumerate() {
-                let Some(fd) = s.fd.as_ref().map(AsRawFd::as_raw_fd) else {
-                    continue;
-                };
-                if !ready(fd) {
-                    continue;
-                }
-                // SAFETY: read(2) into our own buffer from a descriptor we own.
-                let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
-                let lines = if n > 0 {
-                    s.lines.feed(&chunk[..n as usize])
-                } else if n == 0
-                    || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-                {
-                    s.fd = None;
-                    s.lines.rest()
-                } else {
-                    continue;
-                };
-                for line in lines {
-                    step.output(i == 1, line);
+                if !s.ended && ready(self.kept[i].as_raw_fd()) {
+                    s.read(&self.kept[i], &mut chunk, step, i == 1);
                 }
             }
+        }
+        for (i, s) in streams.iter_mut().enumerate() {
+            s.end(step, i == 1);
         }
         Ok(lost)
     }
@@ -723,17 +737,47 @@ impl StepRun<'_> {
     }
 }
 
-/// One of the step's output pipes and its partial line.
+/// What one step read from one of its server's kept pipes: its partial line, and
+/// whether the pipe ended (only a lost server's pipes end).
+#[derive(Default)]
 struct Stream {
-    fd: Option<OwnedFd>,
     lines: Lines,
+    ended: bool,
 }
 
 impl Stream {
-    fn new(fd: OwnedFd) -> Self {
-        Self {
-            fd: Some(fd),
-            lines: Lines::default(),
+    /// Reads once from `fd` (non-blocking) and reports the complete lines as the step's
+    /// stdout or `stderr`; false when there was nothing (more) to read.
+    fn read(
+        &mut self,
+        fd: &OwnedFd,
+        chunk: &mut [u8],
+        step: &mut StepRun<'_>,
+        stderr: bool,
+    ) -> bool {
+        // SAFETY: read(2) into our own buffer from a descriptor we own.
+        let n = unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
+        if n > 0 {
+            for line in self.lines.feed(&chunk[..n as usize]) {
+                step.output(stderr, line);
+            }
+            return true;
+        }
+        if n < 0 {
+            match std::io::Error::last_os_error().kind() {
+                std::io::ErrorKind::Interrupted => return true,
+                std::io::ErrorKind::WouldBlock => return false,
+                _ => {}
+            }
+        }
+        self.ended = true;
+        false
+    }
+
+    /// The step is over: its last line, if it had no line end, is reported with it.
+    fn end(&mut self, step: &mut StepRun<'_>, stderr: bool) {
+        for line in self.lines.rest() {
+            step.output(stderr, line);
         }
     }
 }
@@ -765,6 +809,25 @@ impl Lines {
         self.buf.clear();
         vec![text]
     }
+}
+
+/// A pair of pipes for a server to keep: the read ends (non-blocking, close-on-exec)
+/// and the write ends (close-on-exec), each as (stdout, stderr).
+fn kept_pipes() -> std::io::Result<([OwnedFd; 2], [OwnedFd; 2])> {
+    let (out_r, out_w) = std::io::pipe()?;
+    let (err_r, err_w) = std::io::pipe()?;
+    let read = [OwnedFd::from(out_r), OwnedFd::from(err_r)];
+    for fd in &read {
+        // SAFETY: fcntl(2) on a descriptor we own.
+        let ok = unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !ok {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((read, [OwnedFd::from(out_w), OwnedFd::from(err_w)]))
 }
 
 fn pollfd(fd: i32) -> libc::pollfd {
@@ -800,6 +863,256 @@ fn rss_mb(statm: &std::fs::File) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    use crate::execution::launcher::{AttemptId, Notice};
+    use crate::execution::protocol::{PROTOCOL_VERSION, StepInvocation};
+    use crate::execution::step_server::recv_with_fds;
+
+    /// What one step writes to its server's kept pipes.
+    #[derive(Clone)]
+    struct FakeStep {
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        /// Written, with both replies, before the parent starts to follow the step, on
+        /// pipes grown to 1 MiB: the parent reads the `exited` reply with more than
+        /// one read's worth of output still in the pipes.
+        ahead: bool,
+    }
+
+    impl FakeStep {
+        fn new(stdout: impl Into<Vec<u8>>, stderr: impl Into<Vec<u8>>) -> Self {
+            Self {
+                stdout: stdout.into(),
+                stderr: stderr.into(),
+                ahead: false,
+            }
+        }
+    }
+
+    /// Plays `<binary> step-server` on `socket` for `steps`, as the real one does with
+    /// kept pipes: takes the pipes from the request that brings them, replies `started`,
+    /// writes the step's output (blocking: a parent that does not read while the step
+    /// runs never gets `exited`), then replies `exited`, and says so on `written`.
+    /// Returns how many descriptors came with each request.
+    fn fake_server(
+        socket: UnixStream,
+        steps: Vec<FakeStep>,
+        pid: u32,
+        written: Sender<()>,
+    ) -> Vec<usize> {
+        let reply = |message: &ServerMessage| {
+            let mut line = serde_json::to_vec(message).unwrap();
+            line.push(b'\n');
+            (&socket).write_all(&line).unwrap();
+        };
+        let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+        let mut kept: Option<Vec<std::fs::File>> = None;
+        let mut descriptors = Vec::new();
+        for step in steps {
+            let mut fds = Vec::new();
+            while !buf.contains(&b'\n') {
+                let n = recv_with_fds(&socket, &mut chunk, &mut fds).unwrap();
+                assert!(n > 0, "the parent closed the socket");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let end = buf.iter().position(|&b| b == b'\n').unwrap();
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let request: ServerRequest = serde_json::from_slice(&line).unwrap();
+            assert!(matches!(request, ServerRequest::RunOnKeptPipes(_)));
+            descriptors.push(fds.len());
+            if !fds.is_empty() {
+                kept = Some(fds.into_iter().map(std::fs::File::from).collect());
+            }
+            let pipes = kept.as_mut().expect("pipes came with the first request");
+            if step.ahead {
+                for pipe in pipes.iter() {
+                    // SAFETY: fcntl(2) on a descriptor this thread owns.
+                    let size =
+                        unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+                    assert!(size >= 1 << 20, "{}", std::io::Error::last_os_error());
+                }
+            }
+            reply(&ServerMessage::Started {
+                pid,
+                forked: true,
+                in_server: false,
+            });
+            pipes[0].write_all(&step.stdout).unwrap();
+            pipes[1].write_all(&step.stderr).unwrap();
+            reply(&ServerMessage::Exited {
+                pid,
+                code: Some(0),
+                signal: None,
+                core_dumped: false,
+                retire: false,
+            });
+            let _ = written.send(());
+        }
+        descriptors
+    }
+
+    fn invocation(key: &str) -> StepInvocation {
+        StepInvocation {
+            protocol: PROTOCOL_VERSION,
+            run_id: "r".into(),
+            pipeline: "p".into(),
+            mode: "default".into(),
+            step_key: key.into(),
+            attempt: 1,
+            run_config: json!({}),
+            home: PathBuf::new(),
+            input_runs: Default::default(),
+        }
+    }
+
+    /// Runs `steps` one after another on one server (the fake above) as a slot's
+    /// thread does; returns each step's reports and the descriptors of each request.
+    fn run_on_one_server(steps: &[FakeStep], log_dir: &Path) -> (Vec<Vec<Report>>, Vec<usize>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let stand_in = Command::new("true").spawn().unwrap();
+        let pid = stand_in.id();
+        let (kept, handover) = kept_pipes().unwrap();
+        let mut server = Server::new(stand_in, ours, kept);
+        let (written_tx, written) = unbounded();
+        let fake = {
+            let steps = steps.to_vec();
+            std::thread::spawn(move || fake_server(theirs, steps, pid, written_tx))
+        };
+        let context = SlotContext {
+            program: PathBuf::from("unused"),
+            log_dir: log_dir.to_path_buf(),
+            recycle: Recycle {
+                max_steps: 0,
+                max_rss_mb: 0,
+            },
+            in_server: false,
+        };
+        let mut handover = Some(handover);
+        let mut reports = Vec::new();
+        for (i, step) in steps.iter().enumerate() {
+            let (tx, rx) = unbounded();
+            let id = AttemptId(i as u64);
+            let launch = Launch {
+                id,
+                step: i,
+                invocation: invocation(&format!("step{i}.compute")),
+                reporter: Reporter::new(id, tx),
+                after: Vec::new(),
+                withdrawn: 0,
+            };
+            let request = send_request(&server.socket, &launch.invocation, handover.take());
+            if step.ahead {
+                written.recv().unwrap();
+            }
+            let job = Job {
+                launch,
+                handle: Arc::default(),
+                sent: Instant::now(),
+                request,
+                new_server: None,
+            };
+            assert!(server.run(&context, job, &|keep| assert!(keep)));
+            if !step.ahead {
+                written.recv().unwrap();
+            }
+            reports.push(
+                rx.try_iter()
+                    .map(|notice| match notice {
+                        Notice::Attempt(_, report) => report,
+                        Notice::EngineFailed(e) => panic!("engine failed: {e}"),
+                    })
+                    .collect(),
+            );
+        }
+        server.stop();
+        (reports, fake.join().unwrap())
+    }
+
+    /// Asserts that `got` are the lines of `written`, naming the first difference.
+    fn same_lines(what: &str, got: &[String], written: &[u8]) {
+        let want: Vec<String> = String::from_utf8_lossy(written)
+            .lines()
+            .map(String::from)
+            .collect();
+        let first = got.iter().zip(&want).position(|(g, w)| g != w);
+        assert!(
+            first.is_none() && got.len() == want.len(),
+            "{what}: {} lines, {} written; first difference at {first:?}: {:?} for {:?}",
+            got.len(),
+            want.len(),
+            first.map(|i| &got[i]),
+            first.map(|i| &want[i]),
+        );
+    }
+
+    /// One server's kept pipes carry the output of step after step: each step gets
+    /// exactly its own lines (none leaks into the next, also when the `exited` reply is
+    /// read before the step's output), a last line without a line end ends with its
+    /// step, and a step that writes more than a pipe holds completes.
+    #[test]
+    fn kept_pipes_carry_each_steps_own_output() {
+        let big = |tag: &str| -> String {
+            (0..3000)
+                .map(|i| format!("{tag} line {i:05} {}\n", "x".repeat(40)))
+                .collect()
+        };
+        assert!(big("big").len() > 128 * 1024, "more than a pipe holds");
+        let steps = vec![
+            FakeStep::new("one out\n", "one err\n"),
+            FakeStep::new(
+                "two out\ntwo, no line end",
+                "two err\ntwo's last stderr line, no line end",
+            ),
+            FakeStep::new(big("big"), "three err\n"),
+            FakeStep {
+                ahead: true,
+                ..FakeStep::new(big("ahead"), big("ahead err"))
+            },
+            FakeStep::new("five out\n", "five err\n"),
+        ];
+        let tmp = tempfile::tempdir().unwrap();
+        let (done_tx, done_rx) = unbounded();
+        let (steps_run, log_dir) = (steps.clone(), tmp.path().to_path_buf());
+        // On its own thread: a parent that stops reading would wait forever.
+        std::thread::spawn(move || {
+            let _ = done_tx.send(run_on_one_server(&steps_run, &log_dir));
+        });
+        let (reports, descriptors) = done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the steps on kept pipes ended within a minute");
+        assert_eq!(
+            descriptors,
+            [2, 0, 0, 0, 0],
+            "the pipes come with the first request only"
+        );
+        for (i, (step, reports)) in steps.iter().zip(&reports).enumerate() {
+            assert!(
+                matches!(reports.first(), Some(Report::Started(_))),
+                "step {i} starts with Started"
+            );
+            assert!(
+                matches!(reports.last(), Some(Report::Exited(e)) if e.code == Some(0)),
+                "step {i} ends with Exited: {:?}",
+                reports.last()
+            );
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            for report in &reports[1..reports.len() - 1] {
+                match report {
+                    Report::Stdout(line) => stdout.push(line.clone()),
+                    Report::Stderr(line) => stderr.push(line.clone()),
+                    other => panic!("step {i}: unexpected {other:?}"),
+                }
+            }
+            same_lines(&format!("step {i}'s stdout"), &stdout, &step.stdout);
+            same_lines(&format!("step {i}'s stderr"), &stderr, &step.stderr);
+        }
+        let log = std::fs::read_to_string(tmp.path().join("step1.compute.log")).unwrap();
+        assert!(
+            log.ends_with("two err\ntwo's last stderr line, no line end\n"),
+            "{log}"
+        );
+    }
 
     #[test]
     fn lines_split_across_reads_and_keep_a_last_partial_line() {
