@@ -3,9 +3,11 @@ golden protocol fixtures shared with the Rust tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +32,10 @@ class Collect:
     def emit(self, obj: Any) -> None:
         # What goes on the wire is JSON: keep exactly that.
         self.messages.append(json.loads(json.dumps(obj, default=str)))
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        yield
 
 
 @pytest.fixture

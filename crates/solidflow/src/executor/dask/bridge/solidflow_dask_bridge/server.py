@@ -10,6 +10,7 @@ fetched only as a fallback.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -42,20 +43,49 @@ class Output:
     LocalCluster worker process, which inherits fd 1) cannot corrupt the protocol.
     """
 
-    def __init__(self) -> None:
-        self._fd = os.dup(1)
-        os.dup2(2, 1)
-        self._file = os.fdopen(self._fd, "w", encoding="utf-8", buffering=1)
-        self._lock = threading.Lock()
+    def __init__(self, fd: int | None = None) -> None:
+        """Writes to a copy of stdout (`fd`: to that descriptor instead, and stdout is
+        left alone)."""
+        if fd is None:
+            fd = os.dup(1)
+            os.dup2(2, 1)
+        self._fd = fd
+        self._file = os.fdopen(self._fd, "w", encoding="utf-8")
+        self._lock = threading.RLock()
+        # Lines of the `batch` being written, else None.
+        self._held: list[str] | None = None
 
     def emit(self, obj: Any) -> None:
-        line = json.dumps(obj, separators=(",", ":"), default=str)
+        line = json.dumps(obj, separators=(",", ":"), default=str) + "\n"
         with self._lock:
+            if self._held is not None:
+                self._held.append(line)
+                return
+            self._write(line)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Messages emitted on this thread inside the block go out in one write at its
+        end (a task's "started", lines and "done" come from one Dask event). Other
+        threads' messages wait for the block."""
+        with self._lock:
+            if self._held is not None:
+                yield  # nested: the outer block writes
+                return
+            self._held = []
             try:
-                self._file.write(line + "\n")
-                self._file.flush()
-            except (ValueError, OSError):
-                pass  # parent is gone; stdin EOF will end us
+                yield
+            finally:
+                held, self._held = self._held, None
+                if held:
+                    self._write("".join(held))
+
+    def _write(self, text: str) -> None:
+        try:
+            self._file.write(text)
+            self._file.flush()
+        except (ValueError, OSError):
+            pass  # parent is gone; stdin EOF will end us
 
 
 def log(msg: str) -> None:
@@ -151,6 +181,10 @@ class Bridge:
         self.task_async_fn = by_value(worker.task_async)
         self.run_command_fn = by_value(worker.run_command)
         self.run_command_async_fn = by_value(worker.run_command_async)
+        # The tasks awaiting futures on the client's loop, and the thread that reports
+        # the outcomes that need more than the end event (`_watch`).
+        self.watchers: set[Any] = set()
+        self.outcomes: Any = None
 
     # ---- plumbing ----
 
@@ -423,10 +457,48 @@ class Bridge:
                 self.requests[key] = prepared.req
                 if prepared.after:
                     self.after[key] = prepared.after
-            fut.add_done_callback(self.on_future_done)
+        self._watch(futures)
+        for prepared in group:
             if prepared.reply is not None:
                 self.emit(prepared.reply)
                 prepared.reply = None
+
+    def _watch(self, futures: list[Any]) -> None:
+        """Follows how each future ends (`on_future_done`).
+
+        `Future.add_done_callback` hands every finished future to a thread, which is a
+        quarter of this process's work per task, although a finished task whose "done"
+        came with its end event needs nothing more. So the futures are awaited on the
+        client's event loop, and only the others (failures, a result to fetch) go to a
+        thread. Falls back to `add_done_callback` where the futures lack the state this
+        relies on."""
+        loop = getattr(self.client, "loop", None)
+        if loop is None or not all(getattr(f, "_state", None) is not None for f in futures):
+            for fut in futures:
+                fut.add_done_callback(self.on_future_done)
+            return
+        loop.add_callback(self._watch_on_loop, futures)
+
+    async def _watch_on_loop(self, futures: list[Any]) -> None:
+        import asyncio
+
+        for fut in futures:
+            task = asyncio.ensure_future(self._await_end(fut))
+            self.watchers.add(task)  # a task nobody references may be collected
+            task.add_done_callback(self.watchers.discard)
+
+    async def _await_end(self, fut: Any) -> None:
+        while fut.status == "pending":
+            await fut._state.wait()
+        if fut.status == "finished":
+            with self.lock:
+                if fut.key in self.reported:
+                    return
+        if self.outcomes is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.outcomes = ThreadPoolExecutor(1, thread_name_prefix="solidflow-outcomes")
+        self.outcomes.submit(self.on_future_done, fut)
 
     def op_cancel(self, req: dict[str, Any]) -> dict[str, Any]:
         client = self.require_client()
@@ -542,43 +614,48 @@ class Bridge:
             _, msg = event
             if not isinstance(msg, dict):
                 return
-            key, token = msg.get("key"), msg.get("token")
-            with self.lock:
-                if key in self.reported:
-                    return
-                self.event_counts[token] += 1
-                address = msg.get("worker")
-                start = msg.get("start")
-                if start:
-                    tokens = self.tokens.setdefault(key, [])
-                    if token not in tokens:
-                        tokens.append(token)
-                    self.emit(
-                        {
-                            "type": "started",
-                            "key": key,
-                            "worker": address,
-                            "pid": start.get("pid"),
-                            "attempt": len(tokens),
-                        }
-                    )
-                for stream, text, more in msg.get("lines") or ():
-                    parts = self.partial.setdefault((token, stream), [])
-                    parts.append(text)
-                    if more:
-                        continue
-                    del self.partial[(token, stream)]
-                    self.emit({"type": "line", "key": key, "worker": address, "stream": stream, "line": "".join(parts)})
-                end = msg.get("end")
-                if end and token not in self.pending_done:
-                    self.pending_done[token] = (done_message(key, end), end["events"])
-                    self._maybe_flush_done(token)
-                    if token in self.pending_done:
-                        self._flush_done_later(token)
-                else:
-                    self._maybe_flush_done(token)
+            with self.out.batch():
+                self._on_payload(msg)
         except Exception:
             log("bad event %r:\n%s" % (event, traceback.format_exc()))
+
+    def _on_payload(self, msg: dict[str, Any]) -> None:
+        """One task's part of an event (see `on_event`)."""
+        key, token = msg.get("key"), msg.get("token")
+        with self.lock:
+            if key in self.reported:
+                return
+            self.event_counts[token] += 1
+            address = msg.get("worker")
+            start = msg.get("start")
+            if start:
+                tokens = self.tokens.setdefault(key, [])
+                if token not in tokens:
+                    tokens.append(token)
+                self.emit(
+                    {
+                        "type": "started",
+                        "key": key,
+                        "worker": address,
+                        "pid": start.get("pid"),
+                        "attempt": len(tokens),
+                    }
+                )
+            for stream, text, more in msg.get("lines") or ():
+                parts = self.partial.setdefault((token, stream), [])
+                parts.append(text)
+                if more:
+                    continue
+                del self.partial[(token, stream)]
+                self.emit({"type": "line", "key": key, "worker": address, "stream": stream, "line": "".join(parts)})
+            end = msg.get("end")
+            if end and token not in self.pending_done:
+                self.pending_done[token] = (done_message(key, end), end["events"])
+                self._maybe_flush_done(token)
+                if token in self.pending_done:
+                    self._flush_done_later(token)
+            else:
+                self._maybe_flush_done(token)
 
     def _maybe_flush_done(self, token: str, force: bool = False) -> None:
         with self.lock:
