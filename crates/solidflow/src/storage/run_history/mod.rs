@@ -434,12 +434,39 @@ impl EventListener for RunHistory {
     }
 }
 
+/// How long a connection waits for another process's lock on the history.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    set_wal(&conn)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(conn)
+}
+
+/// Puts the history in WAL mode (once per file; it persists). Switching a new file
+/// needs its exclusive lock, and SQLite answers "database is locked" at once, without
+/// waiting for the busy timeout, when another process opens the same new file at that
+/// moment (a run starting while `logs --follow` or the web page opens the history): so
+/// this waits and tries again, up to the busy timeout.
+fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {

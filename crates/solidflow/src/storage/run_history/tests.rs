@@ -304,3 +304,28 @@ fn step_outputs_combine_own_successes_and_reused_steps() {
         ])
     );
 }
+
+#[test]
+fn connections_opening_a_new_history_at_once_all_get_it() {
+    // A run starting while `logs --follow` (or the web page) opens the same new history:
+    // switching a new file to WAL mode used to fail at once with "database is locked".
+    for round in 0..60 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.db");
+        let start = std::sync::Arc::new(std::sync::Barrier::new(12));
+        let openers: Vec<_> = (0..12)
+            .map(|_| {
+                let (path, start) = (path.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    RunHistory::open(&path).map(|_| ())
+                })
+            })
+            .collect();
+        for opener in openers {
+            if let Err(e) = opener.join().unwrap() {
+                panic!("round {round}: {e}");
+            }
+        }
+    }
+}
