@@ -95,3 +95,42 @@ def test_without_a_client_loop_futures_get_done_callbacks(out: Collect) -> None:
 
     bridge._watch([Plain(), Plain()])
     assert got == [bridge.on_future_done, bridge.on_future_done]
+
+
+def test_events_and_outcomes_reported_at_once_from_two_threads_do_not_deadlock() -> None:
+    """The loop's event handler writes under the bridge's lock and the output's batch;
+    the outcomes thread reports under the bridge's lock too. Both take them in the same
+    order, so neither waits for the other forever."""
+    import sys
+
+    r, w = os.pipe()
+    bridge = server.Bridge(server.Output(w))
+    drained = threading.Event()
+
+    def drain() -> None:
+        while os.read(r, 1 << 16):
+            pass
+        drained.set()
+
+    def events() -> None:
+        for i in range(3000):
+            bridge.on_event((0.0, {"key": "e%d" % i, "token": "t%d" % i, "worker": "w", "start": {"pid": 1}}))
+
+    def outcomes() -> None:
+        for i in range(3000):
+            bridge._final({"type": "failed", "key": "f%d" % i, "reason": "error", "message": "x"})
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threading.Thread(target=drain, daemon=True).start()
+        workers = [threading.Thread(target=events, daemon=True), threading.Thread(target=outcomes, daemon=True)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(30)
+        assert not any(t.is_alive() for t in workers), "the two threads deadlocked"
+    finally:
+        sys.setswitchinterval(old)
+        os.close(w)
+    drained.wait(5)

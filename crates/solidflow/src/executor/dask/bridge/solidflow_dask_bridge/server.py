@@ -614,7 +614,9 @@ class Bridge:
             _, msg = event
             if not isinstance(msg, dict):
                 return
-            with self.out.batch():
+            # The bridge's lock first, then the output's, as everywhere a message is
+            # written under the bridge's lock (`_final`): never the other way round.
+            with self.lock, self.out.batch():
                 self._on_payload(msg)
         except Exception:
             log("bad event %r:\n%s" % (event, traceback.format_exc()))
