@@ -9,6 +9,7 @@ fetched only as a fallback.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import hashlib
@@ -20,6 +21,7 @@ import threading
 import traceback
 import types
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import cluster, cluster_events, connection, shipping, topics, warm, worker
@@ -184,7 +186,7 @@ class Bridge:
         # The tasks awaiting futures on the client's loop, and the thread that reports
         # the outcomes that need more than the end event (`_watch`).
         self.watchers: set[Any] = set()
-        self.outcomes: Any = None
+        self.outcomes: ThreadPoolExecutor | None = None
 
     # ---- plumbing ----
 
@@ -480,8 +482,6 @@ class Bridge:
         loop.add_callback(self._watch_on_loop, futures)
 
     async def _watch_on_loop(self, futures: list[Any]) -> None:
-        import asyncio
-
         for fut in futures:
             task = asyncio.ensure_future(self._await_end(fut))
             self.watchers.add(task)  # a task nobody references may be collected
@@ -495,8 +495,6 @@ class Bridge:
                 if fut.key in self.reported:
                     return
         if self.outcomes is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self.outcomes = ThreadPoolExecutor(1, thread_name_prefix="solidflow-outcomes")
         self.outcomes.submit(self.on_future_done, fut)
 
@@ -614,50 +612,45 @@ class Bridge:
             _, msg = event
             if not isinstance(msg, dict):
                 return
-            # The bridge's lock first, then the output's, as everywhere a message is
-            # written under the bridge's lock (`_final`): never the other way round.
+            key, token = msg.get("key"), msg.get("token")
+            # The bridge's lock first, then the output's (one write for the event's
+            # messages), as everywhere a message is written under the bridge's lock.
             with self.lock, self.out.batch():
-                self._on_payload(msg)
+                if key in self.reported:
+                    return
+                self.event_counts[token] += 1
+                address = msg.get("worker")
+                start = msg.get("start")
+                if start:
+                    tokens = self.tokens.setdefault(key, [])
+                    if token not in tokens:
+                        tokens.append(token)
+                    self.emit(
+                        {
+                            "type": "started",
+                            "key": key,
+                            "worker": address,
+                            "pid": start.get("pid"),
+                            "attempt": len(tokens),
+                        }
+                    )
+                for stream, text, more in msg.get("lines") or ():
+                    parts = self.partial.setdefault((token, stream), [])
+                    parts.append(text)
+                    if more:
+                        continue
+                    del self.partial[(token, stream)]
+                    self.emit({"type": "line", "key": key, "worker": address, "stream": stream, "line": "".join(parts)})
+                end = msg.get("end")
+                if end and token not in self.pending_done:
+                    self.pending_done[token] = (done_message(key, end), end["events"])
+                    self._maybe_flush_done(token)
+                    if token in self.pending_done:
+                        self._flush_done_later(token)
+                else:
+                    self._maybe_flush_done(token)
         except Exception:
             log("bad event %r:\n%s" % (event, traceback.format_exc()))
-
-    def _on_payload(self, msg: dict[str, Any]) -> None:
-        """One task's part of an event (see `on_event`)."""
-        key, token = msg.get("key"), msg.get("token")
-        with self.lock:
-            if key in self.reported:
-                return
-            self.event_counts[token] += 1
-            address = msg.get("worker")
-            start = msg.get("start")
-            if start:
-                tokens = self.tokens.setdefault(key, [])
-                if token not in tokens:
-                    tokens.append(token)
-                self.emit(
-                    {
-                        "type": "started",
-                        "key": key,
-                        "worker": address,
-                        "pid": start.get("pid"),
-                        "attempt": len(tokens),
-                    }
-                )
-            for stream, text, more in msg.get("lines") or ():
-                parts = self.partial.setdefault((token, stream), [])
-                parts.append(text)
-                if more:
-                    continue
-                del self.partial[(token, stream)]
-                self.emit({"type": "line", "key": key, "worker": address, "stream": stream, "line": "".join(parts)})
-            end = msg.get("end")
-            if end and token not in self.pending_done:
-                self.pending_done[token] = (done_message(key, end), end["events"])
-                self._maybe_flush_done(token)
-                if token in self.pending_done:
-                    self._flush_done_later(token)
-            else:
-                self._maybe_flush_done(token)
 
     def _maybe_flush_done(self, token: str, force: bool = False) -> None:
         with self.lock:
