@@ -221,6 +221,15 @@ def test_on_the_loop_a_refused_step_is_an_os_error(binary: str) -> None:
     worker = FakeWorker()
     with pytest.raises(OSError, match="refused"):
         asyncio.run(warm.start_step_async(worker, [binary, "step"], None, None, json.dumps({"refuse": True}), {}))
+    # Both servers tried refused the request that brought their pipes, so neither is
+    # sure to have kept them: neither serves again.
+    assert not any(warm.pool_of(worker).idle.values())
+    code, lines, _ = follow_on_loop(worker, binary, "echo fine")
+    assert (code, lines) == (0, [("stdout", "fine")])
+    # A server that has its pipes stays after refusing a step.
+    with pytest.raises(OSError, match="refused"):
+        asyncio.run(warm.start_step_async(worker, [binary, "step"], None, None, json.dumps({"refuse": True}), {}))
+    assert sum(map(len, warm.pool_of(worker).idle.values())) == 1
     warm.pool_of(worker).close()
 
 

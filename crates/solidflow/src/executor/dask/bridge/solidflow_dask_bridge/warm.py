@@ -276,6 +276,8 @@ class WarmProcess:
         # On a loop the step writes to the server's kept pipes (see `ServerRequest` in
         # the Rust crate): no pipes to make and pass per step.
         self.kept: tuple[int, int] | None = None
+        # This request hands the server the pipes it is to keep.
+        self.hands_pipes = on_loop and server.kept is None
         if on_loop:
             try:
                 self.kept = server.request_on_kept_pipes(invocation)
@@ -307,6 +309,10 @@ class WarmProcess:
             self._give_back()
             raise
         if "started" not in msg:
+            if self.hands_pipes:
+                # It may not have kept the pipes (a request it could not read): the
+                # next step goes to a new server, which gets new ones.
+                server.lost = True
             self._close_pipes()
             self._give_back()
             message = (msg.get("not_started") or {}).get("message") or repr(msg)
