@@ -47,7 +47,9 @@ pub struct StepInvocation {
     pub step_key: String,
     /// The attempt number (1 for the first).
     pub attempt: u32,
-    /// The validated run config (`RunConfig::value`), re-validated by the child.
+    /// The validated run config (`RunConfig::value`) as far as this step reads it:
+    /// every root key, but of `solids` only this step's own block
+    /// ([`StepInvocation::for_attempt`]).
     pub run_config: serde_json::Value,
     /// The solidflow home, for storages that default to it.
     pub home: std::path::PathBuf,
@@ -60,7 +62,10 @@ pub struct StepInvocation {
 
 impl StepInvocation {
     /// The invocation of attempt `attempt` of `step` of the run in `env`: the one
-    /// place every out-of-process executor builds it.
+    /// place every out-of-process executor builds it. The run config keeps only this
+    /// step's block of `solids` (all a step process reads of it), so an invocation does
+    /// not grow with the number of configured solids: with every solid's block, each
+    /// step of a pipeline of 10,000 configured solids would carry all 10,000.
     pub fn for_attempt(
         env: &StepEnvironment,
         home: &Path,
@@ -74,11 +79,31 @@ impl StepInvocation {
             mode: env.config.mode.clone(),
             step_key: step.key.clone(),
             attempt,
-            run_config: env.config.value.clone(),
+            run_config: step_run_config(&env.config.value, &step.key),
             home: home.to_path_buf(),
             input_runs: step.input_runs(),
         }
     }
+}
+
+/// `value` (a run config) with only the block of the solid of step `step_key` under
+/// `solids` (the step process reads no other: see `run_step`).
+fn step_run_config(value: &serde_json::Value, step_key: &str) -> serde_json::Value {
+    let (Some(root), Some(key)) = (value.as_object(), StepKey::parse(step_key)) else {
+        return value.clone();
+    };
+    let alias = key.solid();
+    let mut out = serde_json::Map::with_capacity(root.len());
+    for (name, v) in root {
+        if name != "solids" {
+            out.insert(name.clone(), v.clone());
+        } else if let Some(block) = v.get(alias) {
+            let mut solids = serde_json::Map::with_capacity(1);
+            solids.insert(alias.to_string(), block.clone());
+            out.insert(name.clone(), solids.into());
+        }
+    }
+    out.into()
 }
 
 /// One line a step process writes to stdout.
@@ -309,6 +334,30 @@ pub(crate) fn protocol_stdout() -> std::io::Result<Box<dyn Write + Send>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_steps_run_config_holds_its_own_solid_block_and_every_other_root_key() {
+        let value = serde_json::json!({
+            "solids": {"a": {"config": {"n": 1}}, "b": {"config": {"n": 2}}},
+            "storage": {"filesystem": {"config": {"base_dir": "/x"}}},
+            "execution": {"multiprocess": {}},
+        });
+        let a = step_run_config(&value, "a.compute");
+        assert_eq!(a["solids"], serde_json::json!({"a": {"config": {"n": 1}}}));
+        assert_eq!(
+            (&a["storage"], &a["execution"]),
+            (&value["storage"], &value["execution"])
+        );
+        // A mapped step of a dynamic fan-out reads its solid's block.
+        let mapped = step_run_config(&value, "b[part_1].compute");
+        assert_eq!(
+            mapped["solids"],
+            serde_json::json!({"b": {"config": {"n": 2}}})
+        );
+        // A solid with nothing configured gets no `solids` at all.
+        let none = step_run_config(&value, "c.compute");
+        assert!(none.get("solids").is_none() && none["storage"] == value["storage"]);
+    }
 
     /// The golden examples in `tests/fixtures/protocol/`, shared with the bridge's tests.
     fn fixture(name: &str) -> Vec<serde_json::Value> {
