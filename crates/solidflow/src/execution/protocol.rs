@@ -87,7 +87,7 @@ impl StepInvocation {
 }
 
 /// `value` (a run config) with only the block of the solid of step `step_key` under
-/// `solids` (the step process reads no other: see `run_step`).
+/// `solids` (the step process reads no other: see `run_invocation`).
 fn step_run_config(value: &serde_json::Value, step_key: &str) -> serde_json::Value {
     let (Some(root), Some(key)) = (value.as_object(), StepKey::parse(step_key)) else {
         return value.clone();
