@@ -10,6 +10,7 @@
 //! SOLIDFLOW_BENCH_ONLY=scale SOLIDFLOW_BENCH_REPS=1 cargo bench --bench dask_overhead  # per step with size
 //! SOLIDFLOW_BENCH_ONLY=scale SOLIDFLOW_BENCH_SCALE=fan:200,fan:2000 SOLIDFLOW_BENCH_ISOLATION=warm \
 //!     cargo bench --bench dask_overhead
+//! SOLIDFLOW_BENCH_CONFIGURED=1 ...   # every solid of the solidflow runs configured (a retry policy)
 //! ```
 //!
 //! It starts one real cluster (`dask scheduler` + 2 × `dask worker --nthreads 1` on
@@ -326,7 +327,16 @@ fn run_with(
         listeners: vec![Arc::new(Recorder(marks.clone()))],
         ..RunOptions::default()
     };
-    let config = json!({"storage": {"filesystem": {}}, "execution": execution});
+    let mut config = json!({"storage": {"filesystem": {}}, "execution": execution});
+    if std::env::var_os("SOLIDFLOW_BENCH_CONFIGURED").is_some() {
+        // Every solid configured (a retry policy): a run config as large as the pipeline.
+        let solids: serde_json::Map<String, serde_json::Value> = pipeline
+            .invocations()
+            .iter()
+            .map(|inv| (inv.alias.clone(), json!({"retry": {"max_retries": 0}})))
+            .collect();
+        config["solids"] = solids.into();
+    }
     let started = Instant::now();
     let result = execute_pipeline_with(pipeline, &ConfigSources::from_value(config), options)
         .expect("run starts");
