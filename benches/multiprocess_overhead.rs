@@ -8,6 +8,7 @@
 //! SF_BENCH_ONLY=in_server,raw cargo bench --bench multiprocess_overhead   # rows whose label contains one of these
 //! SF_BENCH_SHAPES=chain cargo bench --bench multiprocess_overhead         # chain, fan-out
 //! SF_BENCH_DIR=/dev/shm cargo bench --bench multiprocess_overhead          # where run homes go
+//! SF_BENCH_CONFIGURED=1 cargo bench --bench multiprocess_overhead          # every solid configured
 //! ```
 //!
 //! Shapes: a chain (each step adds one to its input) and a fan-out (one source, N
@@ -60,6 +61,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use solidflow::config::{ConfigSources, RunConfig};
+use solidflow::definition::pipeline::Pipeline;
 use solidflow::definition::repository::Repository;
 use solidflow::execution::event::{Event, EventKind};
 use solidflow::execution::run::{RunOptions, execute_pipeline_with};
@@ -130,6 +132,21 @@ fn split(events: &[Event]) -> (f64, f64, f64) {
         }
     }
     (spawn / n, startup / n, in_step / n)
+}
+
+/// `config`, with every solid of `pipeline` configured (a retry policy) when
+/// `SF_BENCH_CONFIGURED` is set: a run config as large as the pipeline.
+fn configured(pipeline: &Pipeline, config: &Value) -> Value {
+    let mut config = config.clone();
+    if std::env::var_os("SF_BENCH_CONFIGURED").is_some() {
+        let solids: serde_json::Map<String, Value> = pipeline
+            .invocations()
+            .iter()
+            .map(|inv| (inv.alias.clone(), json!({"retry": {"max_retries": 0}})))
+            .collect();
+        config["solids"] = solids.into();
+    }
+    config
 }
 
 /// What a step process does before its step starts: build the binary's repository, take
@@ -252,6 +269,7 @@ fn main() {
                 home: Some(home.path().to_path_buf()),
                 ..Default::default()
             };
+            let config = configured(pipeline, config);
             let t = Instant::now();
             let result = execute_pipeline_with(
                 pipeline,
@@ -265,7 +283,7 @@ fn main() {
             let per_step = wall.as_secs_f64() * 1e6 / steps as f64;
             if label.starts_with("multiprocess") {
                 let (spawn, startup, in_step) = split(result.events());
-                let (setup, repository_build) = child_setup(name, config);
+                let (setup, repository_build) = child_setup(name, &config);
                 let rest = if shape == "chain" {
                     us(per_step - spawn - startup - in_step)
                 } else {
